@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+import tifffile
+
+from wsi_mil.errors import MissingMPPError, SlideOpenError
+from wsi_mil.slide import collect_slides, open_slide
+
+
+def test_synthetic_slide_opens_in_both_backends_with_same_pixels(synthetic_slide):
+    a = open_slide(synthetic_slide.path, backend="openslide")
+    b = open_slide(synthetic_slide.path, backend="tiffslide")
+    assert a.dimensions == b.dimensions == synthetic_slide.size
+    assert a.mpp == pytest.approx(0.5) and b.mpp == pytest.approx(0.5)
+    assert a.level_count >= 2
+    for level in range(a.level_count):
+        ra = a.read_region((1000, 800), level, (300, 200))
+        rb = b.read_region((1000, 800), level, (300, 200))
+        assert ra.shape == (200, 300, 3) and ra.dtype == np.uint8
+        np.testing.assert_array_equal(ra, rb)
+
+
+def test_read_at_mpp_uses_pyramid_and_resizes(synthetic_pair):
+    s50, s25 = synthetic_pair
+    with open_slide(s50.path) as a, open_slide(s25.path) as b:
+        # the same 512 um box read at 2 um/px from both scans
+        ia = a.read_at_mpp(2000, 1000, 1024, 1024, 2.0)
+        ib = b.read_at_mpp(4000, 2000, 2048, 2048, 2.0)
+        assert ia.shape == ib.shape == (256, 256, 3)
+        assert np.abs(ia.astype(float) - ib).mean() < 12
+        assert b.best_level_for_downsample(8.0) == 1  # 4x level, not level 0
+
+
+def test_real_svs_same_pixels_in_both_backends(real_slide):
+    a = open_slide(real_slide, backend="openslide")
+    b = open_slide(real_slide, backend="tiffslide")
+    assert a.dimensions == b.dimensions == (2220, 2967)
+    assert a.mpp == pytest.approx(0.499, abs=1e-3) and a.mpp_source == "properties"
+    assert a.objective_power == 20
+    ra, rb = a.read_region((500, 700), 0, (512, 512)), b.read_region((500, 700), 0, (512, 512))
+    assert np.abs(ra.astype(int) - rb).max() <= 2  # same JPEG tiles, decoder rounding only
+
+
+def test_mpp_from_tiff_tags_and_override(tmp_path):
+    img = np.full((300, 400, 3), 200, np.uint8)
+    tifffile.imwrite(tmp_path / "tagged.tif", img, resolution=(10000 / 0.5, 10000 / 0.5),
+                     resolutionunit="CENTIMETER", photometric="rgb")
+    s = open_slide(tmp_path / "tagged.tif")
+    assert s.mpp == pytest.approx(0.5)
+    tifffile.imwrite(tmp_path / "untagged.tif", img, photometric="rgb")
+    with pytest.raises(MissingMPPError, match="untagged.tif.*--mpp"):
+        open_slide(tmp_path / "untagged.tif")
+    s = open_slide(tmp_path / "untagged.tif", mpp=0.25)
+    assert s.mpp == 0.25 and s.mpp_source == "override"
+
+
+def test_plain_png_reads_and_pads_outside(tmp_path):
+    import cv2
+
+    img = np.zeros((100, 120, 3), np.uint8)
+    img[:, :, 0] = 90
+    cv2.imwrite(str(tmp_path / "crop.png"), img[..., ::-1])
+    s = open_slide(tmp_path / "crop.png", mpp=0.5)
+    r = s.read_region((100, 90), 0, (40, 20))
+    assert r.shape == (20, 40, 3)
+    assert (r[:10, :20, 0] == 90).all() and (r[15:, 25:] == 255).all()
+
+
+def test_bad_inputs_give_one_clear_line(tmp_path):
+    with pytest.raises(SlideOpenError, match="no such file"):
+        open_slide(tmp_path / "missing.svs")
+    junk = tmp_path / "junk.svs"
+    junk.write_bytes(b"this is not a slide" * 100)
+    with pytest.raises(SlideOpenError, match="junk.svs: not a readable slide"):
+        open_slide(junk)
+    (tmp_path / "notes.xyz").write_text("x")
+    with pytest.raises(SlideOpenError):
+        open_slide(tmp_path / "notes.xyz")
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    with pytest.raises(Exception, match="no slides found"):
+        collect_slides([empty])
+
+
+def test_collect_slides_from_csv_with_mpp(tmp_path, synthetic_slide):
+    csv = tmp_path / "slides.csv"
+    csv.write_text(f"path,mpp\n{synthetic_slide.path},0.3\n")
+    entries = collect_slides([csv])
+    assert entries[0].path == synthetic_slide.path and entries[0].mpp == 0.3

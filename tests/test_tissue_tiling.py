@@ -1,0 +1,141 @@
+import json
+
+import numpy as np
+import pytest
+import shapely
+from shapely.geometry import Point, box
+
+from wsi_mil.config import TilingConfig, TissueConfig
+from wsi_mil.slide import open_slide
+from wsi_mil.store import read_patches, write_patches
+from wsi_mil.synthetic import write_blank_slide
+from wsi_mil.tiling import tile
+from wsi_mil.tissue import TissueMask, geojson_to_polygons, load_tissue, segment_tissue
+
+
+def _iou(mask: TissueMask, syn) -> float:
+    h, w = syn.tissue_mask.shape
+    pred = mask.rasterize(w, h, syn.mask_mpp / syn.mpp).astype(bool)
+    gt = syn.tissue_mask
+    return (pred & gt).sum() / (pred | gt).sum()
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_tissue_iou_at_two_scanner_resolutions(synthetic_pair, which):
+    syn = synthetic_pair[which]
+    with open_slide(syn.path) as slide:
+        mask = segment_tissue(slide, TissueConfig())
+    assert _iou(mask, syn) >= 0.9
+    assert any(len(p.interiors) for p in mask.polygons.geoms), "holes must be kept"
+
+
+def test_same_physical_tiling_at_both_resolutions(synthetic_pair):
+    s50, s25 = synthetic_pair
+    grids = []
+    for syn in (s50, s25):
+        with open_slide(syn.path) as slide:
+            grids.append(tile(slide, segment_tissue(slide), TilingConfig(target_mpp=0.5,
+                                                                         patch_size=256)))
+    g50, g25 = grids
+    assert g50.patch_size_level0 == 256 and g25.patch_size_level0 == 512
+    phys50 = {tuple(c) for c in (g50.coords * 0.5).tolist()}
+    phys25 = {tuple(c) for c in (g25.coords * 0.25).tolist()}
+    # Segmentations differ by a few thumbnail pixels at the borders; the grid itself is shared.
+    assert len(phys50 & phys25) / len(phys50 | phys25) > 0.95
+    assert all(x % 128 == 0 and y % 128 == 0 for x, y in phys50 | phys25)
+
+
+def test_every_kept_patch_meets_tissue_rule_and_lies_inside(synthetic_slide):
+    with open_slide(synthetic_slide.path) as slide:
+        mask = segment_tissue(slide)
+        cfg = TilingConfig(target_mpp=1.0, patch_size=128, min_tissue=0.6)
+        grid = tile(slide, mask, cfg)
+        w, h = slide.dimensions
+    assert len(grid) > 20
+    size0 = grid.patch_size_level0
+    assert size0 == 256
+    assert (grid.coords >= 0).all()
+    assert (grid.coords[:, 0] + size0 <= w).all() and (grid.coords[:, 1] + size0 <= h).all()
+    exact = np.array([mask.polygons.intersection(box(x, y, x + size0, y + size0)).area / size0**2
+                      for x, y in grid.coords])
+    assert (exact >= 0.6 - 0.03).all()  # raster estimate within 3% of exact geometry
+    np.testing.assert_allclose(grid.tissue_fraction, exact, atol=0.03)
+    # and the rejected neighbours really fall short
+    rejected = 0
+    for x in range(0, w - size0 + 1, size0):
+        for y in range(0, h - size0 + 1, size0):
+            if (x, y) in set(map(tuple, grid.coords.tolist())):
+                continue
+            frac = mask.polygons.intersection(box(x, y, x + size0, y + size0)).area / size0**2
+            assert frac < 0.6 + 0.03
+            rejected += 1
+    assert rejected > 0
+
+
+def test_overlap_halves_stride_and_edges_are_excluded(synthetic_slide):
+    with open_slide(synthetic_slide.path) as slide:
+        mask = TissueMask(shapely.MultiPolygon([box(0, 0, *slide.dimensions)]))
+        g0 = tile(slide, mask, TilingConfig(target_mpp=0.5, patch_size=256, min_tissue=0.5))
+        g1 = tile(slide, mask, TilingConfig(target_mpp=0.5, patch_size=256, overlap=0.5,
+                                            min_tissue=0.5))
+        w, h = slide.dimensions
+    assert len(g0) == (w // 256) * (h // 256)
+    xs = np.unique(g1.coords[:, 0])
+    assert np.diff(xs).tolist() == [128] * (len(xs) - 1)
+    assert len(g1) == ((w - 256) // 128 + 1) * ((h - 256) // 128 + 1)
+    assert (g1.coords[:, 0] + 256 <= w).all()
+
+
+def test_patch_file_roundtrip_and_clam_attrs(tmp_path, synthetic_slide):
+    import h5py
+
+    with open_slide(synthetic_slide.path) as slide:
+        grid = tile(slide, segment_tissue(slide))
+    write_patches(tmp_path / "p.h5", grid, slide_path="x")
+    back = read_patches(tmp_path / "p.h5")
+    np.testing.assert_array_equal(back.coords, grid.coords)
+    assert (back.patch_size, back.patch_size_level0, back.target_mpp) == (256, 256, 0.5)
+    # A CLAM file: attrs on coords, patch_size at patch_level with a downsample
+    with h5py.File(tmp_path / "clam.h5", "w") as f:
+        ds = f.create_dataset("coords", data=np.array([[0, 0], [1024, 0]], np.int64))
+        ds.attrs["patch_level"] = 1
+        ds.attrs["patch_size"] = 256
+        ds.attrs["downsample"] = np.array([4.0, 4.0])
+    clam = read_patches(tmp_path / "clam.h5", level0_mpp=0.25)
+    assert clam.patch_size_level0 == 1024 and clam.target_mpp == pytest.approx(1.0)
+
+
+def test_blank_slide_gives_empty_mask_not_crash(tmp_path):
+    path = write_blank_slide(tmp_path / "blank.tif")
+    with open_slide(path) as slide:
+        mask = segment_tissue(slide)
+        assert mask.is_empty
+        assert len(tile(slide, mask)) == 0
+
+
+def test_geojson_is_qupath_annotation_with_holes(synthetic_slide, tmp_path):
+    from wsi_mil.tissue import save_tissue
+
+    with open_slide(synthetic_slide.path) as slide:
+        mask = segment_tissue(slide)
+    save_tissue(mask, tmp_path / "t.geojson")
+    data = json.loads((tmp_path / "t.geojson").read_text())
+    assert data["type"] == "FeatureCollection"
+    f = data["features"][0]
+    assert f["properties"]["objectType"] == "annotation"
+    assert f["properties"]["classification"]["name"] == "Tissue"
+    for feat in data["features"]:
+        for ring in feat["geometry"]["coordinates"]:
+            assert ring[0] == ring[-1]
+    back = load_tissue(tmp_path / "t.geojson")
+    assert back.polygons.symmetric_difference(mask.polygons).area / mask.area_level0 < 1e-3
+    assert geojson_to_polygons(data["features"]).area == pytest.approx(back.polygons.area)
+    assert back.polygons.contains(Point(*mask.polygons.geoms[0].representative_point().coords[0]))
+
+
+def test_real_slide_segments_and_tiles(real_slide):
+    with open_slide(real_slide) as slide:
+        mask = segment_tissue(slide, TissueConfig(seg_mpp=4.0, min_tissue_area_um2=2e4))
+        grid = tile(slide, mask, TilingConfig(target_mpp=0.5, patch_size=224))
+    assert 0.1 < mask.area_level0 / (2220 * 2967) < 0.9
+    assert len(grid) > 10

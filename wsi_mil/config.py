@@ -1,0 +1,102 @@
+"""Per-stage settings (pydantic), loaded from YAML presets in configs/ plus CLI overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, Field
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class TissueConfig(BaseModel):
+    """Tissue segmentation on a low-resolution image (CLAM-style saturation thresholding)."""
+
+    seg_mpp: float = Field(8.0, description="um/px of the image segmentation runs on")
+    threshold: Literal["otsu"] | int = "otsu"
+    blur_um: float = Field(56.0, description="median blur kernel in um (CLAM mthresh=7 at 8 um/px)")
+    close_um: float = Field(32.0, description="morphological closing kernel in um")
+    min_tissue_area_um2: float = 0.25e6
+    min_hole_area_um2: float = 0.05e6
+    max_holes: int = 8
+
+
+class TilingConfig(BaseModel):
+    """One global patch grid at a physical resolution."""
+
+    target_mpp: float = 0.5
+    patch_size: int = 256
+    overlap: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of patch side shared")
+    min_tissue: float = Field(0.5, ge=0.0, le=1.0, description="tissue fraction a patch needs")
+
+
+class ExtractConfig(BaseModel):
+    encoder: str = "resnet50_trunc"
+    weights: str | None = None
+    random_weights: bool = False
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    batch_size: int = 64
+    workers: int = 1
+    dtype: Literal["float32", "float16"] = "float32"
+    compile: Literal["auto", "on", "off"] = "auto"
+
+
+class TrainConfig(BaseModel):
+    """Bag-level training; defaults follow the MIL papers (Adam, lr 2e-4, wd 1e-4, 1 bag/step)."""
+
+    model: str = "psmil"
+    model_kwargs: dict = Field(default_factory=dict)
+    folds: int = 5
+    test_frac: float = 0.25
+    epochs: int = 50
+    patience: int = 10
+    min_epochs: int = 5
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    optimizer: Literal["adam", "adamw"] = "adam"
+    max_instances: int | None = None
+    preload: bool = True
+    seed: int = 0
+    device: str = "auto"
+    bootstrap: int = 1000
+
+
+class HeatmapConfig(BaseModel):
+    score: Literal["combined", "attention", "inversion"] = "combined"
+    combine_weight: float = Field(0.5, description="weight of inversion in the combined score")
+    inversion_steps: int = 50
+    inversion_lr: float = 0.1
+    inversion_lambda: float = 0.01
+    blur: bool = True
+    thumb_mpp: float = 8.0
+    viewer_mpp: float = 2.0
+    top_k: int = 12
+
+
+class PipelineConfig(BaseModel):
+    tissue: TissueConfig = Field(default_factory=TissueConfig)
+    tiling: TilingConfig = Field(default_factory=TilingConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    heatmap: HeatmapConfig = Field(default_factory=HeatmapConfig)
+
+
+def load_config(path_or_preset: str | Path | None = None, **overrides: dict) -> PipelineConfig:
+    """Load a YAML file (or a preset name from configs/), then apply per-section overrides."""
+    data: dict = {}
+    if path_or_preset:
+        p = Path(path_or_preset)
+        if not p.exists():
+            p = CONFIG_DIR / f"{path_or_preset}.yaml"
+        if not p.exists():
+            from .errors import WsiMilError
+
+            presets = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
+            raise WsiMilError(f"{path_or_preset}: no such config file or preset (presets: {presets})")
+        data = yaml.safe_load(p.read_text()) or {}
+    for section, values in overrides.items():
+        data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    return PipelineConfig.model_validate(data)

@@ -1,0 +1,17 @@
+"""User-facing errors: one clear line naming the file and the fix."""
+
+
+class WsiMilError(Exception):
+    """An input problem the user can fix; the CLI prints its message as one line."""
+
+
+class SlideOpenError(WsiMilError):
+    """A slide file cannot be opened (unreadable, unknown format)."""
+
+
+class MissingMPPError(WsiMilError):
+    """A slide carries no microns-per-pixel and no override was given."""
+
+
+class EmptyInputError(WsiMilError):
+    """A folder or CSV names no slides, or a mask holds no tissue."""

@@ -1,0 +1,205 @@
+"""Tissue segmentation at a fixed physical resolution, and tissue polygons as GeoJSON.
+
+The method follows CLAM's `segmentTissue`: median-blurred HSV saturation, Otsu (or fixed)
+threshold, morphological closing, contours with holes filtered by area. Areas and kernels are
+given in microns so results do not depend on the scanner's resolution. Polygons are stored in
+level-0 pixels as a GeoJSON FeatureCollection that QuPath opens as "Tissue" annotations.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import shapely
+from shapely.geometry import MultiPolygon, Polygon, mapping, shape
+
+from .config import TissueConfig
+from .errors import WsiMilError
+from .slide import Slide
+
+
+@dataclass
+class TissueMask:
+    """Tissue polygons in level-0 pixels plus the low-resolution image they came from."""
+
+    polygons: MultiPolygon
+    thumbnail: np.ndarray | None = None
+    thumb_mpp: float | None = None
+    level0_mpp: float | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return self.polygons.is_empty
+
+    @property
+    def area_level0(self) -> float:
+        return float(self.polygons.area)
+
+    def rasterize(self, width: int, height: int, px_level0: float) -> np.ndarray:
+        """Binary mask [height, width] where one pixel spans `px_level0` level-0 pixels."""
+        return rasterize_polygons(self.polygons, width, height, px_level0)
+
+    def to_geojson(self) -> dict:
+        return polygons_to_geojson(self.polygons, "Tissue", (20, 180, 60))
+
+
+def rasterize_polygons(polys: MultiPolygon, width: int, height: int, px_level0: float) -> np.ndarray:
+    """Exteriors 1, holes 0; a pixel is set when its centre lies inside (GDAL's convention)."""
+    from skimage.draw import polygon as fill
+
+    mask = np.zeros((height, width), np.uint8)
+
+    def paint(ring, value):
+        xy = np.asarray(ring.coords)[:, :2] / px_level0 - 0.5
+        rr, cc = fill(xy[:, 1], xy[:, 0], shape=mask.shape)
+        mask[rr, cc] = value
+
+    for poly in getattr(polys, "geoms", [polys]):
+        if poly.is_empty:
+            continue
+        paint(poly.exterior, 1)
+        for hole in poly.interiors:
+            paint(hole, 0)
+    return mask
+
+
+def mask_to_polygons(mask: np.ndarray, px_level0: float, min_area_px: float, min_hole_px: float,
+                     max_holes: int) -> MultiPolygon:
+    """Contours of a binary mask (with holes) scaled to level-0 pixels and area-filtered."""
+    contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP,
+                                           cv2.CHAIN_APPROX_SIMPLE)
+    if hierarchy is None:
+        return MultiPolygon()
+    hierarchy = hierarchy[0]
+    polys = []
+    for i, cnt in enumerate(contours):
+        if hierarchy[i][3] != -1:  # a hole; handled with its parent
+            continue
+        area = cv2.contourArea(cnt)
+        if area < max(min_area_px, 1) or len(cnt) < 3:
+            continue
+        holes = []
+        child = hierarchy[i][2]
+        while child != -1:
+            hole = contours[child]
+            hole_area = cv2.contourArea(hole)
+            if hole_area >= max(min_hole_px, 1) and len(hole) >= 3:
+                holes.append((hole_area, hole))
+            child = hierarchy[child][0]
+        holes = [h for _, h in sorted(holes, key=lambda t: -t[0])[:max_holes]]
+
+        # +0.5 maps pixel centres to their position on the level-0 grid
+        def to_level0(c):
+            return (c[:, 0, :].astype(np.float64) + 0.5) * px_level0
+
+        poly = Polygon(to_level0(cnt), [to_level0(h) for h in holes])
+        if not poly.is_valid:
+            poly = shapely.make_valid(poly)
+        # Contours run through boundary pixel centres: grow by half a pixel to the true edge.
+        poly = poly.buffer(0.5 * px_level0, join_style="mitre", mitre_limit=2.0)
+        for part in getattr(poly, "geoms", [poly]):
+            if isinstance(part, Polygon) and not part.is_empty:
+                polys.append(part)
+    return MultiPolygon(polys)
+
+
+def saturation_mask(rgb: np.ndarray, cfg: TissueConfig, px_um: float) -> np.ndarray:
+    """Thresholded, closed saturation mask of an RGB image whose pixels are `px_um` microns."""
+    sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
+    k = max(3, int(round(cfg.blur_um / px_um)) | 1)
+    sat = cv2.medianBlur(sat, min(k, 255))
+    if cfg.threshold == "otsu":
+        # Otsu on a slide that is all glass splits noise; a floor keeps glass out.
+        t, mask = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        if t < 15:
+            _, mask = cv2.threshold(sat, 15, 255, cv2.THRESH_BINARY)
+    else:
+        _, mask = cv2.threshold(sat, int(cfg.threshold), 255, cv2.THRESH_BINARY)
+    c = max(1, int(round(cfg.close_um / px_um)))
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((c, c), np.uint8))
+    return mask > 0
+
+
+def segment_tissue(slide: Slide, cfg: TissueConfig | None = None) -> TissueMask:
+    """Segment tissue on a low-resolution read of the slide (only the thumbnail is read)."""
+    cfg = cfg or TissueConfig()
+    thumb, thumb_mpp = slide.thumbnail_at_mpp(cfg.seg_mpp)
+    mask = saturation_mask(thumb, cfg, thumb_mpp)
+    px_area_um2 = thumb_mpp**2
+    polys = mask_to_polygons(mask, thumb_mpp / slide.mpp, cfg.min_tissue_area_um2 / px_area_um2,
+                             cfg.min_hole_area_um2 / px_area_um2, cfg.max_holes)
+    return TissueMask(polys, thumb, thumb_mpp, slide.mpp)
+
+
+def polygons_to_geojson(polys: MultiPolygon, class_name: str, color: tuple[int, int, int]) -> dict:
+    """QuPath-compatible FeatureCollection: one annotation Feature per polygon."""
+    features = []
+    for poly in getattr(polys, "geoms", [polys]):
+        if poly.is_empty:
+            continue
+        features.append({
+            "type": "Feature",
+            "geometry": mapping(shapely.set_precision(poly, 0.01)),
+            "properties": {"objectType": "annotation",
+                           "classification": {"name": class_name, "color": list(color)}},
+        })
+    return {"type": "FeatureCollection", "features": features}
+
+
+def geojson_to_polygons(data: dict, class_name: str | None = None) -> MultiPolygon:
+    """Polygons from a FeatureCollection, Feature list or geometry (QuPath exports all three)."""
+    if isinstance(data, list):
+        features = data
+    elif data.get("type") == "FeatureCollection":
+        features = data.get("features", [])
+    elif data.get("type") == "Feature":
+        features = [data]
+    else:
+        features = [{"type": "Feature", "geometry": data, "properties": {}}]
+    polys = []
+    for feat in features:
+        props = feat.get("properties") or {}
+        cls = (props.get("classification") or {}).get("name")
+        if class_name is not None and cls not in (None, class_name):
+            continue
+        geom = feat.get("geometry")
+        if not geom:
+            continue
+        g = shape(geom)
+        if not g.is_valid:
+            g = shapely.make_valid(g)
+        polys.extend(p for p in getattr(g, "geoms", [g]) if isinstance(p, Polygon))
+    return MultiPolygon(polys)
+
+
+def save_tissue(mask: TissueMask, path: Path) -> None:
+    from .store import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(mask.to_geojson()))
+
+
+def load_tissue(path: str | Path) -> TissueMask:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise WsiMilError(f"{path}: not a readable GeoJSON tissue file ({exc}); re-run "
+                          "'wsi-mil segment' or export the annotation from QuPath as GeoJSON") from exc
+    return TissueMask(geojson_to_polygons(data))
+
+
+def draw_contours(mask: TissueMask, thumb: np.ndarray, thumb_px_level0: float) -> np.ndarray:
+    """The thumbnail with tissue outlines (green) and holes (blue) drawn on it."""
+    out = thumb.copy()
+    for poly in getattr(mask.polygons, "geoms", []):
+        ext = (np.asarray(poly.exterior.coords)[:, :2] / thumb_px_level0).astype(np.int32)
+        cv2.polylines(out, [ext], True, (0, 160, 0), 2)
+        for hole in poly.interiors:
+            cv2.polylines(out, [(np.asarray(hole.coords)[:, :2] / thumb_px_level0).astype(np.int32)],
+                          True, (0, 0, 220), 2)
+    return out
