@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from shapely.geometry import box
+from shapely.geometry import Point
 from shapely.prepared import prep
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -20,19 +20,18 @@ from wsi_mil.tiling import grid_geometry, tile  # noqa: E402
 from wsi_mil.tissue import segment_tissue  # noqa: E402
 
 
-def baseline_tile(slide, mask, cfg):
-    """Per-patch geometry in a Python loop (what a straightforward tiler does)."""
+def baseline_tile(slide, mask, cfg, samples: int = 4):
+    """CLAM-style: every grid position of the slide, point-in-polygon tests in a Python loop
+    (samples x samples points per patch estimate its tissue fraction)."""
     size0, stride0 = grid_geometry(slide, cfg)
     w, h = slide.dimensions
-    poly = mask.polygons
-    prepared = prep(poly)
+    prepared = prep(mask.polygons)
+    offs = (np.arange(samples) + 0.5) * size0 / samples
     kept = []
     for y in range(0, h - size0 + 1, stride0):
         for x in range(0, w - size0 + 1, stride0):
-            b = box(x, y, x + size0, y + size0)
-            if not prepared.intersects(b):
-                continue
-            if poly.intersection(b).area / size0**2 >= cfg.min_tissue:
+            inside = sum(prepared.contains(Point(x + dx, y + dy)) for dx in offs for dy in offs)
+            if inside / samples**2 >= cfg.min_tissue:
                 kept.append((x, y))
     return np.array(kept)
 
@@ -53,7 +52,7 @@ def main():
     print(f"tile (vectorised)        {t_tile:7.3f} s  {len(grid)} patches")
     print(f"segment + tile           {t_seg + t_tile:7.3f} s")
     print(f"baseline per-patch loop  {t_base:7.3f} s  {len(base)} patches  ({t_base / t_tile:.0f}x slower)")
-    print(f"patches differing from the exact geometry: {same}")
+    print(f"patches kept by one method only: {same} (the baseline samples 16 points per patch)")
 
 
 if __name__ == "__main__":

@@ -136,6 +136,81 @@ def tile_cmd(slides: Slides, out: Out, mpp: Mpp = None, config: Config = None,
     _report(manifest, "tile")
 
 
+@app.command()
+@user_errors
+def extract(slides: Slides, out: Out, mpp: Mpp = None, config: Config = None,
+            encoder: Annotated[Optional[str], typer.Option(help="resnet50_trunc, resnet18, timm:<name> or hf-hub:<repo>")] = None,
+            weights: Annotated[Optional[str], typer.Option(help="Local .pth/.safetensors weights")] = None,
+            random_weights: Annotated[bool, typer.Option("--random-weights", help="Random encoder weights (tests, benchmarks, offline demo)")] = False,
+            target_mpp: Annotated[Optional[float], typer.Option("--target-mpp", help="um/px of the patches")] = None,
+            patch_size: Annotated[Optional[int], typer.Option(help="Patch side in px at --target-mpp")] = None,
+            overlap: Annotated[Optional[float], typer.Option(help="Fraction of the patch side shared")] = None,
+            min_tissue: Annotated[Optional[float], typer.Option(help="Tissue fraction a patch needs")] = None,
+            device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N")] = None,
+            precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16")] = None,
+            batch_size: Annotated[Optional[int], typer.Option(help="Patches per encoder batch")] = None,
+            workers: Annotated[Optional[int], typer.Option(help="Reader processes")] = None,
+            dtype: Annotated[Optional[str], typer.Option(help="float32 or float16 features")] = None,
+            compile: Annotated[Optional[str], typer.Option("--compile", help="torch.compile: auto, on, off")] = None,
+            tissue_geojson: TissueGeo = None, overwrite: Overwrite = False,
+            fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failing slide")] = False):
+    """Segment, tile and encode slides: writes features/<encoder>/<slide>.h5 (CLAM layout)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .config import load_config
+    from .features.encoders import create_encoder
+    from .features.extract import EncoderRunner
+    from .pipeline import Layout, extract_one, run_per_slide
+    from .slide import collect_slides
+
+    cfg = load_config(config, tiling=dict(target_mpp=target_mpp, patch_size=patch_size,
+                                          overlap=overlap, min_tissue=min_tissue),
+                      extract=dict(encoder=encoder, weights=weights,
+                                   random_weights=random_weights or None, device=device,
+                                   precision=precision, batch_size=batch_size, workers=workers,
+                                   dtype=dtype, compile=compile))
+    e = cfg.extract
+    entries = collect_slides(slides, mpp)
+    layout = Layout(out)
+    runners = []
+
+    def get_runner():  # built on first need, so a fully done cohort needs no weights
+        if not runners:
+            r = EncoderRunner(create_encoder(e.encoder, e.weights, e.random_weights), e.device,
+                              e.precision, e.compile)
+            console.print(f"encoder {r.info.name} ({r.info.dim}-d, weights {r.info.weights}) "
+                          f"on {r.device} {r.precision_name}", highlight=False)
+            runners.append(r)
+        return runners[0]
+
+    todo = [en for en in entries if overwrite or not layout.features(e.encoder, en.name).exists()]
+    if todo:
+        get_runner()  # fail early (one clear line) on missing weights
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, transient=False) as bar:
+        cohort = bar.add_task("slides", total=len(entries))
+        patches = bar.add_task("patches", total=None)
+
+        def progress(entry, i, n):
+            bar.update(cohort, completed=i)
+            bar.update(patches, description=entry.name, completed=0, total=None)
+
+        def one(entry):
+            summary = extract_one(entry, layout, cfg, get_runner(), overwrite, tissue_geojson,
+                                  lambda done, total: bar.update(patches, completed=done, total=total))
+            if summary["failed_patches"]:
+                log.warning("%s: %d unreadable patches encoded as white", entry.path,
+                            summary["failed_patches"])
+            return summary["patches"]
+
+        manifest = run_per_slide(
+            entries, "extract", layout, one,
+            lambda en: not overwrite and layout.features(e.encoder, en.name).exists(),
+            fail_fast=fail_fast, progress=progress)
+        bar.update(cohort, completed=len(entries))
+    _report(manifest, "extract")
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m wsi_mil`
     app()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import cv2
 
-from .config import TilingConfig, TissueConfig
+from .config import PipelineConfig, TilingConfig, TissueConfig
 from .errors import EmptyInputError, WsiMilError
 from .slide import SlideEntry, open_slide
 from .store import Manifest, atomic_path, read_patches, write_patches
@@ -146,3 +146,16 @@ def run_per_slide(entries: Iterable[SlideEntry], stage: str, layout: Layout,
             continue
         manifest.record(entry.name, "ok", n, time.perf_counter() - t0)
     return manifest
+
+
+def extract_one(entry: SlideEntry, layout: Layout, cfg: PipelineConfig, runner,
+                overwrite: bool = False, tissue_geojson: Path | None = None,
+                on_batch=None) -> dict:
+    """Tile if needed, then encode one slide into features/<encoder>/<slide>.h5."""
+    from .features.extract import extract_features
+
+    grid = tile_one(entry, layout, cfg.tissue, cfg.tiling, overwrite, tissue_geojson)
+    out = layout.features(runner.info.name, entry.name)
+    if out.exists() and overwrite:
+        out.unlink()
+    return extract_features(entry.path, grid, runner, out, cfg.extract, entry.mpp, on_batch)

@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import TilingConfig
 from .slide import Slide
-from .tissue import TissueMask
+from .tissue import TissueMask, rasterize_polygons
 
 SUBSAMPLE = 16  # raster pixels per patch side for the tissue-fraction estimate
 
@@ -54,8 +54,8 @@ def tissue_fractions(mask: TissueMask, xs: np.ndarray, ys: np.ndarray, size0: in
     """Tissue fraction of every patch at the grid (xs x ys), shape [len(ys), len(xs)]."""
     px = max(size0 / SUBSAMPLE, 1.0)
     w, h = int(np.ceil(slide_size[0] / px)) + 1, int(np.ceil(slide_size[1] / px)) + 1
-    raster = mask.rasterize(w, h, px)
-    integral = cv2.integral(raster).astype(np.float64)
+    coverage = rasterize_polygons(mask.polygons, w, h, px, supersample=4)
+    integral = cv2.integral(coverage, sdepth=cv2.CV_64F)
     x0 = np.clip(np.round(xs / px).astype(int), 0, w)
     x1 = np.clip(np.round((xs + size0) / px).astype(int), 0, w)
     y0 = np.clip(np.round(ys / px).astype(int), 0, h)

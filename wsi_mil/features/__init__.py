@@ -1,0 +1,1 @@
+"""Patch encoders and streaming feature extraction."""

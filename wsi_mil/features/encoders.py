@@ -1,0 +1,187 @@
+"""Patch encoders behind one registry (timm-style): `create_encoder(name, weights, ...)`.
+
+- `resnet50_trunc`: CLAM's encoder (Lu et al. 2021, github.com/mahmoodlab/CLAM): torchvision
+  ResNet50 truncated after layer3, global average pooling, 1024-d, ImageNet normalisation,
+  224 px input.
+- `resnet18`: torchvision ResNet18 with the classifier removed, 512-d.
+- `timm:<name>` and `hf-hub:<repo>`: any timm model (UNI, Virchow, ... when online), pooled
+  features via `num_classes=0`, with the model's own input size and normalisation.
+
+Weights: `weights=PATH` (.pth/.pt/.bin/.safetensors, torchvision- or timm-style keys, with or
+without `module.`/`model.` prefixes), else the hub, else a clear error unless
+`random_weights=True` (tests, benchmarks, the offline demo).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import WsiMilError
+from .compat import import_timm, import_torchvision
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class EncoderInfo:
+    name: str
+    dim: int
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights: str  # where the weights came from: a path, "hub:<id>" or "random"
+
+
+class Encoder(nn.Module):
+    """A patch encoder: float images [B, 3, H, W] normalised -> features [B, dim]."""
+
+    def __init__(self, net: nn.Module, info: EncoderInfo):
+        super().__init__()
+        self.net = net
+        self.info = info
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ResNetTrunc(nn.Module):
+    """ResNet50 up to layer3 + global average pool (CLAM's `resnet50_baseline`)."""
+
+    def __init__(self, resnet: nn.Module):
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
+        self.layer1, self.layer2, self.layer3 = resnet.layer1, resnet.layer2, resnet.layer3
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return torch.flatten(self.pool(x), 1)
+
+
+def load_state_dict_file(path: str | Path) -> dict:
+    """A state dict from .safetensors or a torch checkpoint (unwrapping state_dict/model keys)."""
+    path = Path(path)
+    if not path.exists():
+        raise WsiMilError(f"{path}: weights file not found; pass --weights with an existing .pth "
+                          "or .safetensors file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WsiMilError(f"{path}: cannot read weights ({type(exc).__name__}); expected a "
+                          "PyTorch state dict (.pth) or .safetensors file") from exc
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "model.", "backbone.", "encoder.", "net."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def _load_into(net: nn.Module, sd: dict, path: str | Path) -> None:
+    """Load matching keys; every parameter of `net` must be covered (extra keys are ignored)."""
+    own = net.state_dict()
+    usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in usable and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise WsiMilError(f"{path}: weights do not fit this encoder ({len(missing)} tensors "
+                          f"missing, e.g. {missing[0]}); check --encoder matches the checkpoint")
+    net.load_state_dict(usable, strict=False)
+
+
+def _no_weights_error(name: str, exc: Exception) -> WsiMilError:
+    return WsiMilError(f"encoder {name}: pretrained weights unavailable ({type(exc).__name__}: "
+                       f"{str(exc)[:120]}); pass --weights PATH to a local checkpoint, or "
+                       "--random-weights for tests and benchmarks")
+
+
+def _torchvision_resnet(arch: str, weights_enum: str, weights: str | None, random_weights: bool):
+    tv = import_torchvision()
+    resnet = getattr(tv.models, arch)(weights=None)
+    if weights:
+        _load_into(resnet, load_state_dict_file(weights), weights)
+        source = str(weights)
+    elif random_weights:
+        source = "random"
+    else:
+        try:
+            enum = getattr(tv.models, weights_enum).IMAGENET1K_V1
+            resnet.load_state_dict(enum.get_state_dict(progress=False))
+            source = f"hub:torchvision/{arch}.IMAGENET1K_V1"
+        except Exception as exc:
+            raise _no_weights_error(arch, exc) from exc
+    return resnet, source
+
+
+def _resnet50_trunc(weights=None, random_weights=False) -> Encoder:
+    resnet, source = _torchvision_resnet("resnet50", "ResNet50_Weights", weights, random_weights)
+    return Encoder(ResNetTrunc(resnet),
+                   EncoderInfo("resnet50_trunc", 1024, 224, IMAGENET_MEAN, IMAGENET_STD, source))
+
+
+def _resnet18(weights=None, random_weights=False) -> Encoder:
+    resnet, source = _torchvision_resnet("resnet18", "ResNet18_Weights", weights, random_weights)
+    resnet.fc = nn.Identity()
+    return Encoder(resnet, EncoderInfo("resnet18", 512, 224, IMAGENET_MEAN, IMAGENET_STD, source))
+
+
+def _timm(model_name: str, weights=None, random_weights=False) -> Encoder:
+    timm = import_timm()
+    kwargs = {"num_classes": 0}
+    if weights:
+        net = timm.create_model(model_name, pretrained=False, **kwargs)
+        _load_into(net, load_state_dict_file(weights), weights)
+        source = str(weights)
+    elif random_weights:
+        net = timm.create_model(model_name, pretrained=False, **kwargs)
+        source = "random"
+    else:
+        try:
+            net = timm.create_model(model_name, pretrained=True, **kwargs)
+        except Exception as exc:
+            raise _no_weights_error(model_name, exc) from exc
+        source = f"hub:{model_name}"
+    cfg = timm.data.resolve_model_data_config(net)
+    size = int(cfg["input_size"][-1])
+    return Encoder(net, EncoderInfo(f"timm:{model_name}" if not model_name.startswith("hf-hub:")
+                                    else model_name, int(net.num_features), size,
+                                    tuple(cfg["mean"]), tuple(cfg["std"]), source))
+
+
+ENCODERS: dict[str, Callable[..., Encoder]] = {
+    "resnet50_trunc": _resnet50_trunc,
+    "resnet18": _resnet18,
+}
+
+
+def list_encoders() -> list[str]:
+    return sorted(ENCODERS) + ["timm:<model name>", "hf-hub:<repo>"]
+
+
+def create_encoder(name: str, weights: str | Path | None = None,
+                   random_weights: bool = False) -> Encoder:
+    """Build an encoder by registry name, `timm:<name>` or `hf-hub:<repo>`, in eval mode."""
+    if name in ENCODERS:
+        enc = ENCODERS[name](weights=weights, random_weights=random_weights)
+    elif name.startswith("timm:"):
+        enc = _timm(name[len("timm:"):], weights, random_weights)
+    elif name.startswith("hf-hub:"):
+        enc = _timm(name, weights, random_weights)
+    else:
+        raise WsiMilError(f"unknown encoder {name!r}; choose one of {', '.join(list_encoders())}")
+    return enc.eval()
