@@ -28,7 +28,7 @@ from .encoders import Encoder
 log = logging.getLogger("wsi_mil")
 
 MAX_REGION_PX = 8192  # widest region read at once, in level pixels
-COMPILE_MIN_PATCHES = 4000  # torch.compile pays for its ~1 min compile above this on CPU
+COMPILE_MIN_PATCHES = 2000  # torch.compile (~15 s with freezing on CPU) pays off above this
 
 
 def resolve_device(device: str) -> torch.device:
@@ -180,7 +180,8 @@ class EncoderRunner:
                                              and n_patches >= COMPILE_MIN_PATCHES)
         if want and self._compiled is None:
             try:
-                self._compiled = torch.compile(self.encoder)
+                # freezing folds weights into oneDNN-prepacked constants: ~1.5x on CPU
+                self._compiled = torch.compile(self.encoder, options={"freezing": True})
             except Exception as exc:  # no compiler toolchain: run eager
                 log.warning("torch.compile unavailable (%s); running eager", exc)
                 self._compiled = self.encoder
@@ -193,7 +194,7 @@ class EncoderRunner:
             x = torch.cat([x, x[-1:].expand(pad_to - n, *x.shape[1:])])
         x = x.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
         x = x.contiguous(memory_format=torch.channels_last)
-        model = self._compiled or self.encoder
+        model = self.encoder if self._compiled is None else self._compiled
         with torch.autocast(self.device.type, dtype=self.amp_dtype,
                             enabled=self.amp_dtype is not None):
             feats = model(x)
@@ -225,7 +226,7 @@ def extract_features(slide_path, grid: PatchGrid, runner: EncoderRunner, out_pat
                             persistent_workers=False)
         for start, images, failed in loader:
             images = images.numpy() if isinstance(images, torch.Tensor) else images
-            feats = runner(images, pad_to=cfg.batch_size if runner._compiled else None)
+            feats = runner(images, pad_to=None if runner._compiled is None else cfg.batch_size)
             writer.write(int(start), feats.astype(cfg.dtype))
             failed_total += int(failed)
             if on_batch:

@@ -1,0 +1,189 @@
+import numpy as np
+import pytest
+import torch
+
+from wsi_mil.models import create_model, list_models
+from wsi_mil.models.psmil import PSMIL, alignment_loss
+
+D = 32
+ALL = list_models()
+
+
+def toy_bags(n_bags=24, n=30, dim=D, seed=0):
+    """Bags whose label is set by a few key instances shifted along one direction."""
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.randn(dim, generator=g)
+    direction /= direction.norm()
+    bags = []
+    for i in range(n_bags):
+        x = torch.randn(n, dim, generator=g)
+        y = i % 2
+        if y:
+            k = torch.randint(1, 4, (1,), generator=g).item()
+            x[:k] += 4 * direction
+        coords = torch.stack(torch.meshgrid(torch.arange(6), torch.arange(5), indexing="ij"),
+                             -1).reshape(-1, 2)[:n] * 256
+        bags.append((x, coords, torch.tensor(y)))
+    return bags
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("n", [1, 7, 5000])
+def test_shapes_and_finite_gradients(name, n):
+    torch.manual_seed(0)
+    model = create_model(name, D, 2)
+    x = torch.randn(n, D)
+    coords = torch.randint(0, 100_000, (n, 2))
+    out = model(x, coords)
+    assert out.logits.shape == (2,)
+    assert out.instance_scores.shape == (n,)
+    loss = model.loss(out, torch.tensor(1))
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_eval_is_deterministic(name):
+    torch.manual_seed(0)
+    model = create_model(name, D, 3).eval()
+    x, coords = torch.randn(50, D), torch.randint(0, 5000, (50, 2))
+    with torch.no_grad():
+        a, b = model(x, coords), model(x, coords)
+    torch.testing.assert_close(a.logits, b.logits)
+    torch.testing.assert_close(a.instance_scores, b.instance_scores)
+
+
+@pytest.mark.parametrize("name", ["abmil", "dsmil", "psmil", "dtfd"])
+def test_permutation_invariance(name):
+    torch.manual_seed(0)
+    model = create_model(name, D, 2).eval()
+    x = torch.randn(40, D)
+    perm = torch.randperm(40)
+    with torch.no_grad():
+        a, b = model(x), model(x[perm])
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.instance_scores[perm], b.instance_scores, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL + ["abmil_prob"])
+def test_fits_key_instance_toy_problem(name):
+    torch.manual_seed(0)
+    model = (create_model("abmil", D, 2, pooling="prob") if name == "abmil_prob"
+             else create_model(name, D, 2))
+    bags = toy_bags()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for epoch in range(15):
+        model.train()
+        model.set_epoch(epoch)
+        for x, c, y in bags:
+            out = model(x, c)
+            loss = model.loss(out, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            model.on_train_step(out, y)
+    model.eval()
+    with torch.no_grad():
+        acc = np.mean([int(model(x, c).logits.argmax()) == int(y) for x, c, y in bags])
+    assert acc == 1.0
+
+
+def test_psmil_prototypes_move_toward_class_means_in_training_only():
+    torch.manual_seed(0)
+    model = PSMIL(D, 2, gamma=0.05)
+    bags = toy_bags(n_bags=16)
+    q0 = model.pool.prototypes.clone()
+    model.train()
+    for x, c, y in bags:
+        out = model(x, c)
+        model.on_train_step(out, y)
+    q1 = model.pool.prototypes.clone()
+    assert not torch.allclose(q0, q1)
+    torch.testing.assert_close(q1.norm(dim=0), torch.ones(2))
+    # each prototype is closer to the mean embedding of the instances assigned to it
+    with torch.no_grad():
+        h = torch.cat([model.fc(x) for x, _, _ in bags])
+        assign = model.pool.probabilities(h).argmax(1)
+        for j in range(2):
+            if (assign == j).any():
+                mean = torch.nn.functional.normalize(h[assign == j].mean(0), dim=0)
+                assert mean @ q1[:, j] > mean @ q0[:, j]
+    model.eval()
+    for x, c, y in bags:
+        out = model(x, c)
+        model.on_train_step(out, y)
+    torch.testing.assert_close(model.pool.prototypes, q1)
+
+
+def test_psmil_confident_update_moves_only_label_column():
+    torch.manual_seed(0)
+    model = PSMIL(D, 2, gamma=0.01, prototype_update="confident").train()
+    q0 = model.pool.prototypes.clone()
+    x = torch.randn(20, D)
+    out = model(x)
+    model.on_train_step(out, torch.tensor(1))
+    q1 = model.pool.prototypes
+    torch.testing.assert_close(q1[:, 0], q0[:, 0])
+    assert not torch.allclose(q1[:, 1], q0[:, 1])
+
+
+def test_alignment_loss_zero_when_views_agree_confidently_positive_otherwise():
+    confident = torch.tensor([[1 - 1e-7, 1e-7], [1e-7, 1 - 1e-7]])
+    assert alignment_loss([confident, confident]).item() < 1e-5
+    unsure = torch.tensor([[0.6, 0.4], [0.3, 0.7]])
+    disagree = torch.tensor([[0.2, 0.8], [0.9, 0.1]])
+    assert alignment_loss([unsure, disagree]).item() > 0.1
+    model = PSMIL(D, 2, align_lambda=0.1, align_tau=10).train()
+    model.set_epoch(0)
+    assert model(torch.randn(10, D)).aux_loss is None  # lambda * min(0, tau) = 0
+    model.set_epoch(3)
+    aux = model(torch.randn(10, D)).aux_loss
+    assert aux is not None and aux.item() > 0
+    model.eval()
+    assert model(torch.randn(10, D)).aux_loss is None
+
+
+def test_unknown_model_is_a_clear_error():
+    from wsi_mil.errors import WsiMilError
+
+    with pytest.raises(WsiMilError, match="unknown model"):
+        create_model("clam_xl", D, 2)
+
+
+
+def test_matches_torchmil_abmil_and_dsmil():
+    tm = pytest.importorskip("torchmil.models")
+    torch.manual_seed(0)
+    x = torch.randn(1, 25, D)
+    ours = create_model("abmil", D, 2).eval()
+    theirs = tm.ABMIL(in_shape=(D,), att_dim=256, gated=True, feat_ext=ours.fc).eval()
+    with torch.no_grad():
+        theirs(torch.randn(1, 3, D))  # materialise lazy layers
+        theirs.pool.fc1.module.weight.copy_(ours.pool.a[0].weight)
+        theirs.pool.fc1.module.bias.copy_(ours.pool.a[0].bias)
+        theirs.pool.fc_gated.module.weight.copy_(ours.pool.b[0].weight)
+        theirs.pool.fc_gated.module.bias.copy_(ours.pool.b[0].bias)
+        theirs.pool.fc2.weight.copy_(ours.pool.w.weight)
+        ours.pool.w.bias.zero_()  # torchmil's scorer has no bias (softmax-invariant anyway)
+        ours.classifier.weight[0].zero_()
+        ours.classifier.bias[0].zero_()
+        theirs.classifier.module.weight.copy_(ours.classifier.weight[1:])
+        theirs.classifier.module.bias.copy_(ours.classifier.bias[1:])
+        y_t, f_t = theirs(x, return_att=True)
+        out = ours(x[0])
+    torch.testing.assert_close(out.logits[1], y_t[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.instance_scores, torch.softmax(f_t[0], 0), atol=1e-5, rtol=1e-5)
+
+    ours = create_model("dsmil", D, 1).eval()
+    theirs = tm.DSMIL(in_shape=(D,), att_dim=128, nonlinear_q=True, nonlinear_v=False).eval()
+    with torch.no_grad():
+        theirs.inst_classifier.load_state_dict(ours.instance_classifier.state_dict())
+        theirs.q_nn.load_state_dict(ours.q.state_dict())
+        theirs.bag_classifier.weight.copy_(ours.fcc.weight.view(1, D))
+        theirs.bag_classifier.bias.copy_(ours.fcc.bias)
+        y_t, a_t, inst_t = theirs(x, return_att=True, return_inst_pred=True)
+        out = ours(x[0])
+    torch.testing.assert_close(out.logits[0], y_t[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.extras["attention"][:, 0], a_t[0].view(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.extras["max_logits"][0], inst_t[0].max(), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,38 @@
+"""The MIL model registry: `create_model(name, in_dim, n_classes, **kw)` (timm-style)."""
+
+from __future__ import annotations
+
+from .abmil import ABMIL
+from .base import MILModel, MILOutput
+from .camil import CAMIL
+from .dsmil import DSMIL
+from .dtfd import DTFDMIL
+from .psmil import PSMIL
+from .transmil import TransMIL
+
+MODELS: dict[str, type[MILModel]] = {
+    "abmil": ABMIL,
+    "dsmil": DSMIL,
+    "dtfd": DTFDMIL,
+    "camil": CAMIL,
+    "transmil": TransMIL,
+    "psmil": PSMIL,
+}
+
+
+def list_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def create_model(name: str, in_dim: int, n_classes: int = 2, **kwargs) -> MILModel:
+    """Build a MIL model by name with the paper defaults, overridden by `kwargs`."""
+    from ..errors import WsiMilError
+
+    key = name.lower().replace("-", "").replace("_", "")
+    key = {"dtfdmil": "dtfd"}.get(key, key)
+    if key not in MODELS:
+        raise WsiMilError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    return MODELS[key](in_dim, n_classes, **kwargs)
+
+
+__all__ = ["MILModel", "MILOutput", "create_model", "list_models", "MODELS"]

@@ -1,0 +1,72 @@
+"""TransMIL: transformer-based correlated MIL (Shao et al., NeurIPS 2021).
+
+Linear(in, 512) + ReLU; the sequence is padded to a square by repeating its first instances;
+a class token is prepended; Nystrom attention layer (8 heads, 256 landmarks) -> PPEG
+(depthwise 7x7 + 5x5 + 3x3 convolutions on the square grid, plus identity) -> second Nystrom
+layer -> LayerNorm -> Linear(512, C) on the class token.
+`instance_scores`: the class token's exact softmax attention over the instances in the last
+layer, averaged over heads (an O(N) read-out; the Nystrom approximation is used for the update).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import MILModel, MILOutput
+from .nystrom import NystromAttention
+
+
+class TransLayer(nn.Module):
+    def __init__(self, dim: int = 512, heads: int = 8, landmarks: int = 256):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = NystromAttention(dim, heads, dim // heads, landmarks)
+
+    def forward(self, x):
+        return x + self.attn(self.norm(x))
+
+
+class PPEG(nn.Module):
+    def __init__(self, dim: int = 512):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, 7, 1, 3, groups=dim)
+        self.proj1 = nn.Conv2d(dim, dim, 5, 1, 2, groups=dim)
+        self.proj2 = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x, side: int):
+        cls, feat = x[:, :1], x[:, 1:]
+        grid = feat.transpose(1, 2).reshape(1, -1, side, side)
+        grid = self.proj(grid) + grid + self.proj1(grid) + self.proj2(grid)
+        return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
+
+
+class TransMIL(MILModel):
+    def __init__(self, in_dim: int, n_classes: int = 2, dim: int = 512, heads: int = 8,
+                 landmarks: int = 256):
+        super().__init__()
+        self.n_classes = n_classes
+        self.fc1 = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.layer1 = TransLayer(dim, heads, landmarks)
+        self.pos = PPEG(dim)
+        self.layer2 = TransLayer(dim, heads, landmarks)
+        self.norm = nn.LayerNorm(dim)
+        self.fc2 = nn.Linear(dim, n_classes)
+
+    def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
+        n = len(features)
+        h = self.fc1(features).unsqueeze(0)
+        side = math.ceil(math.sqrt(n))
+        extra = side * side - n
+        if extra:
+            h = torch.cat([h, h[:, :extra].repeat(1, math.ceil(extra / n), 1)[:, :extra]], dim=1)
+        x = torch.cat([self.cls_token, h], dim=1)
+        x = self.pos(self.layer1(x), side)
+        q, k = self.layer2.attn.qk(self.layer2.norm(x))
+        attn = torch.softmax(q[:, :, :1] @ k.transpose(-1, -2), dim=-1)[0, :, 0, 1 : n + 1]
+        x = self.layer2(x)
+        logits = self.fc2(self.norm(x)[0, 0])
+        return MILOutput(logits, attn.mean(0))

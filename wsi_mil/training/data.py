@@ -1,0 +1,157 @@
+"""Labels, leak-free splits and bag datasets for slide-level training.
+
+Labels CSV: `slide_id,label` plus optional `case_id` (patient) and `split` (train/test).
+Splits follow the PSMIL paper's protocol (appendix A.3, after DTFD-MIL and DSMIL): a held-out
+test set (the `split` column, else a stratified fraction drawn by case), and k stratified folds
+over the rest, grouped by case so no patient sits on both sides of a split.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import StratifiedGroupKFold
+
+from ..errors import WsiMilError
+from ..store import read_features
+
+log = logging.getLogger("wsi_mil")
+
+
+@dataclass
+class Cohort:
+    table: pd.DataFrame  # slide_id, label (int), label_name, case_id, path, [split]
+    classes: list[str]
+
+
+def load_labels(labels_csv: str | Path, features_dir: str | Path,
+                allow_missing: bool = False) -> Cohort:
+    """Match label rows to `<features_dir>/<slide_id>.h5`; one clear error for any mismatch."""
+    labels_csv, features_dir = Path(labels_csv), Path(features_dir)
+    if not labels_csv.exists():
+        raise WsiMilError(f"{labels_csv}: labels file not found")
+    if not features_dir.is_dir():
+        raise WsiMilError(f"{features_dir}: no such features folder; run 'wsi-mil extract' first "
+                          "and pass its features/<encoder> folder")
+    df = pd.read_csv(labels_csv, dtype={"slide_id": str, "case_id": str})
+    missing_cols = {"slide_id", "label"} - set(df.columns)
+    if missing_cols:
+        raise WsiMilError(f"{labels_csv}: needs columns slide_id,label (missing "
+                          f"{', '.join(sorted(missing_cols))})")
+    df = df.dropna(subset=["slide_id", "label"]).drop_duplicates("slide_id")
+    files = {p.stem: p for p in features_dir.glob("*.h5")}
+    no_file = sorted(set(df.slide_id) - set(files))
+    no_label = sorted(set(files) - set(df.slide_id))
+    if no_file or no_label:
+        parts = []
+        if no_file:
+            parts.append(f"{len(no_file)} labelled slide(s) have no feature file in "
+                         f"{features_dir}: {', '.join(no_file[:8])}")
+        if no_label:
+            parts.append(f"{len(no_label)} feature file(s) have no label in {labels_csv}: "
+                         f"{', '.join(no_label[:8])}")
+        msg = "; ".join(parts)
+        if not allow_missing:
+            raise WsiMilError(msg + " (fix the CSV, or pass --allow-missing to skip them)")
+        log.warning("%s (skipped)", msg)
+        df = df[~df.slide_id.isin(no_file)]
+    if df.empty:
+        raise WsiMilError(f"{labels_csv}: no labelled slide has features in {features_dir}")
+    names = df["label"].astype(str)
+    numeric = pd.to_numeric(df["label"], errors="coerce")
+    if numeric.notna().all() and (numeric == numeric.round()).all():
+        classes = [str(int(v)) for v in sorted(numeric.unique())]
+        names = numeric.astype(int).astype(str)
+    else:
+        classes = sorted(names.unique())
+    df = df.assign(label_name=names.values, label=names.map({c: i for i, c in enumerate(classes)}).values,
+                   path=df.slide_id.map(lambda s: str(files[s])))
+    if "case_id" not in df.columns:
+        df["case_id"] = df["slide_id"]
+    df["case_id"] = df["case_id"].fillna(df["slide_id"])
+    if "split" in df.columns:
+        df["split"] = df["split"].fillna("train").str.lower()
+        bad = sorted(set(df.split) - {"train", "test"})
+        if bad:
+            raise WsiMilError(f"{labels_csv}: split column must be train or test (found {bad})")
+    if len(classes) < 2:
+        raise WsiMilError(f"{labels_csv}: needs at least two classes (found {classes})")
+    return Cohort(df.reset_index(drop=True), classes)
+
+
+def _stratified_group_folds(labels, groups, k, seed) -> np.ndarray:
+    """Fold index per row; k reduced when a class has fewer cases than k."""
+    per_class = pd.Series(groups).groupby(np.asarray(labels)).nunique().min()
+    k_eff = max(2, min(k, int(per_class)))
+    if k_eff < k:
+        log.warning("only %d case(s) in the smallest class: using %d folds instead of %d",
+                    per_class, k_eff, k)
+    fold = np.full(len(labels), -1)
+    cv = StratifiedGroupKFold(n_splits=k_eff, shuffle=True, random_state=seed)
+    for i, (_, val) in enumerate(cv.split(np.zeros(len(labels)), labels, groups)):
+        fold[val] = i
+    return fold
+
+
+def make_splits(cohort: Cohort, folds: int = 5, test_frac: float = 0.25, seed: int = 0) -> pd.DataFrame:
+    """Add `split` (train/test) and `fold` (validation fold of each train slide) columns."""
+    df = cohort.table.copy()
+    if "split" not in df.columns:
+        df["split"] = "train"
+        if test_frac > 0:
+            n_parts = max(2, int(round(1 / test_frac)))
+            test_fold = _stratified_group_folds(df.label.values, df.case_id.values, n_parts, seed)
+            df.loc[test_fold == 0, "split"] = "test"
+    train = df.split == "train"
+    if train.sum() < 4:
+        raise WsiMilError(f"only {int(train.sum())} training slides: too few for {folds}-fold "
+                          "cross-validation")
+    df["fold"] = -1
+    df.loc[train, "fold"] = _stratified_group_folds(df.label[train].values,
+                                                    df.case_id[train].values, folds, seed + 1)
+    return df
+
+
+class BagDataset(torch.utils.data.Dataset):
+    """Bags from feature files: (features float32 [N, D], coords [N, 2], label).
+
+    `preload=True` keeps every bag in RAM as float16 (half the memory, one read per file);
+    otherwise files are opened lazily on each access (safe with DataLoader workers).
+    `max_instances` samples that many instances per bag (training only, seeded per access).
+    """
+
+    def __init__(self, paths: list[str], labels: list[int], preload: bool = True,
+                 max_instances: int | None = None, seed: int = 0):
+        self.paths, self.labels = list(paths), list(labels)
+        self.max_instances = max_instances
+        self.rng = np.random.default_rng(seed)
+        self.cache = None
+        if preload:
+            self.cache = []
+            for p in self.paths:
+                bag = read_features(p)
+                self.cache.append((torch.from_numpy(bag.features.astype(np.float16)),
+                                   torch.from_numpy(bag.coords)))
+
+    @property
+    def in_dim(self) -> int:
+        return int(self[0][0].shape[1])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        if self.cache is not None:
+            feats, coords = self.cache[i]
+        else:
+            bag = read_features(self.paths[i])
+            feats, coords = torch.from_numpy(bag.features), torch.from_numpy(bag.coords)
+        if self.max_instances and len(feats) > self.max_instances:
+            idx = np.sort(self.rng.choice(len(feats), self.max_instances, replace=False))
+            feats, coords = feats[idx], coords[idx]
+        return feats.float(), coords, torch.tensor(self.labels[i])

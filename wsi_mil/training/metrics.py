@@ -1,0 +1,88 @@
+"""Slide-level metrics, thresholds, the majority vote, and bootstrap confidence intervals.
+
+Binary tasks: AUC on the positive-class probability, F1 of the positive class, threshold by
+Youden's J on validation. Multi-class: one-vs-rest macro AUC, macro F1, argmax decisions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score, roc_curve
+
+METRICS = ("accuracy", "balanced_accuracy", "auc", "f1")
+
+
+def auc_score(y: np.ndarray, prob: np.ndarray) -> float:
+    """Binary AUC of prob[:, 1] or one-vs-rest macro AUC; NaN when only one class is present."""
+    y = np.asarray(y)
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    if prob.shape[1] == 2:
+        return float(roc_auc_score(y, prob[:, 1]))
+    present = np.unique(y)
+    p = prob[:, present] / prob[:, present].sum(1, keepdims=True)
+    if len(present) == 2:
+        return float(roc_auc_score(y == present[1], p[:, 1]))
+    return float(roc_auc_score(y, p, multi_class="ovr", average="macro", labels=present))
+
+
+def compute_metrics(y: np.ndarray, prob: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    y, pred = np.asarray(y), np.asarray(pred)
+    binary = prob.shape[1] == 2
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if len(np.unique(y)) > 1 else float("nan"),
+        "auc": auc_score(y, prob),
+        "f1": float(f1_score(y, pred, average="binary" if binary else "macro", zero_division=0,
+                             labels=None if binary else np.arange(prob.shape[1]))),
+    }
+
+
+def youden_threshold(y: np.ndarray, p_pos: np.ndarray) -> float:
+    """The probability threshold maximising sensitivity + specificity - 1 (0.5 if undefined)."""
+    y = np.asarray(y)
+    if len(np.unique(y)) < 2:
+        return 0.5
+    fpr, tpr, thr = roc_curve(y, p_pos)
+    best = int(np.argmax(tpr - fpr))
+    return float(min(max(thr[best], 0.0), 1.0))
+
+
+def decide(prob: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Labels from probabilities: thresholded positive class (binary) or argmax."""
+    if prob.shape[1] == 2 and threshold is not None:
+        return (prob[:, 1] >= threshold).astype(int)
+    return prob.argmax(1)
+
+
+def majority_vote(votes: np.ndarray, mean_prob: np.ndarray) -> np.ndarray:
+    """Per slide, the label most fold models voted for; ties go to the highest mean probability.
+
+    votes: [n_folds, n_slides] int labels; mean_prob: [n_slides, C].
+    """
+    n_classes = mean_prob.shape[1]
+    counts = np.stack([(votes == c).sum(0) for c in range(n_classes)], axis=1)  # [n, C]
+    top = counts.max(1, keepdims=True)
+    tied = counts == top
+    return np.where(tied, mean_prob, -np.inf).argmax(1)
+
+
+def bootstrap_ci(y: np.ndarray, prob: np.ndarray, pred: np.ndarray, n_boot: int = 1000,
+                 seed: int = 0, alpha: float = 0.05) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap (resampling slides) 95% intervals for every metric."""
+    rng = np.random.default_rng(seed)
+    y, pred = np.asarray(y), np.asarray(pred)
+    samples = {m: [] for m in METRICS}
+    n = len(y)
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        if len(np.unique(y[idx])) < 2:
+            continue
+        for k, v in compute_metrics(y[idx], prob[idx], pred[idx]).items():
+            samples[k].append(v)
+    out = {}
+    for k, vals in samples.items():
+        vals = np.asarray([v for v in vals if np.isfinite(v)])
+        out[k] = ((float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2)))
+                  if len(vals) else (float("nan"), float("nan")))
+    return out
