@@ -211,6 +211,55 @@ def extract(slides: Slides, out: Out, mpp: Mpp = None, config: Config = None,
     _report(manifest, "extract")
 
 
+def _model_list(model: str | None, models: str | None, default: str) -> list[str]:
+    names = models or model or default
+    return [m.strip() for m in names.split(",") if m.strip()]
+
+
+@app.command()
+@user_errors
+def crossval(features: Annotated[Path, typer.Option(help="Folder of <slide>.h5 feature files (features/<encoder>)")],
+             labels: Annotated[Path, typer.Option(help="CSV: slide_id,label[,case_id][,split]")],
+             out: Out,
+             model: Annotated[Optional[str], typer.Option(help="abmil, dsmil, dtfd, camil, transmil or psmil")] = None,
+             models: Annotated[Optional[str], typer.Option(help="Several models on the same splits, comma-separated")] = None,
+             folds: Annotated[Optional[int], typer.Option(help="Cross-validation folds")] = None,
+             test_frac: Annotated[Optional[float], typer.Option(help="Held-out test fraction (0: plain k-fold)")] = None,
+             epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs")] = None,
+             patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience (epochs)")] = None,
+             lr: Annotated[Optional[float], typer.Option(help="Learning rate")] = None,
+             seed: Annotated[Optional[int], typer.Option(help="Seed for splits and training")] = None,
+             max_instances: Annotated[Optional[int], typer.Option(help="Sample at most this many instances per training bag")] = None,
+             device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda")] = None,
+             config: Config = None,
+             allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Skip labelled slides without features (and vice versa)")] = False):
+    """k-fold training + held-out test + majority-vote ensemble; writes report.md."""
+    from .config import load_config
+    from .training.crossval import run_crossval
+
+    cfg = load_config(config, train=dict(folds=folds, test_frac=test_frac, epochs=epochs,
+                                         patience=patience, lr=lr, seed=seed, device=device,
+                                         max_instances=max_instances))
+    names = _model_list(model, models, cfg.train.model)
+    run_crossval(features, labels, out, cfg.train, names, allow_missing,
+                 progress=lambda msg: console.print(f"[cyan]crossval[/cyan] {msg}", highlight=False))
+    console.print((out / "report.md").read_text(), highlight=False, markup=False)
+
+
+@app.command()
+@user_errors
+def predict(run: Annotated[Path, typer.Option(help="A crossval --out folder")],
+            features: Annotated[Path, typer.Option(help="Folder of <slide>.h5 feature files")],
+            out: Annotated[Optional[Path], typer.Option("--out", "-o", help="CSV to write (default RUN/predictions_new.csv)")] = None,
+            device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto"):
+    """Apply a run's fold ensemble to new slides' features."""
+    from .training.crossval import predict_run
+
+    out = out or run / "predictions_new.csv"
+    rows = predict_run(run, features, out, device)
+    console.print(f"{len(rows)} slide(s) predicted -> {out}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m wsi_mil`
     app()
 

@@ -246,3 +246,52 @@ def make_cohort(out_dir: str | Path, n_slides: int = 24, tumour_ratio: float = 0
                      "case_id": f"case_{i // 2:03d}"})
     pd.DataFrame(rows).to_csv(out_dir / "labels.csv", index=False)
     return cohort
+
+
+def make_feature_cohort(out_dir: str | Path, n_bags: int = 40, n_instances: tuple[int, int] = (60, 120),
+                        dim: int = 64, n_key: tuple[int, int] = (3, 8), strength: float = 3.0,
+                        graded: bool = False, random_labels: bool = False, n_cases: int | None = None,
+                        seed: int = 0) -> dict[str, np.ndarray]:
+    """Feature bags whose positive members hold a few key instances shifted along one direction.
+
+    Writes `<out_dir>/features/<slide>.h5` (features + grid coords) and `<out_dir>/labels.csv`;
+    returns each positive bag's boolean key-instance mask (ground truth for localisation).
+    `graded=True` gives key instances strengths spread over [0.5, 1.5] x `strength`.
+    `random_labels=True` shuffles labels after building the bags (a leakage guard: chance AUC).
+    """
+    import h5py
+    import pandas as pd
+
+    out_dir = Path(out_dir)
+    feat_dir = out_dir / "features"
+    feat_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    direction = rng.standard_normal(dim)
+    direction /= np.linalg.norm(direction)
+    labels = np.array([i % 2 for i in range(n_bags)])
+    keys, rows = {}, []
+    n_cases = n_cases or n_bags
+    for i, y in enumerate(labels):
+        n = int(rng.integers(*n_instances))
+        x = rng.standard_normal((n, dim)).astype(np.float32)
+        key = np.zeros(n, bool)
+        if y:
+            k = int(rng.integers(*n_key))
+            idx = rng.choice(n, k, replace=False)
+            s = strength * (rng.uniform(0.5, 1.5, k) if graded else np.ones(k))
+            x[idx] += (s[:, None] * direction).astype(np.float32)
+            key[idx] = True
+        side = int(np.ceil(np.sqrt(n)))
+        coords = np.stack([np.arange(n) % side, np.arange(n) // side], 1).astype(np.int64) * 256
+        name = f"bag_{i:03d}"
+        with h5py.File(feat_dir / f"{name}.h5", "w") as f:
+            f.create_dataset("features", data=x)
+            f.create_dataset("coords", data=coords)
+            f.attrs.update({"patch_size": 256, "patch_size_level0": 256, "encoder": "synthetic"})
+        keys[name] = key
+        rows.append({"slide_id": name, "label": int(y), "case_id": f"case_{i % n_cases:03d}"})
+    table = pd.DataFrame(rows)
+    if random_labels:
+        table["label"] = rng.permutation(table["label"].values)
+    table.to_csv(out_dir / "labels.csv", index=False)
+    return keys

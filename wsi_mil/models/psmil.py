@@ -11,6 +11,11 @@ Prototypes move only in training, after each optimiser step, by momentum:
   instances whose argmax P is j (columns with no instance keep their value).
 - `prototype_update="confident"` (the authors' code, gamma 0.01): Q_new's column for the bag's
   label class is its most confident instance for that class.
+Deliberate difference: attention logits are `attn_scale` (default 10) x P w. P lies in
+[0, 1], so with the usual small initialisation of w the attention starts almost uniform and
+w needs thousands of Adam steps at lr 2e-4 to focus; the fixed scale lets it focus within a few
+epochs (measured on the synthetic key-instance cohort, 3 folds: test AUC 0.72 at scale 1,
+1.00 at 10, 0.97 at 30; "dot" beat "cosine" (0.94), so "dot" is the default; docs/benchmarks.md).
 Deliberate difference from the authors' code: it also updated prototypes at test time using
 true labels, a label leak; here `eval()` never changes Q.
 
@@ -33,8 +38,10 @@ class ProbabilityAttention(nn.Module):
     """Attention computed from instance class probabilities against momentum prototypes."""
 
     def __init__(self, dim: int, n_classes: int, similarity: str = "dot",
-                 temperature: float = 0.1, gamma: float = 0.001, prototype_update: str = "mean"):
+                 temperature: float = 0.1, gamma: float = 0.001, prototype_update: str = "mean",
+                 attn_scale: float = 10.0):
         super().__init__()
+        self.attn_scale = attn_scale
         if similarity not in ("dot", "cosine"):
             raise ValueError("similarity must be 'dot' or 'cosine'")
         if prototype_update not in ("mean", "confident"):
@@ -53,7 +60,7 @@ class ProbabilityAttention(nn.Module):
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.probabilities(h)
-        a = torch.softmax(self.w(p).squeeze(-1), dim=0)
+        a = torch.softmax(self.attn_scale * self.w(p).squeeze(-1), dim=0)
         return a @ h, a
 
     @torch.no_grad()
@@ -86,13 +93,13 @@ def alignment_loss(view_probs: list[torch.Tensor]) -> torch.Tensor:
 class PSMIL(MILModel):
     def __init__(self, in_dim: int, n_classes: int = 2, hidden: int = 512, dropout: float = 0.0,
                  similarity: str = "dot", temperature: float = 0.1, gamma: float = 0.001,
-                 prototype_update: str = "mean", align_lambda: float = 0.0, align_tau: int = 10,
+                 prototype_update: str = "mean", attn_scale: float = 10.0, align_lambda: float = 0.0, align_tau: int = 10,
                  n_views: int = 2, view_dropout: float = 0.1, view_noise: float = 0.1):
         super().__init__()
         self.n_classes = n_classes
         self.fc = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.pool = ProbabilityAttention(hidden, n_classes, similarity, temperature, gamma,
-                                         prototype_update)
+                                         prototype_update, attn_scale)
         self.classifier = nn.Linear(hidden, n_classes)
         self.align_lambda, self.align_tau = align_lambda, align_tau
         self.n_views, self.view_dropout, self.view_noise = n_views, view_dropout, view_noise

@@ -1,0 +1,142 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from wsi_mil.config import TrainConfig
+from wsi_mil.errors import WsiMilError
+from wsi_mil.synthetic import make_feature_cohort
+from wsi_mil.training.crossval import predict_run, run_crossval
+from wsi_mil.training.data import load_labels, make_splits
+from wsi_mil.training.metrics import bootstrap_ci, compute_metrics, majority_vote, youden_threshold
+
+FAST = dict(epochs=20, patience=8, min_epochs=3, lr=5e-4, bootstrap=200)
+
+
+@pytest.fixture(scope="module")
+def cohort_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cohort")
+    make_feature_cohort(d, n_bags=48, n_cases=30, seed=1, strength=4.0)
+    return d
+
+
+def test_splits_stratified_grouped_and_deterministic(cohort_dir):
+    cohort = load_labels(cohort_dir / "labels.csv", cohort_dir / "features")
+    a = make_splits(cohort, folds=5, test_frac=0.25, seed=3)
+    b = make_splits(cohort, folds=5, test_frac=0.25, seed=3)
+    pd.testing.assert_frame_equal(a, b)
+    test, train = a[a.split == "test"], a[a.split == "train"]
+    assert 0.15 < len(test) / len(a) < 0.35
+    assert set(test.case_id).isdisjoint(train.case_id)  # no patient on both sides
+    assert (test.fold == -1).all() and set(train.fold) == set(range(5))
+    for k in range(5):
+        val = train[train.fold == k]
+        assert set(val.case_id).isdisjoint(train[train.fold != k].case_id)
+        assert 0 < val.label.mean() < 1  # stratified: both classes in every fold
+    assert abs(test.label.mean() - 0.5) < 0.2
+
+
+def test_split_column_is_respected(tmp_path):
+    make_feature_cohort(tmp_path, n_bags=20)
+    df = pd.read_csv(tmp_path / "labels.csv")
+    df["split"] = ["test" if i < 4 else "train" for i in range(len(df))]
+    df.to_csv(tmp_path / "labels.csv", index=False)
+    s = make_splits(load_labels(tmp_path / "labels.csv", tmp_path / "features"), 3, 0.5)
+    assert sorted(s[s.split == "test"].slide_id) == sorted(df.slide_id[:4])
+
+
+def test_label_mismatch_is_one_clear_error(tmp_path):
+    make_feature_cohort(tmp_path, n_bags=10)
+    df = pd.read_csv(tmp_path / "labels.csv")
+    pd.concat([df.iloc[1:], pd.DataFrame([{"slide_id": "ghost", "label": 1}])]).to_csv(
+        tmp_path / "bad.csv", index=False)
+    with pytest.raises(WsiMilError, match="ghost.*bag_000|bag_000.*ghost"):
+        load_labels(tmp_path / "bad.csv", tmp_path / "features")
+    c = load_labels(tmp_path / "bad.csv", tmp_path / "features", allow_missing=True)
+    assert "ghost" not in set(c.table.slide_id)
+
+
+def test_string_classes_and_multiclass_labels(tmp_path):
+    make_feature_cohort(tmp_path, n_bags=12)
+    df = pd.read_csv(tmp_path / "labels.csv")
+    df["label"] = np.array(["LUAD", "LUSC", "normal"])[np.arange(12) % 3]
+    df.to_csv(tmp_path / "l.csv", index=False)
+    c = load_labels(tmp_path / "l.csv", tmp_path / "features")
+    assert c.classes == ["LUAD", "LUSC", "normal"] and set(c.table.label) == {0, 1, 2}
+
+
+def test_vote_threshold_and_metrics_on_hand_made_predictions():
+    votes = np.array([[1, 0, 1, 0], [1, 0, 0, 1], [0, 0, 1, 1]])
+    mean_prob = np.array([[0.3, 0.7], [0.8, 0.2], [0.4, 0.6], [0.45, 0.55]])
+    np.testing.assert_array_equal(majority_vote(votes, mean_prob), [1, 0, 1, 1])
+    tie = majority_vote(np.array([[1, 0], [0, 1]]), np.array([[0.4, 0.6], [0.7, 0.3]]))
+    np.testing.assert_array_equal(tie, [1, 0])  # ties go to the higher mean probability
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = np.array([0.1, 0.3, 0.6, 0.5, 0.8, 0.9])
+    assert youden_threshold(y, p) == pytest.approx(0.5)
+    prob = np.stack([1 - p, p], 1)
+    m = compute_metrics(y, prob, (p >= 0.5).astype(int))
+    assert m["accuracy"] == pytest.approx(5 / 6) and m["auc"] == pytest.approx(8 / 9)
+    assert m["f1"] == pytest.approx(6 / 7) and m["balanced_accuracy"] == pytest.approx(5 / 6)
+    ci = bootstrap_ci(y, prob, (p >= 0.5).astype(int), n_boot=300)
+    assert ci["auc"][0] <= m["auc"] <= ci["auc"][1]
+
+
+def test_abmil_and_psmil_reach_high_test_auc_and_predict_works(cohort_dir, tmp_path):
+    cfg = TrainConfig(folds=3, test_frac=0.25, **FAST)
+    out = tmp_path / "run"
+    results = run_crossval(cohort_dir / "features", cohort_dir / "labels.csv", out, cfg,
+                           ["abmil", "psmil"])
+    for r in results:
+        assert r["test"]["auc"] >= 0.95, r
+    for f in ("report.md", "splits.csv", "config.yaml", "classes.json", "abmil/predictions.csv",
+              "abmil/roc.png", "abmil/training_curves.png", "psmil/fold_0/model.pt",
+              "psmil/fold_2/threshold.json", "psmil/metrics.json"):
+        assert (out / f).exists(), f
+    report = (out / "report.md").read_text()
+    assert "| abmil |" in report and "| psmil |" in report and "[" in report
+    pred = pd.read_csv(out / "abmil" / "predictions.csv")
+    assert {"fold0_vote", "ensemble", "mean_p_1"} <= set(pred.columns)
+    new = predict_run(out, cohort_dir / "features")
+    assert len(new) == 48 and "psmil_prediction" in new.columns
+    labels = pd.read_csv(cohort_dir / "labels.csv").set_index("slide_id").label
+    acc = (new.set_index("slide_id").psmil_prediction.astype(int) == labels).mean()
+    assert acc > 0.9
+
+
+def test_random_labels_stay_near_chance(tmp_path):
+    make_feature_cohort(tmp_path, n_bags=64, random_labels=True, seed=5)
+    cfg = TrainConfig(folds=3, test_frac=0.5, **FAST)
+    r = run_crossval(tmp_path / "features", tmp_path / "labels.csv", tmp_path / "run", cfg,
+                     ["abmil"])[0]
+    # held-out test is unbiased; a leak between splits would push it towards 1
+    assert abs(r["test"]["auc"] - 0.5) < 0.2, r["test"]
+
+
+def test_killed_run_resumes_to_the_same_report(cohort_dir, tmp_path):
+    args = [sys.executable, "-m", "wsi_mil.cli", "crossval", "--features",
+            str(cohort_dir / "features"), "--labels", str(cohort_dir / "labels.csv"),
+            "--model", "abmil", "--folds", "3", "--epochs", "6", "--patience", "3",
+            "--seed", "2"]
+    ref = tmp_path / "ref"
+    subprocess.run(args + ["--out", str(ref)], check=True, capture_output=True, timeout=600)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # kill once fold 1 has started training (fold 0 is done)
+        if "fold 2/3" in line or "fold 2 epoch" in line:
+            proc.kill()
+            break
+    proc.wait()
+    assert (out / "abmil" / "fold_0" / "model.pt").exists()
+    assert not (out / "report.md").exists()
+    r = subprocess.run(args + ["--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "abmil fold 1/3" not in r.stdout + r.stderr  # the finished fold was skipped
+    a = json.loads((ref / "abmil" / "metrics.json").read_text())
+    b = json.loads((out / "abmil" / "metrics.json").read_text())
+    assert a == b
+    assert (ref / "report.md").read_text() == (out / "report.md").read_text()
