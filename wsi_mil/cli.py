@@ -7,6 +7,7 @@ printed as one line and exit with status 2.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 from pathlib import Path
@@ -258,6 +259,80 @@ def predict(run: Annotated[Path, typer.Option(help="A crossval --out folder")],
     out = out or run / "predictions_new.csv"
     rows = predict_run(run, features, out, device)
     console.print(f"{len(rows)} slide(s) predicted -> {out}", highlight=False)
+
+
+@app.command()
+@user_errors
+def heatmap(slide: Annotated[Path, typer.Argument(help="The slide file")],
+            run: Annotated[Path, typer.Option(help="A crossval --out folder")],
+            out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default heatmaps/)")] = None,
+            features: Annotated[Optional[Path], typer.Option(help="The slide's feature .h5 (else extracted with the run's encoder)")] = None,
+            model: Annotated[Optional[str], typer.Option(help="Which model of the run (default: its first)")] = None,
+            score: Annotated[str, typer.Option(help="combined, attention or inversion (PNG and OME-TIFF)")] = "combined",
+            overlap: Annotated[float, typer.Option(help="Patch overlap when extracting (0.5 for a finer map)")] = 0.0,
+            fold: Annotated[str, typer.Option(help="'all' (ensemble) or a fold number")] = "all",
+            target: Annotated[Optional[str], typer.Option(help="Class whose evidence is mapped (default: the prediction)")] = None,
+            mpp: Mpp = None, config: Config = None,
+            device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+            no_viewer: Annotated[bool, typer.Option("--no-viewer", help="Skip the HTML viewer")] = False):
+    """Per-patch attention + sparse-inversion scores -> PNG, QuPath GeoJSON, OME-TIFF, HTML."""
+    from .config import load_config
+    from .features.extract import resolve_device
+    from .localization.heatmap import heatmap_slide
+
+    if score not in ("combined", "attention", "inversion"):
+        raise WsiMilError(f"--score {score}: choose combined, attention or inversion")
+    cfg = load_config(config, heatmap={"score": score})
+    summary = heatmap_slide(slide, run, out or Path("heatmaps"), features, model, fold, overlap,
+                            score, cfg, mpp, str(resolve_device(device)), not no_viewer, target)
+    console.print(f"{summary['slide']}: {summary['model']} ({summary['folds']} fold(s)) predicts "
+                  f"{summary['predicted']} (p = {summary['probability']:.3f})", highlight=False)
+    for key in ("png", "geojson", "ome_tiff", "html", "scores"):
+        console.print(f"  {key:8s} {summary[key]}", highlight=False)
+
+
+@app.command("evaluate-localization")
+@user_errors
+def evaluate_localization(
+        scores: Annotated[Path, typer.Option(help="Folder of <slide>_scores.h5 from 'wsi-mil heatmap'")],
+        annotations: Annotated[Path, typer.Option(help="Folder of <slide>.xml (ASAP) or <slide>.geojson tumour annotations")],
+        out: Annotated[Optional[Path], typer.Option("--out", "-o", help="JSON file for the results")] = None,
+        pos_frac: Annotated[float, typer.Option(help="Tumour fraction that makes a patch positive")] = 0.5):
+    """Patch-level AUC of each score and Camelyon16-style FROC against annotations."""
+    from .localization.evaluate import evaluate_folder
+
+    result = evaluate_folder(scores, annotations, pos_frac)
+    table = Table("score", "pooled patch AUC", "FROC", *[f"sens@{r}" for r in ("0.25", "1", "8")])
+    for n, auc in result["pooled_patch_auc"].items():
+        f = result["froc"][n]
+        table.add_row(n, f"{auc:.3f}", f"{f['froc']:.3f}",
+                      *[f"{f['sensitivity'][r]:.3f}" for r in ("0.25", "1", "8")])
+    Console().print(table)
+    out = out or scores / "localization.json"
+    from .store import atomic_path
+
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
+    console.print(f"-> {out}", highlight=False)
+
+
+@app.command()
+@user_errors
+def demo(out: Annotated[Path, typer.Option("--out", "-o", help="Output folder")] = Path("wsi_mil_demo"),
+         slides: Annotated[int, typer.Option(help="Synthetic slides in the cohort")] = 24,
+         encoder: Annotated[str, typer.Option(help="Patch encoder (random weights)")] = "resnet18",
+         epochs: Annotated[int, typer.Option(help="Maximum training epochs")] = 30,
+         folds: Annotated[int, typer.Option(help="Cross-validation folds")] = 5):
+    """Synthetic cohort -> extract -> crossval (PSMIL, ABMIL) -> heatmaps -> report.html."""
+    from .demo import run_demo
+
+    summary = run_demo(out, slides, encoder, epochs, folds,
+                       log=lambda m: console.print(f"[cyan]demo[/cyan] {m}", highlight=False))
+    aucs = ", ".join(f"{k} {v:.3f}" for k, v in summary["test_auc"].items())
+    console.print(f"test AUC: {aucs}; patch AUC (combined): {summary['patch_auc']['score']:.3f}",
+                  highlight=False)
+    console.print(f"timings (s): {summary['timings_s']}", highlight=False)
+    console.print(f"report: {out / 'report.html'}", highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m wsi_mil`

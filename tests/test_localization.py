@@ -1,0 +1,180 @@
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from shapely.geometry import MultiPolygon, box
+
+from wsi_mil.localization.evaluate import (SlideLocalisation, evaluate, patch_auc,
+                                           patch_tumour_fraction, read_asap_xml)
+from wsi_mil.localization.export import qupath_geojson, write_ome_tiff, write_viewer
+from wsi_mil.localization.inversion import soft_threshold, sparse_inversion
+from wsi_mil.localization.render import score_raster
+from wsi_mil.localization.scores import PatchScores, rank_normalise
+from wsi_mil.models.base import MILModel, MILOutput
+
+
+class MeanLinear(MILModel):
+    """Mean pooling + a fixed linear classifier: class 1 evidence is feature 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.n_classes = 2
+        self.w = torch.nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.w.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0]]))
+
+    def forward(self, x, coords=None):
+        return MILOutput(self.w(x.mean(0)), torch.full((len(x),), 1 / len(x)))
+
+
+def test_soft_threshold():
+    x = torch.tensor([-2.0, -0.5, 0.0, 0.3, 1.5])
+    torch.testing.assert_close(soft_threshold(x, 0.5), torch.tensor([-1.5, 0.0, 0.0, 0.0, 1.0]))
+
+
+def test_inversion_keeps_positive_evidence_and_zeroes_the_rest():
+    model = MeanLinear()
+    x = torch.tensor([[3.0, 1.0], [0.1, 1.0], [0.2, 1.0], [2.5, 1.0]])
+    res = sparse_inversion(model, x, target=1, steps=10, lr=0.5, lam=0.4)
+    z = res.x
+    assert (z[:, 1] == 0).all()  # no evidence in feature 1: shrunk to zero everywhere
+    assert z[0, 0] > 0 and z[3, 0] > 0  # strong positive evidence survives
+    assert z[1, 0] == 0 and z[2, 0] == 0  # weak evidence is thresholded away
+    assert res.scores[0] > res.scores[1] and res.scores[3] > res.scores[2]
+    assert len(res.losses) == 10
+    # weights frozen and restored
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_inversion_and_attention_instance_auc_on_graded_key_instances(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from wsi_mil.config import TrainConfig
+    from wsi_mil.store import read_features
+    from wsi_mil.synthetic import make_feature_cohort
+    from wsi_mil.training.crossval import load_fold_model, run_crossval
+
+    keys = make_feature_cohort(tmp_path, n_bags=40, seed=2, graded=True, n_key=(4, 12))
+    run_crossval(tmp_path / "features", tmp_path / "labels.csv", tmp_path / "run",
+                 TrainConfig(folds=2, test_frac=0.25, epochs=15, patience=6, lr=5e-4,
+                             bootstrap=50), ["psmil"])
+    model, _ = load_fold_model(tmp_path / "run" / "psmil" / "fold_0")
+    att, inv, comb = [], [], []
+    for name, key in keys.items():
+        if not key.any():
+            continue
+        bag = read_features(tmp_path / "features" / f"{name}.h5")
+        x, c = torch.from_numpy(bag.features), torch.from_numpy(bag.coords)
+        with torch.no_grad():
+            a = model(x, c).instance_scores.numpy()
+        s = sparse_inversion(model, x, c, target=1).scores.numpy()
+        att.append(roc_auc_score(key, a))
+        inv.append(roc_auc_score(key, s))
+        comb.append(roc_auc_score(key, rank_normalise(a) + rank_normalise(s)))
+    att, inv, comb = np.mean(att), np.mean(inv), np.mean(comb)
+    assert inv > 0.7  # inversion alone finds key instances well above chance
+    assert comb >= max(att, inv) - 0.02, (att, inv, comb)
+
+
+def test_score_raster_averages_overlaps():
+    coords = np.array([[0, 0], [2, 0]])
+    mean, covered = score_raster(coords, np.array([1.0, 3.0]), 4, (4, 8), 1.0)
+    assert mean[0, 0] == 1 and mean[0, 2] == 2 and mean[0, 5] == 3 and not covered[0, 7]
+
+
+def _scores(n=6):
+    coords = np.array([[i * 256, 0] for i in range(n)], np.int64)
+    v = np.linspace(0, 1, n)
+    v[0] = np.nan
+    return PatchScores(coords, v, v[::-1].copy(), v, np.array([0.3, 0.7]), 1, 256.0)
+
+
+def test_geojson_is_valid_qupath_tiles():
+    data = qupath_geojson(_scores(), 256)
+    assert data["type"] == "FeatureCollection" and len(data["features"]) == 6
+    for f in data["features"]:
+        ring = f["geometry"]["coordinates"][0]
+        assert f["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) == 5
+        assert f["properties"]["objectType"] == "tile" and f["properties"]["isLocked"] is True
+        m = f["properties"]["measurements"]
+        assert set(m) == {"attention", "inversion", "score"}
+        assert all(np.isfinite(v) for v in m.values())
+    json.dumps(data, allow_nan=False)
+
+
+def test_ome_tiff_has_slide_size_and_mpp(tmp_path):
+    write_ome_tiff(tmp_path / "h.ome.tiff", _scores(), 256, 256, (5000, 3000), 0.5)
+    with tifffile.TiffFile(tmp_path / "h.ome.tiff") as tif:
+        assert tif.is_ome
+        level0 = tif.series[0].levels[0]
+        assert level0.shape == (3000, 5000, 3)
+        assert len(tif.series[0].levels) >= 2
+        assert "PhysicalSizeX=\"0.5\"" in tif.ome_metadata
+        img = level0.asarray()
+    assert img[10, 256 * 5 + 10].tolist() != [0, 0, 0]  # top-scored patch is coloured
+    assert img[2000, 4000].tolist() == [0, 0, 0]  # no patch there
+
+
+ASAP = """<?xml version="1.0"?><ASAP_Annotations><Annotations>
+<Annotation Name="A1" Type="Polygon" PartOfGroup="_0"><Coordinates>
+<Coordinate Order="0" X="0" Y="0"/><Coordinate Order="1" X="1000" Y="0"/>
+<Coordinate Order="2" X="1000" Y="1000"/><Coordinate Order="3" X="0" Y="1000"/></Coordinates></Annotation>
+<Annotation Name="A2" Type="Polygon" PartOfGroup="_2"><Coordinates>
+<Coordinate Order="0" X="200" Y="200"/><Coordinate Order="1" X="400" Y="200"/>
+<Coordinate Order="2" X="400" Y="400"/><Coordinate Order="3" X="200" Y="400"/></Coordinates></Annotation>
+<Annotation Name="A3" Type="Polygon" PartOfGroup="Tumor"><Coordinates>
+<Coordinate Order="0" X="3000" Y="3000"/><Coordinate Order="1" X="3500" Y="3000"/>
+<Coordinate Order="2" X="3500" Y="3500"/></Coordinates></Annotation>
+</Annotations><AnnotationGroups/></ASAP_Annotations>"""
+
+
+def test_asap_xml_exclusion_groups_and_froc(tmp_path):
+    (tmp_path / "t.xml").write_text(ASAP)
+    tumour = read_asap_xml(tmp_path / "t.xml")
+    assert tumour.area == pytest.approx(1000 * 1000 - 200 * 200 + 500 * 500 / 2)
+    assert not tumour.contains(box(250, 250, 300, 300))
+    coords = np.array([[0, 600], [200, 200], [2000, 2000], [3000, 3200]], np.int64)
+    frac = patch_tumour_fraction(coords, 200, tumour)
+    assert frac[0] == 1 and frac[1] == 0 and frac[2] == 0
+    assert patch_auc(np.array([0.9, 0.1, 0.2, 0.5]), frac) == 1.0
+    loc = SlideLocalisation("s", coords, 200.0, {"score": np.array([0.9, 0.1, 0.2, 0.05])}, tumour)
+    res = evaluate([loc])
+    assert res["froc"]["score"]["lesions"] == 2
+    assert res["froc"]["score"]["sensitivity"]["0.25"] == 0.5  # one lesion before any FP
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
+def test_html_viewer_loads_in_headless_chromium(tmp_path):
+    rng = np.random.default_rng(0)
+    slide = np.full((600, 800, 3), 240, np.uint8)
+    slide[100:500, 100:700] = (220, 150, 190)
+    coords = np.array([[x, y] for y in range(100, 500, 50) for x in range(100, 700, 50)], np.int64)
+    v = rng.random(len(coords))
+    scores = PatchScores(coords * 4, v, v, v, np.array([0.2, 0.8]), 1, 200.0)
+    html = write_viewer(tmp_path / "s.html", slide, 4.0, scores, 200.0, None, "s", "tumor", 6)
+    assert (tmp_path / "s_viewer" / "openseadragon.min.js").exists()
+    base = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=8000", "--window-size=1200,800"]
+    dom = subprocess.run(base + ["--dump-dom", html.as_uri()], capture_output=True, text=True,
+                         timeout=120)
+    assert 'id="status">loaded score<' in dom.stdout, dom.stdout[-1500:] + dom.stderr[-1500:]
+    assert '<pre id="errors"></pre>' in dom.stdout
+    assert dom.stdout.count('src="s_viewer/top/score_') == 6
+    shot = tmp_path / "shot.png"
+    subprocess.run(base + [f"--screenshot={shot}", html.as_uri()], capture_output=True,
+                   timeout=120)
+    import cv2
+
+    img = cv2.imread(str(shot))[:, :, ::-1]
+    viewer = img[:, :900]
+    # the jet overlay puts strongly blue or red pixels over the tissue
+    strong = ((viewer[..., 2].astype(int) - viewer[..., 0] > 80)
+              | (viewer[..., 0].astype(int) - viewer[..., 2] > 120))
+    assert strong.mean() > 0.05

@@ -1,0 +1,1 @@
+"""Localisation: sparse network inversion, per-patch scores, heatmaps and review exports."""

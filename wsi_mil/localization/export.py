@@ -1,0 +1,213 @@
+"""Exports for pathologist review, all in level-0 pixel coordinates.
+
+- QuPath GeoJSON: one `tile` object per patch (locked), measurements attention / inversion /
+  score, which QuPath imports and colours by measurement (DESIGN section 3).
+- Pyramidal OME-TIFF of the coloured heatmap with the slide's size and mpp (tifffile, SubIFDs).
+- Self-contained HTML viewer: Deep Zoom tiles of the slide and of each score overlay, shown
+  with a vendored OpenSeadragon (no network), opacity slider, score selector, top-k gallery.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..store import atomic_path
+from .render import colourise, score_raster
+from .scores import SCORE_NAMES, PatchScores
+
+STATIC = Path(__file__).parent / "static"
+
+
+def _finite(v: float) -> float:
+    v = float(v)
+    return v if math.isfinite(v) else 0.0
+
+
+def qupath_geojson(scores: PatchScores, size0: float) -> dict:
+    """FeatureCollection of square patch tiles with numeric measurements (never NaN)."""
+    feats = []
+    for i, (x, y) in enumerate(scores.coords.tolist()):
+        x1, y1 = x + size0, y + size0
+        feats.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon",
+                         "coordinates": [[[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]]},
+            "properties": {"objectType": "tile", "isLocked": True,
+                           "measurements": {"attention": _finite(scores.attention[i]),
+                                            "inversion": _finite(scores.inversion[i]),
+                                            "score": _finite(scores.score[i])}},
+        })
+    return {"type": "FeatureCollection", "features": feats}
+
+
+def write_geojson(path: str | Path, scores: PatchScores, size0: float) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(qupath_geojson(scores, size0)))
+
+
+def write_ome_tiff(path: str | Path, scores: PatchScores, size0: float, stride0: float,
+                   slide_size: tuple[int, int], mpp: float, name: str = "score",
+                   tile: int = 512) -> None:
+    """Pyramidal RGB OME-TIFF of the heatmap at the slide's level-0 size and mpp."""
+    import tifffile
+
+    width, height = slide_size
+    cell = max(1.0, float(stride0))
+    shape = (int(math.ceil(height / cell)), int(math.ceil(width / cell)))
+    mean, covered = score_raster(scores.coords, scores.get(name), size0, shape, cell)
+    rgb_cells = colourise(mean, covered)[..., :3].copy()
+    rgb_cells[~covered] = 0
+    levels = [1]
+    while max(width, height) / levels[-1] > 2048:
+        levels.append(levels[-1] * 4)
+
+    def tiles(ds):
+        lw, lh = max(1, width // ds), max(1, height // ds)
+        for ty in range(0, lh, tile):
+            rows = np.clip(((np.arange(ty, ty + tile) + 0.5) * ds / cell).astype(int), 0, shape[0] - 1)
+            for tx in range(0, lw, tile):
+                cols = np.clip(((np.arange(tx, tx + tile) + 0.5) * ds / cell).astype(int), 0,
+                               shape[1] - 1)
+                yield rgb_cells[np.ix_(rows, cols)]
+
+    meta = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm",
+            "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm", "Name": f"wsi-mil {name} heatmap"}
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=width * height > 2**31, ome=True) as tif:
+        opts = dict(tile=(tile, tile), photometric="rgb", compression="zlib", dtype=np.uint8)
+        tif.write(tiles(1), shape=(height, width, 3), subifds=len(levels) - 1, metadata=meta,
+                  resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER", **opts)
+        for ds in levels[1:]:
+            tif.write(tiles(ds), shape=(max(1, height // ds), max(1, width // ds), 3),
+                      subfiletype=1, resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)),
+                      resolutionunit="CENTIMETER", **opts)
+
+
+def write_dzi(image: np.ndarray, folder: Path, fmt: str = "jpg", tile: int = 254,
+              overlap: int = 1) -> dict:
+    """Deep Zoom pyramid of an RGB(A) image into `folder/<level>/<col>_<row>.<fmt>`.
+
+    Returns the inline tile-source description OpenSeadragon takes (no XHR needed on file://).
+    """
+    h, w = image.shape[:2]
+    max_level = int(math.ceil(math.log2(max(w, h, 1))))
+    img = image
+    for level in range(max_level, -1, -1):
+        lw, lh = img.shape[1], img.shape[0]
+        d = folder / str(level)
+        d.mkdir(parents=True, exist_ok=True)
+        for row in range(int(math.ceil(lh / tile))):
+            for col in range(int(math.ceil(lw / tile))):
+                x0, y0 = max(col * tile - overlap, 0), max(row * tile - overlap, 0)
+                x1, y1 = min((col + 1) * tile + overlap, lw), min((row + 1) * tile + overlap, lh)
+                crop = img[y0:y1, x0:x1]
+                if fmt == "jpg":
+                    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR),
+                                           [cv2.IMWRITE_JPEG_QUALITY, 85])
+                else:
+                    ok, buf = cv2.imencode(".png", cv2.cvtColor(crop, cv2.COLOR_RGBA2BGRA))
+                (d / f"{col}_{row}.{fmt}").write_bytes(buf.tobytes())
+        if level:
+            img = cv2.resize(img, (max(1, (lw + 1) // 2), max(1, (lh + 1) // 2)),
+                             interpolation=cv2.INTER_AREA)
+    return {"Image": {"xmlns": "http://schemas.microsoft.com/deepzoom/2008",
+                      "Url": f"{folder.name}/", "Format": fmt, "Overlap": str(overlap),
+                      "TileSize": str(tile), "Size": {"Width": str(w), "Height": str(h)}}}
+
+
+VIEWER_HTML = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>wsi-mil: {title}</title>
+<style>
+body {{ margin: 0; font-family: system-ui, sans-serif; display: flex; height: 100vh; }}
+#viewer {{ flex: 1; background: #222; }}
+#side {{ width: 280px; padding: 10px; overflow-y: auto; background: #f6f6f6; font-size: 13px; }}
+#side img {{ width: 80px; height: 80px; margin: 2px; cursor: pointer; border: 2px solid #ccc; }}
+.bar {{ height: 12px; background: linear-gradient(to right, #00008f, #00f, #0ff, #ff0, #f00, #800000); }}
+</style></head>
+<body><div id="viewer"></div><div id="side">
+<h3 style="margin-top:0">{title}</h3>
+<p>Prediction: <b>{prediction}</b> (p = {probability:.3f})</p>
+<label>Score <select id="score">{options}</select></label><br><br>
+<label>Overlay opacity <input id="opacity" type="range" min="0" max="1" step="0.05" value="0.5"></label>
+<div class="bar"></div><div style="display:flex;justify-content:space-between"><span>low</span><span>high</span></div>
+<p>Top {k} patches by the selected score (click to zoom):</p><div id="gallery"></div>
+<p id="status">loading</p><pre id="errors"></pre></div>
+<script>
+window.onerror = function (m) {{ document.getElementById('errors').textContent += m + '\\n'; }};
+</script>
+<script src="{folder}/openseadragon.min.js"></script>
+<script>
+const data = {data};
+const viewer = OpenSeadragon({{ id: 'viewer', tileSources: [data.slide], drawer: 'canvas',
+  showNavigationControl: false, crossOriginPolicy: false, maxZoomPixelRatio: 4 }});
+let overlay = null;
+function showScore(name) {{
+  const opacity = parseFloat(document.getElementById('opacity').value);
+  if (overlay) {{ viewer.world.removeItem(overlay); overlay = null; }}
+  viewer.addTiledImage({{ tileSource: data.overlays[name], opacity: opacity,
+    success: function (e) {{ overlay = e.item; document.getElementById('status').textContent = 'loaded ' + name; }} }});
+  const g = document.getElementById('gallery'); g.innerHTML = '';
+  data.top[name].forEach(function (p) {{
+    const im = document.createElement('img'); im.src = p.src;
+    im.title = name + ' ' + p.value.toFixed(3);
+    im.onclick = function () {{ viewer.viewport.fitBounds(new OpenSeadragon.Rect(p.x, p.y, p.w, p.w)); }};
+    g.appendChild(im);
+  }});
+}}
+viewer.addHandler('open', function () {{ showScore(document.getElementById('score').value); }});
+document.getElementById('score').onchange = function (e) {{ showScore(e.target.value); }};
+document.getElementById('opacity').oninput = function (e) {{ if (overlay) overlay.setOpacity(parseFloat(e.target.value)); }};
+</script></body></html>
+"""
+
+
+def write_viewer(html_path: str | Path, slide_rgb: np.ndarray, view_px_level0: float,
+                 scores: PatchScores, size0: float, tissue_mask: np.ndarray | None,
+                 title: str, prediction: str, k: int = 12) -> Path:
+    """The HTML viewer plus its tile folder `<name>_viewer/` next to it."""
+    html_path = Path(html_path)
+    folder = html_path.with_name(html_path.stem + "_viewer")
+    tmp_folder = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp_folder, ignore_errors=True)
+    tmp_folder.mkdir(parents=True)
+    shutil.copy(STATIC / "openseadragon.min.js", tmp_folder)
+    shutil.copy(STATIC / "OPENSEADRAGON_LICENSE.txt", tmp_folder)
+    h, w = slide_rgb.shape[:2]
+    slide_src = write_dzi(slide_rgb, tmp_folder / "slide_files")
+    overlays, top = {}, {}
+    (tmp_folder / "top").mkdir()
+    for name in SCORE_NAMES:
+        mean, covered = score_raster(scores.coords, scores.get(name), size0, (h, w), view_px_level0)
+        show = covered if tissue_mask is None else covered & tissue_mask
+        overlays[name] = write_dzi(colourise(mean, show), tmp_folder / f"{name}_files", fmt="png")
+        order = np.argsort(-scores.get(name))[:k]
+        items = []
+        for rank, i in enumerate(order):
+            x, y = scores.coords[i]
+            x0, y0 = int(x / view_px_level0), int(y / view_px_level0)
+            s = max(2, int(size0 / view_px_level0))
+            crop = slide_rgb[y0 : y0 + s, x0 : x0 + s]
+            crop = cv2.resize(crop, (96, 96), interpolation=cv2.INTER_AREA)
+            fname = f"top/{name}_{rank}.jpg"
+            cv2.imwrite(str(tmp_folder / fname), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+            items.append({"src": f"{folder.name}/{fname}", "x": float(x / view_px_level0 / w),
+                          "y": float(y / view_px_level0 / w), "w": float(size0 / view_px_level0 / w),
+                          "value": float(scores.get(name)[i])})
+        top[name] = items
+    for src in [slide_src, *overlays.values()]:  # URLs relative to the HTML file
+        src["Image"]["Url"] = f"{folder.name}/{src['Image']['Url']}"
+    data = {"slide": slide_src, "overlays": overlays, "top": top}
+    options = "".join(f'<option value="{n}"{" selected" if n == "score" else ""}>'
+                      f'{"combined" if n == "score" else n}</option>' for n in SCORE_NAMES)
+    html = VIEWER_HTML.format(title=title, prediction=prediction, probability=float(scores.prob.max()),
+                              options=options, k=k, folder=folder.name, data=json.dumps(data))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp_folder.rename(folder)
+    with atomic_path(html_path) as tmp:
+        tmp.write_text(html)
+    return html_path

@@ -1,0 +1,92 @@
+"""Raster heatmaps from per-patch scores: overlapping patches averaged, tissue-only colour.
+
+Scores are splatted onto a grid of `px_level0` level-0 pixels per cell with 2-D difference
+arrays (vectorised box sums), so a patch contributes to every cell it covers and overlapping
+patches average.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from ..tissue import TissueMask
+
+
+def splat(coords: np.ndarray, values: np.ndarray, size0: float, shape: tuple[int, int],
+          px_level0: float) -> tuple[np.ndarray, np.ndarray]:
+    """(sum, count) rasters [h, w] of `values` over their level-0 patch boxes."""
+    h, w = shape
+    acc = np.zeros((h + 1, w + 1), np.float64)
+    cnt = np.zeros((h + 1, w + 1), np.float64)
+    x0 = np.clip(np.round(coords[:, 0] / px_level0).astype(int), 0, w)
+    y0 = np.clip(np.round(coords[:, 1] / px_level0).astype(int), 0, h)
+    x1 = np.clip(np.round((coords[:, 0] + size0) / px_level0).astype(int), 0, w)
+    y1 = np.clip(np.round((coords[:, 1] + size0) / px_level0).astype(int), 0, h)
+    for arr, v in ((acc, values.astype(np.float64)), (cnt, np.ones(len(values)))):
+        np.add.at(arr, (y0, x0), v)
+        np.add.at(arr, (y0, x1), -v)
+        np.add.at(arr, (y1, x0), -v)
+        np.add.at(arr, (y1, x1), v)
+    return acc.cumsum(0).cumsum(1)[:h, :w], cnt.cumsum(0).cumsum(1)[:h, :w]
+
+
+def score_raster(coords: np.ndarray, values: np.ndarray, size0: float, shape: tuple[int, int],
+                 px_level0: float, blur_px: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean score per cell and a coverage mask; optional normalised Gaussian blur."""
+    acc, cnt = splat(coords, np.nan_to_num(values, nan=0.0), size0, shape, px_level0)
+    covered = cnt > 0.5
+    if blur_px > 0:
+        acc = cv2.GaussianBlur(acc, (0, 0), blur_px)
+        cnt = cv2.GaussianBlur(cnt, (0, 0), blur_px)
+    mean = np.where(cnt > 1e-6, acc / np.maximum(cnt, 1e-6), 0.0)
+    return mean.astype(np.float32), covered
+
+
+def colourise(values: np.ndarray, alpha_mask: np.ndarray, cmap: str = "jet") -> np.ndarray:
+    """RGBA uint8 of values in [0, 1]; transparent where alpha_mask is False."""
+    import matplotlib
+
+    rgba = (matplotlib.colormaps[cmap](np.clip(values, 0, 1)) * 255).astype(np.uint8)
+    rgba[..., 3] = np.where(alpha_mask, 255, 0).astype(np.uint8)
+    return rgba
+
+
+def heatmap_overlay(thumb: np.ndarray, thumb_px_level0: float, coords: np.ndarray,
+                    values: np.ndarray, size0: float, tissue: TissueMask | None = None,
+                    blur: bool = True, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+    """The thumbnail with the heatmap blended in, coloured only over scored tissue."""
+    h, w = thumb.shape[:2]
+    blur_px = 0.5 * size0 / thumb_px_level0 if blur else 0.0
+    mean, covered = score_raster(coords, values, size0, (h, w), thumb_px_level0, blur_px)
+    show = covered
+    if tissue is not None and not tissue.is_empty:
+        show &= tissue.rasterize(w, h, thumb_px_level0).astype(bool)
+    rgba = colourise(mean, show, cmap)
+    a = (rgba[..., 3:4].astype(np.float32) / 255) * alpha
+    return (thumb.astype(np.float32) * (1 - a) + rgba[..., :3].astype(np.float32) * a).astype(np.uint8)
+
+
+def overlay_figure(overlay: np.ndarray, title: str, out_png, label: str = "score") -> None:
+    """Save the overlay with a colour bar and a title (predicted label and probability)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    from ..store import atomic_path
+
+    h, w = overlay.shape[:2]
+    fig_w = 8.0
+    fig, ax = plt.subplots(figsize=(fig_w, fig_w * h / w + 0.8))
+    ax.imshow(overlay)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(ScalarMappable(Normalize(0, 1), "jet"), ax=ax, fraction=0.03, pad=0.01,
+                 label=f"{label} (rank within slide; high = evidence for the prediction)")
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,87 @@
+"""Per-patch scores for a slide: model attention, sparse-inversion score, and their combination.
+
+Each score is rank-normalised within the slide (to (0, 1]) so that scores from different
+models, folds and scales can be averaged; the combined score is
+(1 - w) * rank(attention) + w * rank(inversion). With a fold ensemble, each fold's scores
+are rank-normalised and then averaged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from ..models import MILModel
+from .inversion import DEFAULTS, sparse_inversion
+
+SCORE_NAMES = ("attention", "inversion", "score")
+
+
+def rank_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.nan_to_num(np.asarray(x, np.float64), nan=0.0)
+    if len(x) == 0:
+        return x
+    return rankdata(x, method="average") / len(x)
+
+
+@dataclass
+class PatchScores:
+    coords: np.ndarray  # [N, 2] level-0 top-left
+    attention: np.ndarray
+    inversion: np.ndarray
+    score: np.ndarray  # combined
+    prob: np.ndarray  # [C] slide-level probability (mean over models)
+    predicted: int
+    size0: float = 256.0  # patch side in level-0 pixels
+
+    def get(self, name: str) -> np.ndarray:
+        return {"attention": self.attention, "inversion": self.inversion, "score": self.score,
+                "combined": self.score}[name]
+
+    def save(self, path: str | Path) -> None:
+        """HDF5 (`.h5`) or CSV, atomically."""
+        from ..store import atomic_path
+
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            if path.suffix == ".csv":
+                import pandas as pd
+
+                pd.DataFrame({"x": self.coords[:, 0], "y": self.coords[:, 1],
+                              "attention": self.attention, "inversion": self.inversion,
+                              "score": self.score}).to_csv(tmp, index=False)
+            else:
+                import h5py
+
+                with h5py.File(tmp, "w") as f:
+                    f.create_dataset("coords", data=self.coords)
+                    for name in SCORE_NAMES:
+                        f.create_dataset(name, data=self.get(name).astype(np.float32))
+                    f.attrs["prob"] = self.prob
+                    f.attrs["predicted"] = self.predicted
+                    f.attrs["patch_size_level0"] = self.size0
+
+
+def score_bag(models: list[MILModel], features: torch.Tensor, coords: torch.Tensor,
+              inversion_weight: float = 0.5, target: int | None = None,
+              **inversion_kw) -> PatchScores:
+    """Attention + inversion scores averaged over `models` (e.g. the folds of a run)."""
+    kw = {**{k: v for k, v in DEFAULTS.items()}, **inversion_kw}
+    with torch.no_grad():
+        probs = [torch.softmax(m.eval()(features, coords).logits, -1).cpu().numpy() for m in models]
+    prob = np.mean(probs, axis=0)
+    predicted = int(prob.argmax()) if target is None else target
+    att, inv = [], []
+    for m in models:
+        with torch.no_grad():
+            att.append(rank_normalise(m(features, coords).instance_scores.cpu().numpy()))
+        res = sparse_inversion(m, features, coords, predicted, **kw)
+        inv.append(rank_normalise(res.scores.cpu().numpy()))
+    attention, inversion = np.mean(att, 0), np.mean(inv, 0)
+    combined = (1 - inversion_weight) * rank_normalise(attention) + inversion_weight * rank_normalise(inversion)
+    return PatchScores(coords.cpu().numpy().astype(np.int64), attention, inversion, combined,
+                       prob, predicted)
