@@ -1,0 +1,1 @@
+"""Label builders for public cohorts (used by pipelines/<dataset>/)."""
