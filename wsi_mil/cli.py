@@ -154,7 +154,8 @@ def extract(slides: Slides, out: Out, mpp: Mpp = None, config: Config = None,
             dtype: Annotated[Optional[str], typer.Option(help="float32 or float16 features")] = None,
             compile: Annotated[Optional[str], typer.Option("--compile", help="torch.compile: auto, on, off")] = None,
             tissue_geojson: TissueGeo = None, overwrite: Overwrite = False,
-            fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failing slide")] = False):
+            fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failing slide")] = False,
+            cluster: Annotated[Optional[str], typer.Option(help="Dask cluster: local:N, tcp://host:8786 or slurm:CONFIG.yaml")] = None):
     """Segment, tile and encode slides: writes features/<encoder>/<slide>.h5 (CLAM layout)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -173,6 +174,9 @@ def extract(slides: Slides, out: Out, mpp: Mpp = None, config: Config = None,
     e = cfg.extract
     entries = collect_slides(slides, mpp)
     layout = Layout(out)
+    if cluster:
+        _extract_on_cluster(cluster, entries, layout, cfg, overwrite, tissue_geojson)
+        return
     runners = []
 
     def get_runner():  # built on first need, so a fully done cohort needs no weights
@@ -212,6 +216,36 @@ def extract(slides: Slides, out: Out, mpp: Mpp = None, config: Config = None,
     _report(manifest, "extract")
 
 
+def _extract_on_cluster(spec, entries, layout, cfg, overwrite, tissue_geojson) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from .cluster import extract_on_cluster, make_client
+    from .store import Manifest
+
+    manifest = Manifest(layout.manifest("extract"))
+    todo = [e for e in entries
+            if overwrite or not layout.features(cfg.extract.encoder, e.name).exists()]
+    for e in entries:
+        if e not in todo and e.name not in manifest.rows:
+            manifest.record(e.name, "skipped")
+    with make_client(spec) as client, Progress(TextColumn("{task.description}"), BarColumn(),
+                                               MofNCompleteColumn(), console=console) as bar:
+        task = bar.add_task(f"slides on {spec}", total=len(todo))
+
+        def done(name, result):
+            if isinstance(result, Exception):
+                manifest.record(name, "failed", error=str(result))
+                log.error("%s: %s", name, result)
+            else:
+                note = (f"succeeded on attempt {result['attempts']} (a worker died)"
+                        if result["attempts"] > 1 else "")
+                manifest.record(name, "ok", result["patches"], result["seconds"], note)
+            bar.advance(task)
+
+        extract_on_cluster(client, todo, layout.out, cfg, overwrite, tissue_geojson, done)
+    _report(manifest, "extract")
+
+
 def _model_list(model: str | None, models: str | None, default: str) -> list[str]:
     names = models or model or default
     return [m.strip() for m in names.split(",") if m.strip()]
@@ -233,7 +267,8 @@ def crossval(features: Annotated[Path, typer.Option(help="Folder of <slide>.h5 f
              max_instances: Annotated[Optional[int], typer.Option(help="Sample at most this many instances per training bag")] = None,
              device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda")] = None,
              config: Config = None,
-             allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Skip labelled slides without features (and vice versa)")] = False):
+             allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Skip labelled slides without features (and vice versa)")] = False,
+             cluster: Annotated[Optional[str], typer.Option(help="Dask cluster for parallel folds: local:N, tcp://host:8786 or slurm:CONFIG.yaml")] = None):
     """k-fold training + held-out test + majority-vote ensemble; writes report.md."""
     from .config import load_config
     from .training.crossval import run_crossval
@@ -242,8 +277,16 @@ def crossval(features: Annotated[Path, typer.Option(help="Folder of <slide>.h5 f
                                          patience=patience, lr=lr, seed=seed, device=device,
                                          max_instances=max_instances))
     names = _model_list(model, models, cfg.train.model)
-    run_crossval(features, labels, out, cfg.train, names, allow_missing,
-                 progress=lambda msg: console.print(f"[cyan]crossval[/cyan] {msg}", highlight=False))
+    def progress(msg):
+        console.print(f"[cyan]crossval[/cyan] {msg}", highlight=False)
+
+    if cluster:
+        from .cluster import make_client
+
+        with make_client(cluster) as client:
+            run_crossval(features, labels, out, cfg.train, names, allow_missing, progress, client)
+    else:
+        run_crossval(features, labels, out, cfg.train, names, allow_missing, progress)
     console.print((out / "report.md").read_text(), highlight=False, markup=False)
 
 

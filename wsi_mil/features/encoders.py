@@ -177,11 +177,18 @@ def create_encoder(name: str, weights: str | Path | None = None,
                    random_weights: bool = False) -> Encoder:
     """Build an encoder by registry name, `timm:<name>` or `hf-hub:<repo>`, in eval mode."""
     if name in ENCODERS:
-        enc = ENCODERS[name](weights=weights, random_weights=random_weights)
+        build = ENCODERS[name]
     elif name.startswith("timm:"):
-        enc = _timm(name[len("timm:"):], weights, random_weights)
+        def build(**kw):
+            return _timm(name[len("timm:"):], **kw)
     elif name.startswith("hf-hub:"):
-        enc = _timm(name, weights, random_weights)
+        def build(**kw):
+            return _timm(name, **kw)
     else:
         raise WsiMilError(f"unknown encoder {name!r}; choose one of {', '.join(list_encoders())}")
+    # Random weights are seeded, so every process (cluster workers, a later heatmap run)
+    # builds the same encoder and features stay comparable.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        enc = build(weights=weights, random_weights=random_weights)
     return enc.eval()

@@ -94,43 +94,52 @@ def _plots(model_dir: Path, y: np.ndarray | None, mean_prob: np.ndarray | None,
     plt.close(fig)
 
 
-def run_model(model_name: str, splits: pd.DataFrame, cohort: Cohort, cfg: TrainConfig,
-              out: Path, device: torch.device,
-              progress: Callable[[str], None] | None = None) -> dict:
-    """All folds of one model (resuming finished ones), then the test ensemble and metrics."""
+def _datasets(df: pd.DataFrame, cfg: TrainConfig, training: bool) -> BagDataset:
+    return BagDataset(df.path.tolist(), df.label.tolist(), cfg.preload,
+                      cfg.max_instances if training else None, cfg.seed)
+
+
+def train_one_fold(model_name: str, splits: pd.DataFrame, classes: list[str], cfg: TrainConfig,
+                   out: Path, k: int, device: torch.device | str = "cpu",
+                   progress: Callable[[str], None] | None = None) -> Path:
+    """Train fold k of one model and write its folder (skipped when already done)."""
+    device = torch.device(device)
+    fold_dir = Path(out) / model_name / f"fold_{k}"
+    if _fold_done(fold_dir):
+        return fold_dir
+    train_df = splits[splits.split == "train"]
+    n_folds = train_df.fold.nunique()
+    if progress:
+        progress(f"{model_name} fold {k + 1}/{n_folds}")
+    tr, va = train_df[train_df.fold != k], train_df[train_df.fold == k]
+    train_ds, val_ds = _datasets(tr, cfg, True), _datasets(va, cfg, False)
+    res = train_fold(model_name, cfg.model_kwargs, train_ds, val_ds, len(classes), cfg,
+                     cfg.seed * 100 + int(k), device,
+                     on_epoch=(lambda r: progress(f"{model_name} fold {k + 1} epoch "
+                                                  f"{r['epoch']} val AUC {r['val_auc']:.3f}"))
+                     if progress else None)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(res.history).to_csv(fold_dir / "history.csv", index=False)
+    _write_json(fold_dir / "val_metrics.json", {**res.val_metrics, "best_epoch": res.best_epoch})
+    ckpt = {"model": model_name, "kwargs": cfg.model_kwargs, "in_dim": train_ds.in_dim,
+            "n_classes": len(classes), "classes": classes, "state_dict": res.state_dict,
+            "threshold": res.threshold}
+    with atomic_path(fold_dir / "model.pt") as tmp:
+        torch.save(ckpt, tmp)
+    _write_json(fold_dir / "threshold.json", {"threshold": res.threshold})  # marks the fold done
+    return fold_dir
+
+
+def summarise_model(model_name: str, splits: pd.DataFrame, cohort: Cohort, cfg: TrainConfig,
+                    out: Path, device: torch.device) -> dict:
+    """Test-set ensemble, metrics, predictions and plots from a model's finished folds."""
     model_dir = out / model_name
-    n_classes = len(cohort.classes)
     train_df = splits[splits.split == "train"]
     test_df = splits[splits.split == "test"]
-    folds = sorted(train_df.fold.unique())
-
-    def dataset(df, training):
-        return BagDataset(df.path.tolist(), df.label.tolist(), cfg.preload,
-                          cfg.max_instances if training else None, cfg.seed)
-
+    test_ds = _datasets(test_df, cfg, False) if len(test_df) else None
     fold_probs, thresholds, fold_val, histories = [], [], [], []
-    test_ds = dataset(test_df, False) if len(test_df) else None
-    for k in folds:
+    for k in sorted(train_df.fold.unique()):
         fold_dir = model_dir / f"fold_{k}"
-        if not _fold_done(fold_dir):
-            if progress:
-                progress(f"{model_name} fold {k + 1}/{len(folds)}")
-            tr, va = train_df[train_df.fold != k], train_df[train_df.fold == k]
-            train_ds, val_ds = dataset(tr, True), dataset(va, False)
-            res = train_fold(model_name, cfg.model_kwargs, train_ds, val_ds, n_classes, cfg,
-                             cfg.seed * 100 + int(k), device,
-                             on_epoch=(lambda r: progress(f"{model_name} fold {k + 1} epoch "
-                                                          f"{r['epoch']} val AUC {r['val_auc']:.3f}"))
-                             if progress else None)
-            fold_dir.mkdir(parents=True, exist_ok=True)
-            pd.DataFrame(res.history).to_csv(fold_dir / "history.csv", index=False)
-            _write_json(fold_dir / "val_metrics.json", {**res.val_metrics, "best_epoch": res.best_epoch})
-            ckpt = {"model": model_name, "kwargs": cfg.model_kwargs, "in_dim": train_ds.in_dim,
-                    "n_classes": n_classes, "classes": cohort.classes, "state_dict": res.state_dict,
-                    "threshold": res.threshold}
-            with atomic_path(fold_dir / "model.pt") as tmp:
-                torch.save(ckpt, tmp)
-            _write_json(fold_dir / "threshold.json", {"threshold": res.threshold})  # marks done
         model, ckpt = load_fold_model(fold_dir, device)
         thresholds.append(ckpt["threshold"])
         fold_val.append(json.loads((fold_dir / "val_metrics.json").read_text()))
@@ -160,6 +169,15 @@ def run_model(model_name: str, splits: pd.DataFrame, cohort: Cohort, cfg: TrainC
     _write_json(model_dir / "metrics.json", result)
     _plots(model_dir, y, mean_prob, histories, cohort.classes)
     return result
+
+
+def run_model(model_name: str, splits: pd.DataFrame, cohort: Cohort, cfg: TrainConfig,
+              out: Path, device: torch.device,
+              progress: Callable[[str], None] | None = None) -> dict:
+    """All folds of one model (resuming finished ones), then the test ensemble and metrics."""
+    for k in sorted(splits[splits.split == "train"].fold.unique()):
+        train_one_fold(model_name, splits, cohort.classes, cfg, out, int(k), device, progress)
+    return summarise_model(model_name, splits, cohort, cfg, out, device)
 
 
 def _fmt(v, ci=None) -> str:
@@ -199,8 +217,10 @@ def write_report(out: Path, results: list[dict], splits: pd.DataFrame, cfg: Trai
 
 def run_crossval(features_dir: str | Path, labels_csv: str | Path, out: str | Path,
                  cfg: TrainConfig, models: list[str], allow_missing: bool = False,
-                 progress: Callable[[str], None] | None = None) -> list[dict]:
-    """The whole protocol for each model on the same splits; returns per-model results."""
+                 progress: Callable[[str], None] | None = None, client=None) -> list[dict]:
+    """The whole protocol for each model on the same splits; returns per-model results.
+
+    With a Dask `client`, folds (and models) train in parallel on its workers."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cohort = load_labels(labels_csv, features_dir, allow_missing)
@@ -223,6 +243,10 @@ def run_crossval(features_dir: str | Path, labels_csv: str | Path, out: str | Pa
     for m in models:
         create_model(m, 8, len(cohort.classes), **cfg.model_kwargs)  # fail fast on bad names
     device = _device(cfg.device)
+    if client is not None:  # every (model, fold) as one task; the summary is computed here
+        from ..cluster import run_folds_on_cluster
+
+        run_folds_on_cluster(client, models, splits, cohort.classes, cfg, out, progress)
     results = [run_model(m, splits, cohort, cfg, out, device, progress) for m in models]
     write_report(out, results, splits, cfg)
     return results
