@@ -25,15 +25,26 @@ def main():
     slides = CACHE / "cluster8"
     for i in range(8):
         if not (slides / f"s{i}.tif").exists():
-            write_synthetic_slide(slides / f"s{i}.tif", 4000, 3000, 0.5, tumour_regions=i % 2,
-                                  seed=40 + i)
+            write_synthetic_slide(slides / f"s{i}.tif", 4000, 3000, 0.5, tumour_regions=i % 2, seed=40 + i)
     for spec in ("in-process", "local:1", "local:2"):
         times = []
         for _ in range(args.runs):
             out = CACHE / "cluster_out"
             shutil.rmtree(out, ignore_errors=True)
-            cmd = [sys.executable, "-m", "wsi_mil.cli", "extract", str(slides), "--out", str(out),
-                   "--encoder", args.encoder, "--random-weights", "--workers", "0"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "wsi_mil.cli",
+                "extract",
+                str(slides),
+                "--out",
+                str(out),
+                "--encoder",
+                args.encoder,
+                "--random-weights",
+                "--workers",
+                "0",
+            ]
             if spec != "in-process":
                 cmd += ["--cluster", spec]
             t0 = time.perf_counter()

@@ -38,8 +38,11 @@ def camelyon_scale_bags(n_bags=270, n=8000, dim=1024):
         if p.exists():
             continue
         with h5py.File(p, "w") as f:
-            f.create_dataset("features", data=rng.standard_normal((n, dim), np.float32).astype(np.float16),
-                             chunks=(1024, dim))
+            f.create_dataset(
+                "features",
+                data=rng.standard_normal((n, dim), np.float32).astype(np.float16),
+                chunks=(1024, dim),
+            )
             f.create_dataset("coords", data=np.stack([np.arange(n) % 90, np.arange(n) // 90], 1) * 256)
     return sorted(d.glob("*.h5"))
 
@@ -83,14 +86,15 @@ def main():
             n = 270 if whole else 27
             total, load = epoch_seconds(name, ds, n)
             scale = 270 / n
-            print(f"{name:10s} {total * scale:9.1f} {load / total:10.1%}{'' if whole else ' *'}",
-                  flush=True)
+            print(f"{name:10s} {total * scale:9.1f} {load / total:10.1%}{'' if whole else ' *'}", flush=True)
         total, load = epoch_seconds("abmil", lazy, 54)
         print(f"abmil, lazy h5 reads (no preload): {total * 5:.1f} s/epoch, load share {load / total:.1%}")
     if not args.skip_auc:
         tmp = Path(tempfile.mkdtemp())
-        cohorts = {"tests' cohort (3-8 keys, strength 4)": dict(strength=4.0),
-                   "harder (1-3 keys, strength 2.5)": dict(strength=2.5, n_key=(1, 3))}
+        cohorts = {
+            "tests' cohort (3-8 keys, strength 4)": dict(strength=4.0),
+            "harder (1-3 keys, strength 2.5)": dict(strength=2.5, n_key=(1, 3)),
+        }
         cfg = TrainConfig(folds=3, test_frac=0.25, epochs=30, patience=10, lr=5e-4, bootstrap=200)
         print(f"\n{'model':10s} " + " ".join(f"{k:>38s}" for k in cohorts))
         results = {}

@@ -92,8 +92,12 @@ def main():
         g = grid_for(path, args.n_large)
         gb = grid_for(path, args.n_baseline)
         print(f"-- {name}")
-        run("CLAM-style baseline (fp32, 1 read/patch)", lambda: clam_baseline(path, gb, enc),
-            len(gb), args.runs)
+        run(
+            "CLAM-style baseline (fp32, 1 read/patch)",
+            lambda: clam_baseline(path, gb, enc),
+            len(gb),
+            args.runs,
+        )
         for compile_mode, precision in (("off", "fp32"), ("off", "auto"), ("on", "auto")):
             runner = EncoderRunner(enc, args.device, precision, compile_mode)
             runner.maybe_compile(len(g))
@@ -108,8 +112,12 @@ def main():
                 out.unlink(missing_ok=True)
                 extract_features(path, g, runner, out, cfg)
 
-            run(f"wsi-mil {runner.precision_name} compile={compile_mode} workers={args.workers}",
-                go, len(g), args.runs)
+            run(
+                f"wsi-mil {runner.precision_name} compile={compile_mode} workers={args.workers}",
+                go,
+                len(g),
+                args.runs,
+            )
         # fidelity of the fast path vs fp32
         from wsi_mil.store import read_features
 

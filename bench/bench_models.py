@@ -22,7 +22,12 @@ def one(name: str, n: int, runs: int) -> dict:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model = create_model(name, 1024, 2).train()
     x = torch.randn(n, 1024)
-    coords = torch.stack(torch.meshgrid(torch.arange(250), torch.arange(250), indexing="ij"), -1).reshape(-1, 2)[:n] * 256
+    coords = (
+        torch.stack(torch.meshgrid(torch.arange(250), torch.arange(250), indexing="ij"), -1).reshape(-1, 2)[
+            :n
+        ]
+        * 256
+    )
     y = torch.tensor(1)
     times = []
     for _ in range(runs + 1):
@@ -32,8 +37,13 @@ def one(name: str, n: int, runs: int) -> dict:
         model.zero_grad()
         times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"model": name, "n": n, "seconds": statistics.median(times[1:]),
-            "peak_gib": peak / 2**20, "delta_gib": (peak - base) / 2**20}
+    return {
+        "model": name,
+        "n": n,
+        "seconds": statistics.median(times[1:]),
+        "peak_gib": peak / 2**20,
+        "delta_gib": (peak - base) / 2**20,
+    }
 
 
 def main():
@@ -50,8 +60,11 @@ def main():
     print(f"{'model':10s} {'N':>7s} {'fwd+bwd s':>10s} {'peak RSS GiB':>13s}")
     for name in list_models():
         for n in args.sizes:
-            r = subprocess.run([sys.executable, __file__, "--one", name, str(n), "--runs",
-                                str(args.runs)], capture_output=True, text=True)
+            r = subprocess.run(
+                [sys.executable, __file__, "--one", name, str(n), "--runs", str(args.runs)],
+                capture_output=True,
+                text=True,
+            )
             if r.returncode:
                 print(f"{name:10s} {n:7d} failed: {r.stderr.strip().splitlines()[-1]}")
                 continue

@@ -10,12 +10,13 @@ runner = CliRunner()
 
 def test_tile_command_writes_outputs_manifest_and_resumes(tmp_path, synthetic_slide):
     out = tmp_path / "out"
-    r = runner.invoke(app, ["tile", str(synthetic_slide.path), "--out", str(out),
-                            "--target-mpp", "0.5", "--patch-size", "256"])
+    r = runner.invoke(
+        app,
+        ["tile", str(synthetic_slide.path), "--out", str(out), "--target-mpp", "0.5", "--patch-size", "256"],
+    )
     assert r.exit_code == 0, r.output
     name = synthetic_slide.path.stem
-    for p in (f"tissue/{name}.geojson", f"tissue/{name}.png", f"patches/{name}.h5",
-              f"patches/{name}.png"):
+    for p in (f"tissue/{name}.geojson", f"tissue/{name}.png", f"patches/{name}.h5", f"patches/{name}.png"):
         assert (out / p).exists(), p
     rows = list(csv.DictReader(open(out / "manifest_tile.csv")))
     assert rows[0]["status"] == "ok" and int(rows[0]["patches"]) > 0
@@ -68,11 +69,21 @@ def test_user_geojson_replaces_segmentation(tmp_path, synthetic_slide):
     from wsi_mil.tissue import polygons_to_geojson
 
     gj = tmp_path / "roi.geojson"
-    gj.write_text(json.dumps(polygons_to_geojson(MultiPolygon([box(0, 0, 1024, 1024)]), "Tissue",
-                                                 (0, 0, 0))))
+    gj.write_text(json.dumps(polygons_to_geojson(MultiPolygon([box(0, 0, 1024, 1024)]), "Tissue", (0, 0, 0))))
     out = tmp_path / "out"
-    r = runner.invoke(app, ["tile", str(synthetic_slide.path), "--out", str(out),
-                            "--tissue-geojson", str(gj), "--min-tissue", "0.05"])
+    r = runner.invoke(
+        app,
+        [
+            "tile",
+            str(synthetic_slide.path),
+            "--out",
+            str(out),
+            "--tissue-geojson",
+            str(gj),
+            "--min-tissue",
+            "0.05",
+        ],
+    )
     assert r.exit_code == 0, r.output
     from wsi_mil.store import read_patches
 

@@ -8,7 +8,6 @@ import sys
 import time
 
 import h5py
-import numpy as np
 import pytest
 import torch
 
@@ -16,8 +15,17 @@ pytest.importorskip("dask.distributed")
 
 from wsi_mil.synthetic import make_feature_cohort, write_synthetic_slide  # noqa: E402
 
-EXTRACT = ["--encoder", "resnet18", "--random-weights", "--target-mpp", "1.0", "--patch-size",
-           "128", "--workers", "0"]
+EXTRACT = [
+    "--encoder",
+    "resnet18",
+    "--random-weights",
+    "--target-mpp",
+    "1.0",
+    "--patch-size",
+    "128",
+    "--workers",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +37,9 @@ def slides(tmp_path_factory):
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "wsi_mil.cli", *args], capture_output=True,
-                          text=True, timeout=900, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "wsi_mil.cli", *args], capture_output=True, text=True, timeout=900, env=env
+    )
 
 
 def _features(folder):
@@ -41,8 +50,9 @@ def test_cluster_extraction_matches_local_byte_for_byte(tmp_path, slides):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count as each cluster worker
     r = _cli("extract", str(slides), "--out", str(tmp_path / "local"), *EXTRACT, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = _cli("extract", str(slides), "--out", str(tmp_path / "dask"), *EXTRACT,
-             "--cluster", "local:2", env=env)
+    r = _cli(
+        "extract", str(slides), "--out", str(tmp_path / "dask"), *EXTRACT, "--cluster", "local:2", env=env
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     a = _features(tmp_path / "local" / "features" / "resnet18")
     b = _features(tmp_path / "dask" / "features" / "resnet18")
@@ -62,10 +72,25 @@ def _descendants(pid):
 
 def test_worker_killed_mid_slide_is_survived(tmp_path, slides):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "wsi_mil.cli", "extract", str(slides),
-                             "--out", str(out), *EXTRACT, "--batch-size", "8", "--cluster",
-                             "local:2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "wsi_mil.cli",
+            "extract",
+            str(slides),
+            "--out",
+            str(out),
+            *EXTRACT,
+            "--batch-size",
+            "8",
+            "--cluster",
+            "local:2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     feats = out / "features" / "resnet18"
     deadline = time.time() + 300
     while time.time() < deadline and not list(feats.glob("*.h5.partial")):
@@ -95,13 +120,24 @@ def test_crossval_on_cluster_equals_local(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        local = run_crossval(tmp_path / "features", tmp_path / "labels.csv", tmp_path / "local",
-                             cfg, ["abmil", "psmil"])
+        local = run_crossval(
+            tmp_path / "features", tmp_path / "labels.csv", tmp_path / "local", cfg, ["abmil", "psmil"]
+        )
     finally:
         torch.set_num_threads(threads)
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None,
-                      env={"OMP_NUM_THREADS": "1"}) as cluster, Client(cluster) as client:
-        remote = run_crossval(tmp_path / "features", tmp_path / "labels.csv", tmp_path / "dask",
-                              cfg, ["abmil", "psmil"], client=client)
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, dashboard_address=None, env={"OMP_NUM_THREADS": "1"}
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        remote = run_crossval(
+            tmp_path / "features",
+            tmp_path / "labels.csv",
+            tmp_path / "dask",
+            cfg,
+            ["abmil", "psmil"],
+            client=client,
+        )
     assert local == remote
     assert (tmp_path / "local" / "report.md").read_text() == (tmp_path / "dask" / "report.md").read_text()

@@ -52,7 +52,8 @@ def test_label_mismatch_is_one_clear_error(tmp_path):
     make_feature_cohort(tmp_path, n_bags=10)
     df = pd.read_csv(tmp_path / "labels.csv")
     pd.concat([df.iloc[1:], pd.DataFrame([{"slide_id": "ghost", "label": 1}])]).to_csv(
-        tmp_path / "bad.csv", index=False)
+        tmp_path / "bad.csv", index=False
+    )
     with pytest.raises(WsiMilError, match="ghost.*bag_000|bag_000.*ghost"):
         load_labels(tmp_path / "bad.csv", tmp_path / "features")
     c = load_labels(tmp_path / "bad.csv", tmp_path / "features", allow_missing=True)
@@ -88,13 +89,21 @@ def test_vote_threshold_and_metrics_on_hand_made_predictions():
 def test_abmil_and_psmil_reach_high_test_auc_and_predict_works(cohort_dir, tmp_path):
     cfg = TrainConfig(folds=3, test_frac=0.25, **FAST)
     out = tmp_path / "run"
-    results = run_crossval(cohort_dir / "features", cohort_dir / "labels.csv", out, cfg,
-                           ["abmil", "psmil"])
+    results = run_crossval(cohort_dir / "features", cohort_dir / "labels.csv", out, cfg, ["abmil", "psmil"])
     for r in results:
         assert r["test"]["auc"] >= 0.95, r
-    for f in ("report.md", "splits.csv", "config.yaml", "classes.json", "abmil/predictions.csv",
-              "abmil/roc.png", "abmil/training_curves.png", "psmil/fold_0/model.pt",
-              "psmil/fold_2/threshold.json", "psmil/metrics.json"):
+    for f in (
+        "report.md",
+        "splits.csv",
+        "config.yaml",
+        "classes.json",
+        "abmil/predictions.csv",
+        "abmil/roc.png",
+        "abmil/training_curves.png",
+        "psmil/fold_0/model.pt",
+        "psmil/fold_2/threshold.json",
+        "psmil/metrics.json",
+    ):
         assert (out / f).exists(), f
     report = (out / "report.md").read_text()
     assert "| abmil |" in report and "| psmil |" in report and "[" in report
@@ -110,22 +119,38 @@ def test_abmil_and_psmil_reach_high_test_auc_and_predict_works(cohort_dir, tmp_p
 def test_random_labels_stay_near_chance(tmp_path):
     make_feature_cohort(tmp_path, n_bags=64, random_labels=True, seed=5)
     cfg = TrainConfig(folds=3, test_frac=0.5, **FAST)
-    r = run_crossval(tmp_path / "features", tmp_path / "labels.csv", tmp_path / "run", cfg,
-                     ["abmil"])[0]
+    r = run_crossval(tmp_path / "features", tmp_path / "labels.csv", tmp_path / "run", cfg, ["abmil"])[0]
     # held-out test is unbiased; a leak between splits would push it towards 1
     assert abs(r["test"]["auc"] - 0.5) < 0.2, r["test"]
 
 
 def test_killed_run_resumes_to_the_same_report(cohort_dir, tmp_path):
-    args = [sys.executable, "-m", "wsi_mil.cli", "crossval", "--features",
-            str(cohort_dir / "features"), "--labels", str(cohort_dir / "labels.csv"),
-            "--model", "abmil", "--folds", "3", "--epochs", "6", "--patience", "3",
-            "--seed", "2"]
+    args = [
+        sys.executable,
+        "-m",
+        "wsi_mil.cli",
+        "crossval",
+        "--features",
+        str(cohort_dir / "features"),
+        "--labels",
+        str(cohort_dir / "labels.csv"),
+        "--model",
+        "abmil",
+        "--folds",
+        "3",
+        "--epochs",
+        "6",
+        "--patience",
+        "3",
+        "--seed",
+        "2",
+    ]
     ref = tmp_path / "ref"
     subprocess.run(args + ["--out", str(ref)], check=True, capture_output=True, timeout=600)
     out = tmp_path / "killed"
-    proc = subprocess.Popen(args + ["--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        args + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     for line in proc.stdout:  # kill once fold 1 has started training (fold 0 is done)
         if "fold 2/3" in line or "fold 2 epoch" in line:
             proc.kill()

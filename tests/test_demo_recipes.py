@@ -35,16 +35,38 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     # `wsi-mil heatmap` on a slide without features: extracts with the run's encoder settings
     slide = sorted((out / "cohort" / "slides").glob("tumor_*.tif"))[0]
     hm = tmp_path / "hm"
-    r = CliRunner().invoke(app, ["heatmap", str(slide), "--run", str(out / "run"), "--out", str(hm),
-                                 "--overlap", "0.5", "--target", "tumor", "--no-viewer"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "heatmap",
+            str(slide),
+            "--run",
+            str(out / "run"),
+            "--out",
+            str(hm),
+            "--overlap",
+            "0.5",
+            "--target",
+            "tumor",
+            "--no-viewer",
+        ],
+    )
     assert r.exit_code == 0, r.output
     for suffix in ("_heatmap.png", ".geojson", "_heatmap.ome.tiff", "_scores.h5", "_scores.csv"):
         assert (hm / f"{slide.stem}{suffix}").exists(), suffix
     scores = pd.read_csv(hm / f"{slide.stem}_scores.csv")
     xs = sorted(scores.x.unique())
     assert xs[1] - xs[0] == 128  # 128 px at 1 um/px = 256 level-0 px at 0.5 um/px; half overlap
-    r = CliRunner().invoke(app, ["evaluate-localization", "--scores", str(hm), "--annotations",
-                                 str(out / "cohort" / "tumour_annotations")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "evaluate-localization",
+            "--scores",
+            str(hm),
+            "--annotations",
+            str(out / "cohort" / "tumour_annotations"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     loc = json.loads((hm / "localization.json").read_text())
     assert loc["pooled_patch_auc"]["score"] >= 0.9
@@ -52,13 +74,16 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
 
 def test_camelyon16_labels_from_fake_tree(tmp_path):
     root = tmp_path / "CAMELYON16"
-    for rel in ("training/normal/normal_001.tif", "training/normal/normal_002.tif",
-                "training/tumor/tumor_001.tif", "testing/images/test_001.tif",
-                "testing/images/test_002.tif"):
+    for rel in (
+        "training/normal/normal_001.tif",
+        "training/normal/normal_002.tif",
+        "training/tumor/tumor_001.tif",
+        "testing/images/test_001.tif",
+        "testing/images/test_002.tif",
+    ):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"")
-    (root / "testing" / "reference.csv").write_text(
-        "Test_001,Tumor,Macro,Yes\nTest_002,Normal,,\n")
+    (root / "testing" / "reference.csv").write_text("Test_001,Tumor,Macro,Yes\nTest_002,Normal,,\n")
     df = camelyon16.build_labels(root).set_index("slide_id")
     assert df.loc["normal_001", "label"] == "normal" and df.loc["tumor_001", "label"] == "tumor"
     assert df.loc["test_001", "label"] == "tumor" and df.loc["test_002", "label"] == "normal"
@@ -69,8 +94,10 @@ def test_camelyon16_labels_from_fake_tree(tmp_path):
 
 
 def test_tcga_labels_cases_from_barcodes(tmp_path):
-    names = {"TCGA-LUAD": ["TCGA-05-4244-01Z-00-DX1.abc.svs", "TCGA-05-4244-01Z-00-DX2.def.svs"],
-             "TCGA-LUSC": ["TCGA-18-3406-01Z-00-DX1.ghi.svs"]}
+    names = {
+        "TCGA-LUAD": ["TCGA-05-4244-01Z-00-DX1.abc.svs", "TCGA-05-4244-01Z-00-DX2.def.svs"],
+        "TCGA-LUSC": ["TCGA-18-3406-01Z-00-DX1.ghi.svs"],
+    }
     for project, files in names.items():
         for i, f in enumerate(files):
             p = tmp_path / project / f"uuid{i}" / f
@@ -84,7 +111,8 @@ def test_tcga_labels_cases_from_barcodes(tmp_path):
     # and the splits keep that patient together
     from wsi_mil.training.data import _stratified_group_folds
 
-    big = pd.concat([df.assign(slide_id=df.slide_id + f"_{k}", case_id=df.case_id + f"_{k}")
-                     for k in range(6)])
+    big = pd.concat(
+        [df.assign(slide_id=df.slide_id + f"_{k}", case_id=df.case_id + f"_{k}") for k in range(6)]
+    )
     folds = _stratified_group_folds(big.label.values, big.case_id.values, 3, 0)
     assert big.assign(fold=folds).groupby("case_id").fold.nunique().max() == 1

@@ -38,8 +38,18 @@ def test_features_match_encoder_on_single_reads(tmp_path, grid, runner):
     bag = read_features(out)
     np.testing.assert_array_equal(bag.coords, g.coords)
     assert bag.features.shape == (len(g), 512)
-    for key in ("patch_size", "patch_size_level0", "target_mpp", "level0_mpp", "encoder",
-                "encoder_dim", "wsi_mil_version", "slide_path", "created", "encoder_weights"):
+    for key in (
+        "patch_size",
+        "patch_size_level0",
+        "target_mpp",
+        "level0_mpp",
+        "encoder",
+        "encoder_dim",
+        "wsi_mil_version",
+        "slide_path",
+        "created",
+        "encoder_weights",
+    ):
         assert key in bag.attrs, key
     assert bag.attrs["encoder_weights"] == "random" and bag.attrs["patch_size_level0"] == 512
     with h5py.File(out) as f:
@@ -113,8 +123,7 @@ def test_resnet50_trunc_loads_torchvision_state_dict(tmp_path):
     tv = import_torchvision()
     torch.manual_seed(1)
     full = tv.models.resnet50(weights=None).eval()
-    torch.save({"state_dict": {f"module.{k}": v for k, v in full.state_dict().items()}},
-               tmp_path / "r50.pth")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in full.state_dict().items()}}, tmp_path / "r50.pth")
     enc = create_encoder("resnet50_trunc", weights=tmp_path / "r50.pth")
     assert enc.info.dim == 1024 and enc.info.weights.endswith("r50.pth")
     assert torch.equal(enc.net.layer3[0].conv1.weight, full.layer3[0].conv1.weight)
@@ -150,8 +159,7 @@ def test_missing_weights_give_clear_error(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(tv.models.ResNet50_Weights.IMAGENET1K_V1.__class__, "get_state_dict",
-                        offline)
+    monkeypatch.setattr(tv.models.ResNet50_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
     with pytest.raises(WsiMilError, match="--weights PATH.*--random-weights"):
         create_encoder("resnet50_trunc")
     with pytest.raises(WsiMilError, match="unknown encoder"):
@@ -159,9 +167,11 @@ def test_missing_weights_give_clear_error(tmp_path, monkeypatch):
 
 
 def test_compat_lets_timm_and_transforms_import_in_a_fresh_process():
-    code = ("from wsi_mil.features.compat import import_timm; timm = import_timm(); "
-            "import torchvision.transforms.v2 as T; m = timm.create_model('resnet18'); "
-            "print('ok', type(T.Resize(224)).__name__)")
+    code = (
+        "from wsi_mil.features.compat import import_timm; timm = import_timm(); "
+        "import torchvision.transforms.v2 as T; m = timm.create_model('resnet18'); "
+        "print('ok', type(T.Resize(224)).__name__)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "ok Resize"
@@ -173,8 +183,21 @@ def test_extract_cli_end_to_end(tmp_path, synthetic_slide):
     from wsi_mil.cli import app
 
     out = tmp_path / "out"
-    args = ["extract", str(synthetic_slide.path), "--out", str(out), "--encoder", "resnet18",
-            "--random-weights", "--target-mpp", "2.0", "--patch-size", "112", "--workers", "0"]
+    args = [
+        "extract",
+        str(synthetic_slide.path),
+        "--out",
+        str(out),
+        "--encoder",
+        "resnet18",
+        "--random-weights",
+        "--target-mpp",
+        "2.0",
+        "--patch-size",
+        "112",
+        "--workers",
+        "0",
+    ]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     name = synthetic_slide.path.stem
@@ -184,6 +207,7 @@ def test_extract_cli_end_to_end(tmp_path, synthetic_slide):
 
     row = next(csv.DictReader(open(out / "manifest_extract.csv")))
     assert row["status"] == "ok" and float(row["patches_per_s"]) > 0
-    r = CliRunner().invoke(app, ["extract", str(synthetic_slide.path), "--out", str(out),
-                                 "--encoder", "resnet18"])
+    r = CliRunner().invoke(
+        app, ["extract", str(synthetic_slide.path), "--out", str(out), "--encoder", "resnet18"]
+    )
     assert r.exit_code == 0, r.output  # done slides are skipped: no weights needed

@@ -1,16 +1,20 @@
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 import torch
-from shapely.geometry import MultiPolygon, box
+from shapely.geometry import box
 
-from wsi_mil.localization.evaluate import (SlideLocalisation, evaluate, patch_auc,
-                                           patch_tumour_fraction, read_asap_xml)
+from wsi_mil.localization.evaluate import (
+    SlideLocalisation,
+    evaluate,
+    patch_auc,
+    patch_tumour_fraction,
+    read_asap_xml,
+)
 from wsi_mil.localization.export import qupath_geojson, write_ome_tiff, write_viewer
 from wsi_mil.localization.inversion import soft_threshold, sparse_inversion
 from wsi_mil.localization.render import score_raster
@@ -60,9 +64,13 @@ def test_inversion_and_attention_instance_auc_on_graded_key_instances(tmp_path):
     from wsi_mil.training.crossval import load_fold_model, run_crossval
 
     keys = make_feature_cohort(tmp_path, n_bags=40, seed=2, graded=True, n_key=(4, 12))
-    run_crossval(tmp_path / "features", tmp_path / "labels.csv", tmp_path / "run",
-                 TrainConfig(folds=2, test_frac=0.25, epochs=15, patience=6, lr=5e-4,
-                             bootstrap=50), ["psmil"])
+    run_crossval(
+        tmp_path / "features",
+        tmp_path / "labels.csv",
+        tmp_path / "run",
+        TrainConfig(folds=2, test_frac=0.25, epochs=15, patience=6, lr=5e-4, bootstrap=50),
+        ["psmil"],
+    )
     model, _ = load_fold_model(tmp_path / "run" / "psmil" / "fold_0")
     att, inv, comb = [], [], []
     for name, key in keys.items():
@@ -114,7 +122,7 @@ def test_ome_tiff_has_slide_size_and_mpp(tmp_path):
         level0 = tif.series[0].levels[0]
         assert level0.shape == (3000, 5000, 3)
         assert len(tif.series[0].levels) >= 2
-        assert "PhysicalSizeX=\"0.5\"" in tif.ome_metadata
+        assert 'PhysicalSizeX="0.5"' in tif.ome_metadata
         img = level0.asarray()
     assert img[10, 256 * 5 + 10].tolist() != [0, 0, 0]  # top-scored patch is coloured
     assert img[2000, 4000].tolist() == [0, 0, 0]  # no patch there
@@ -158,23 +166,32 @@ def test_html_viewer_loads_in_headless_chromium(tmp_path):
     scores = PatchScores(coords * 4, v, v, v, np.array([0.2, 0.8]), 1, 200.0)
     html = write_viewer(tmp_path / "s.html", slide, 4.0, scores, 200.0, None, "s", "tumor", 6)
     assert (tmp_path / "s_viewer" / "openseadragon.min.js").exists()
-    base = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-            "--virtual-time-budget=8000", "--window-size=1200,800"]
-    dom = subprocess.run(base + ["--dump-dom", html.as_uri()], capture_output=True, text=True,
-                         timeout=120)
+    base = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=8000",
+        "--window-size=1200,800",
+    ]
+    dom = subprocess.run(base + ["--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120)
     assert 'id="status">loaded score<' in dom.stdout, dom.stdout[-1500:] + dom.stderr[-1500:]
     assert '<pre id="errors"></pre>' in dom.stdout
     assert dom.stdout.count('src="s_viewer/top/score_') == 6
     shot = tmp_path / "shot.png"
-    subprocess.run(base + [f"--screenshot={shot}", html.as_uri()], capture_output=True,
-                   timeout=120)
+    subprocess.run(base + [f"--screenshot={shot}", html.as_uri()], capture_output=True, timeout=120)
     import cv2
 
     img = cv2.imread(str(shot))[:, :, ::-1]
     viewer = img[:, :900]
     # the jet overlay puts strongly blue or red pixels over the tissue
-    strong = ((viewer[..., 2].astype(int) - viewer[..., 0] > 80)
-              | (viewer[..., 0].astype(int) - viewer[..., 2] > 120))
+    strong = (viewer[..., 2].astype(int) - viewer[..., 0] > 80) | (
+        viewer[..., 0].astype(int) - viewer[..., 2] > 120
+    )
     assert strong.mean() > 0.05

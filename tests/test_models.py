@@ -21,8 +21,12 @@ def toy_bags(n_bags=24, n=30, dim=D, seed=0):
         if y:
             k = torch.randint(1, 4, (1,), generator=g).item()
             x[:k] += 4 * direction
-        coords = torch.stack(torch.meshgrid(torch.arange(6), torch.arange(5), indexing="ij"),
-                             -1).reshape(-1, 2)[:n] * 256
+        coords = (
+            torch.stack(torch.meshgrid(torch.arange(6), torch.arange(5), indexing="ij"), -1).reshape(-1, 2)[
+                :n
+            ]
+            * 256
+        )
         bags.append((x, coords, torch.tensor(y)))
     return bags
 
@@ -69,8 +73,7 @@ def test_permutation_invariance(name):
 @pytest.mark.parametrize("name", ALL + ["abmil_prob"])
 def test_fits_key_instance_toy_problem(name):
     torch.manual_seed(0)
-    model = (create_model("abmil", D, 2, pooling="prob") if name == "abmil_prob"
-             else create_model(name, D, 2))
+    model = create_model("abmil", D, 2, pooling="prob") if name == "abmil_prob" else create_model(name, D, 2)
     bags = toy_bags()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for epoch in range(15):
@@ -149,7 +152,6 @@ def test_unknown_model_is_a_clear_error():
 
     with pytest.raises(WsiMilError, match="unknown model"):
         create_model("clam_xl", D, 2)
-
 
 
 def test_matches_torchmil_abmil_and_dsmil():

@@ -42,8 +42,13 @@ def test_real_svs_same_pixels_in_both_backends(real_slide):
 
 def test_mpp_from_tiff_tags_and_override(tmp_path):
     img = np.full((300, 400, 3), 200, np.uint8)
-    tifffile.imwrite(tmp_path / "tagged.tif", img, resolution=(10000 / 0.5, 10000 / 0.5),
-                     resolutionunit="CENTIMETER", photometric="rgb")
+    tifffile.imwrite(
+        tmp_path / "tagged.tif",
+        img,
+        resolution=(10000 / 0.5, 10000 / 0.5),
+        resolutionunit="CENTIMETER",
+        photometric="rgb",
+    )
     s = open_slide(tmp_path / "tagged.tif")
     assert s.mpp == pytest.approx(0.5)
     tifffile.imwrite(tmp_path / "untagged.tif", img, photometric="rgb")

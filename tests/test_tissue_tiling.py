@@ -34,8 +34,7 @@ def test_same_physical_tiling_at_both_resolutions(synthetic_pair):
     grids = []
     for syn in (s50, s25):
         with open_slide(syn.path) as slide:
-            grids.append(tile(slide, segment_tissue(slide), TilingConfig(target_mpp=0.5,
-                                                                         patch_size=256)))
+            grids.append(tile(slide, segment_tissue(slide), TilingConfig(target_mpp=0.5, patch_size=256)))
     g50, g25 = grids
     assert g50.patch_size_level0 == 256 and g25.patch_size_level0 == 512
     phys50 = {tuple(c) for c in (g50.coords * 0.5).tolist()}
@@ -56,8 +55,9 @@ def test_every_kept_patch_meets_tissue_rule_and_lies_inside(synthetic_slide):
     assert size0 == 256
     assert (grid.coords >= 0).all()
     assert (grid.coords[:, 0] + size0 <= w).all() and (grid.coords[:, 1] + size0 <= h).all()
-    exact = np.array([mask.polygons.intersection(box(x, y, x + size0, y + size0)).area / size0**2
-                      for x, y in grid.coords])
+    exact = np.array(
+        [mask.polygons.intersection(box(x, y, x + size0, y + size0)).area / size0**2 for x, y in grid.coords]
+    )
     assert (exact >= 0.6 - 0.03).all()  # raster estimate within 3% of exact geometry
     np.testing.assert_allclose(grid.tissue_fraction, exact, atol=0.03)
     # and the rejected neighbours really fall short
@@ -76,8 +76,7 @@ def test_overlap_halves_stride_and_edges_are_excluded(synthetic_slide):
     with open_slide(synthetic_slide.path) as slide:
         mask = TissueMask(shapely.MultiPolygon([box(0, 0, *slide.dimensions)]))
         g0 = tile(slide, mask, TilingConfig(target_mpp=0.5, patch_size=256, min_tissue=0.5))
-        g1 = tile(slide, mask, TilingConfig(target_mpp=0.5, patch_size=256, overlap=0.5,
-                                            min_tissue=0.5))
+        g1 = tile(slide, mask, TilingConfig(target_mpp=0.5, patch_size=256, overlap=0.5, min_tissue=0.5))
         w, h = slide.dimensions
     assert len(g0) == (w // 256) * (h // 256)
     xs = np.unique(g1.coords[:, 0])

@@ -32,8 +32,13 @@ def make_client(spec: str):
         except ValueError:
             raise WsiMilError(f"--cluster {spec}: write local:N with N workers, e.g. local:2") from None
         threads = max(1, (os.cpu_count() or 1) // n)
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                               dashboard_address=None, env={"OMP_NUM_THREADS": str(threads)})
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            env={"OMP_NUM_THREADS": str(threads)},
+        )
         return Client(cluster)
     if spec.startswith("tcp://"):
         return Client(spec)
@@ -77,8 +82,9 @@ def extract_task(entry, out_dir: str, cfg_json: str, overwrite: bool, tissue_geo
     key = (e.encoder, e.weights, e.random_weights, e.device, e.precision, e.compile)
     if key not in _RUNNERS:
         torch.manual_seed(0)  # random-weight encoders are identical on every worker
-        _RUNNERS[key] = EncoderRunner(create_encoder(e.encoder, e.weights, e.random_weights),
-                                      e.device, e.precision, e.compile)
+        _RUNNERS[key] = EncoderRunner(
+            create_encoder(e.encoder, e.weights, e.random_weights), e.device, e.precision, e.compile
+        )
     import time
 
     t0 = time.perf_counter()
@@ -87,15 +93,33 @@ def extract_task(entry, out_dir: str, cfg_json: str, overwrite: bool, tissue_geo
     return {**summary, "attempts": attempt, "seconds": time.perf_counter() - t0}
 
 
-def extract_on_cluster(client, entries, out_dir: Path, cfg, overwrite: bool = False,
-                       tissue_geojson=None, on_done: Callable[[str, dict | Exception], None] | None = None):
+def extract_on_cluster(
+    client,
+    entries,
+    out_dir: Path,
+    cfg,
+    overwrite: bool = False,
+    tissue_geojson=None,
+    on_done: Callable[[str, dict | Exception], None] | None = None,
+):
     """Submit one task per slide; call `on_done(name, summary or exception)` as each finishes."""
     from dask.distributed import as_completed
 
     cfg_json = cfg.model_dump_json()
-    futures = {client.submit(extract_task, entry, str(out_dir), cfg_json, overwrite,
-                             tissue_geojson, key=f"extract-{entry.name}", pure=False,
-                             retries=1): entry for entry in entries}
+    futures = {
+        client.submit(
+            extract_task,
+            entry,
+            str(out_dir),
+            cfg_json,
+            overwrite,
+            tissue_geojson,
+            key=f"extract-{entry.name}",
+            pure=False,
+            retries=1,
+        ): entry
+        for entry in entries
+    }
     for fut in as_completed(futures):
         entry = futures[fut]
         try:
@@ -114,22 +138,46 @@ def fold_task(model_name, splits, classes, cfg_json, out, k) -> str:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     cfg = TrainConfig.model_validate_json(cfg_json)
-    return str(train_one_fold(model_name, splits, classes, cfg, Path(out), k, "cpu"
-                              if cfg.device == "auto" and not torch.cuda.is_available() else
-                              ("cuda" if cfg.device == "auto" else cfg.device)))
+    return str(
+        train_one_fold(
+            model_name,
+            splits,
+            classes,
+            cfg,
+            Path(out),
+            k,
+            "cpu"
+            if cfg.device == "auto" and not torch.cuda.is_available()
+            else ("cuda" if cfg.device == "auto" else cfg.device),
+        )
+    )
 
 
-def run_folds_on_cluster(client, models, splits, classes, cfg, out: Path,
-                         progress: Callable[[str], None] | None = None) -> None:
+def run_folds_on_cluster(
+    client, models, splits, classes, cfg, out: Path, progress: Callable[[str], None] | None = None
+) -> None:
     """Train every unfinished (model, fold) as one task; raise if any fails."""
     from dask.distributed import as_completed
 
     folds = sorted(splits[splits.split == "train"].fold.unique())
     cfg_json = cfg.model_dump_json()
     splits_f = client.scatter(splits, broadcast=True)
-    futures = {client.submit(fold_task, m, splits_f, classes, cfg_json, str(out), int(k),
-                             key=f"fold-{m}-{k}", pure=False, retries=1): (m, k)
-               for m in models for k in folds}
+    futures = {
+        client.submit(
+            fold_task,
+            m,
+            splits_f,
+            classes,
+            cfg_json,
+            str(out),
+            int(k),
+            key=f"fold-{m}-{k}",
+            pure=False,
+            retries=1,
+        ): (m, k)
+        for m in models
+        for k in folds
+    }
     for fut in as_completed(futures):
         m, k = futures[fut]
         fut.result()

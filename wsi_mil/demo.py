@@ -35,9 +35,15 @@ def _img_tag(path: Path, width: int = 360) -> str:
     return f'<img src="data:image/png;base64,{data}" width="{width}">'
 
 
-def run_demo(out: str | Path = "wsi_mil_demo", n_slides: int = 24, encoder: str = "resnet18",
-             epochs: int = 30, folds: int = 5, n_heatmaps: int = 3,
-             log: Callable[[str], None] = print) -> dict:
+def run_demo(
+    out: str | Path = "wsi_mil_demo",
+    n_slides: int = 24,
+    encoder: str = "resnet18",
+    epochs: int = 30,
+    folds: int = 5,
+    n_heatmaps: int = 3,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Run the whole pipeline on a synthetic cohort; returns timings and headline metrics."""
     from .localization.evaluate import evaluate_folder
     from .localization.heatmap import heatmap_slide
@@ -74,17 +80,29 @@ def run_demo(out: str | Path = "wsi_mil_demo", n_slides: int = 24, encoder: str 
             runner.append(EncoderRunner(create_encoder(encoder, random_weights=True), "auto"))
         return extract_one(entry, layout, cfg, runner[0])["patches"]
 
-    run_per_slide(entries, "extract", layout, extract,
-                  lambda e: layout.features(encoder, e.name).exists(),
-                  progress=lambda e, i, n: log(f"extract [{i + 1}/{n}] {e.name}"))
+    run_per_slide(
+        entries,
+        "extract",
+        layout,
+        extract,
+        lambda e: layout.features(encoder, e.name).exists(),
+        progress=lambda e, i, n: log(f"extract [{i + 1}/{n}] {e.name}"),
+    )
     timings["extract"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    train = TrainConfig(folds=folds, test_frac=0.25, epochs=epochs, patience=10, lr=2e-4,
-                        seed=0, bootstrap=500)
+    train = TrainConfig(
+        folds=folds, test_frac=0.25, epochs=epochs, patience=10, lr=2e-4, seed=0, bootstrap=500
+    )
     run_dir = out / "run"
-    results = run_crossval(layout.features_dir(encoder), cohort_dir / "labels.csv", run_dir,
-                           train, ["psmil", "abmil"], progress=lambda m: None)
+    results = run_crossval(
+        layout.features_dir(encoder),
+        cohort_dir / "labels.csv",
+        run_dir,
+        train,
+        ["psmil", "abmil"],
+        progress=lambda m: None,
+    )
     timings["crossval"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -94,10 +112,23 @@ def run_demo(out: str | Path = "wsi_mil_demo", n_slides: int = 24, encoder: str 
     shown = test.slide_id.tolist()[:n_heatmaps]
     summaries = []
     for sid in test.slide_id:  # score every test slide (cheap); full exports for a few
-        if not (heat_dir / f"{sid}_scores.h5").exists() or sid in shown and not (heat_dir / f"{sid}.html").exists():
-            summaries.append(heatmap_slide(slides_dir / f"{sid}.tif", run_dir, heat_dir,
-                                           layout.features(encoder, sid), "psmil",
-                                           cfg=cfg, viewer=sid in shown, target="tumor"))
+        if (
+            not (heat_dir / f"{sid}_scores.h5").exists()
+            or sid in shown
+            and not (heat_dir / f"{sid}.html").exists()
+        ):
+            summaries.append(
+                heatmap_slide(
+                    slides_dir / f"{sid}.tif",
+                    run_dir,
+                    heat_dir,
+                    layout.features(encoder, sid),
+                    "psmil",
+                    cfg=cfg,
+                    viewer=sid in shown,
+                    target="tumor",
+                )
+            )
             log(f"heatmap {sid}")
     timings["heatmap"] = time.perf_counter() - t0
 
@@ -106,9 +137,12 @@ def run_demo(out: str | Path = "wsi_mil_demo", n_slides: int = 24, encoder: str 
     (heat_dir / "localization.json").write_text(json.dumps(loc, indent=2))
     timings["evaluate"] = time.perf_counter() - t0
 
-    summary = {"test_auc": {r["model"]: r["test"]["auc"] for r in results},
-               "patch_auc": loc["pooled_patch_auc"], "froc": {k: v["froc"] for k, v in loc["froc"].items()},
-               "timings_s": {k: round(v, 1) for k, v in timings.items()}}
+    summary = {
+        "test_auc": {r["model"]: r["test"]["auc"] for r in results},
+        "patch_auc": loc["pooled_patch_auc"],
+        "froc": {k: v["froc"] for k, v in loc["froc"].items()},
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
     _write_report(out, run_dir, heat_dir, truth_dir, slides_dir, shown, summary, encoder)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -139,11 +173,14 @@ def _write_report(out, run_dir, heat_dir, truth_dir, slides_dir, shown, summary,
         truth_png = heat_dir / f"{sid}_truth.png"
         if not truth_png.exists():
             _truth_png(slides_dir / f"{sid}.tif", truth_dir / f"{sid}.geojson", truth_png)
-        rows.append(f"<tr><td>{sid}<br><a href='heatmaps/{sid}.html'>open viewer</a></td>"
-                    f"<td>{_img_tag(truth_png)}</td><td>{_img_tag(heat_dir / f'{sid}_heatmap.png', 460)}</td></tr>")
+        rows.append(
+            f"<tr><td>{sid}<br><a href='heatmaps/{sid}.html'>open viewer</a></td>"
+            f"<td>{_img_tag(truth_png)}</td><td>{_img_tag(heat_dir / f'{sid}_heatmap.png', 460)}</td></tr>"
+        )
     loc_rows = "".join(
         f"<tr><td>{n}</td><td>{summary['patch_auc'][n]:.3f}</td><td>{summary['froc'][n]:.3f}</td></tr>"
-        for n in summary["patch_auc"])
+        for n in summary["patch_auc"]
+    )
     timing_rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in summary["timings_s"].items())
     page = f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>wsi-mil demo report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:auto;padding:20px}}
@@ -155,11 +192,11 @@ download is possible offline, so features are random convolutional features), 5-
 cross-validation of PSMIL and ABMIL with a held-out test set, heatmaps (PSMIL attention +
 sparse network inversion) and localisation against the ground truth.</p>
 <h2>Slide-level classification</h2><pre>{html.escape(report_md)}</pre>
-<p>{_img_tag(run_dir / 'psmil' / 'roc.png', 320)} {_img_tag(run_dir / 'abmil' / 'roc.png', 320)}</p>
+<p>{_img_tag(run_dir / "psmil" / "roc.png", 320)} {_img_tag(run_dir / "abmil" / "roc.png", 320)}</p>
 <h2>Localisation (patch level, pooled over test slides)</h2>
 <table><tr><th>score</th><th>patch AUC</th><th>FROC</th></tr>{loc_rows}</table>
 <h2>Heatmaps next to ground truth</h2>
-<table><tr><th>slide</th><th>ground truth (black outline)</th><th>PSMIL combined score</th></tr>{''.join(rows)}</table>
+<table><tr><th>slide</th><th>ground truth (black outline)</th><th>PSMIL combined score</th></tr>{"".join(rows)}</table>
 <h2>Stage timings (s)</h2><table>{timing_rows}</table>
 </body></html>"""
     (out / "report.html").write_text(page)

@@ -69,8 +69,13 @@ def user_tissue_path(tissue_geojson: Path | None, name: str) -> Path | None:
     return tissue_geojson
 
 
-def segment_one(entry: SlideEntry, layout: Layout, cfg: TissueConfig, overwrite: bool = False,
-                tissue_geojson: Path | None = None) -> TissueMask:
+def segment_one(
+    entry: SlideEntry,
+    layout: Layout,
+    cfg: TissueConfig,
+    overwrite: bool = False,
+    tissue_geojson: Path | None = None,
+) -> TissueMask:
     """Segment one slide (or take the user's annotation) and write GeoJSON + contour PNG."""
     out = layout.tissue(entry.name)
     if out.exists() and not overwrite:
@@ -83,16 +88,21 @@ def segment_one(entry: SlideEntry, layout: Layout, cfg: TissueConfig, overwrite:
         else:
             mask = segment_tissue(slide, cfg)
         if mask.is_empty:
-            log.warning("%s: no tissue found; the mask is empty (try --threshold or a preset)",
-                        entry.path)
+            log.warning("%s: no tissue found; the mask is empty (try --threshold or a preset)", entry.path)
         save_tissue(mask, out)
         thumb_px = mask.thumb_mpp / slide.mpp
         save_png(layout.tissue_png(entry.name), draw_contours(mask, mask.thumbnail, thumb_px))
     return mask
 
 
-def tile_one(entry: SlideEntry, layout: Layout, tissue_cfg: TissueConfig, cfg: TilingConfig,
-             overwrite: bool = False, tissue_geojson: Path | None = None) -> PatchGrid:
+def tile_one(
+    entry: SlideEntry,
+    layout: Layout,
+    tissue_cfg: TissueConfig,
+    cfg: TilingConfig,
+    overwrite: bool = False,
+    tissue_geojson: Path | None = None,
+) -> PatchGrid:
     """Tile one slide (segmenting first when its tissue file is missing); write coords + preview."""
     out = layout.patches(entry.name)
     if out.exists() and not overwrite:
@@ -100,21 +110,31 @@ def tile_one(entry: SlideEntry, layout: Layout, tissue_cfg: TissueConfig, cfg: T
     mask = segment_one(entry, layout, tissue_cfg, overwrite, tissue_geojson)
     with open_slide(entry.path, entry.mpp) as slide:
         if mask.is_empty:
-            raise EmptyInputError(f"{entry.path}: no tissue in the mask; check "
-                                  f"{layout.tissue_png(entry.name)} or supply --tissue-geojson")
+            raise EmptyInputError(
+                f"{entry.path}: no tissue in the mask; check "
+                f"{layout.tissue_png(entry.name)} or supply --tissue-geojson"
+            )
         grid = tile(slide, mask, cfg)
         if len(grid) == 0:
-            raise EmptyInputError(f"{entry.path}: no patch reaches --min-tissue {cfg.min_tissue}; "
-                                  "lower --min-tissue or --patch-size")
+            raise EmptyInputError(
+                f"{entry.path}: no patch reaches --min-tissue {cfg.min_tissue}; "
+                "lower --min-tissue or --patch-size"
+            )
         write_patches(out, grid, slide_path=str(entry.path))
         thumb, thumb_mpp = slide.thumbnail_at_mpp(tissue_cfg.seg_mpp)
         save_png(layout.patches_png(entry.name), draw_patches(grid, thumb, thumb_mpp / slide.mpp))
     return grid
 
 
-def run_per_slide(entries: Iterable[SlideEntry], stage: str, layout: Layout,
-                  fn: Callable[[SlideEntry], int | None], done: Callable[[SlideEntry], bool],
-                  fail_fast: bool = False, progress=None) -> Manifest:
+def run_per_slide(
+    entries: Iterable[SlideEntry],
+    stage: str,
+    layout: Layout,
+    fn: Callable[[SlideEntry], int | None],
+    done: Callable[[SlideEntry], bool],
+    fail_fast: bool = False,
+    progress=None,
+) -> Manifest:
     """Call `fn` for each slide not yet `done`; record outcomes; one bad slide does not stop others.
 
     `fn` returns the number of patches (or None). `progress(entry, i, n)` is called before each.
@@ -148,9 +168,15 @@ def run_per_slide(entries: Iterable[SlideEntry], stage: str, layout: Layout,
     return manifest
 
 
-def extract_one(entry: SlideEntry, layout: Layout, cfg: PipelineConfig, runner,
-                overwrite: bool = False, tissue_geojson: Path | None = None,
-                on_batch=None) -> dict:
+def extract_one(
+    entry: SlideEntry,
+    layout: Layout,
+    cfg: PipelineConfig,
+    runner,
+    overwrite: bool = False,
+    tissue_geojson: Path | None = None,
+    on_batch=None,
+) -> dict:
     """Tile if needed, then encode one slide into features/<encoder>/<slide>.h5."""
     from .features.extract import extract_features
 

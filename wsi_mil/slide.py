@@ -17,8 +17,21 @@ import numpy as np
 
 from .errors import MissingMPPError, SlideOpenError
 
-SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".tif", ".tiff", ".vms", ".vmu", ".bif",
-                  ".svslide", ".png", ".jpg", ".jpeg"}
+SLIDE_SUFFIXES = {
+    ".svs",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".tif",
+    ".tiff",
+    ".vms",
+    ".vmu",
+    ".bif",
+    ".svslide",
+    ".png",
+    ".jpg",
+    ".jpeg",
+}
 PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 BACKENDS = ("auto", "openslide", "tiffslide", "image")
 
@@ -168,8 +181,9 @@ def _mpp_from_tiff_tags(path: Path) -> float | None:
         return None
 
 
-def _mpp_from_properties(props: dict) -> float | None:
-    for key in ("openslide.mpp-x", "tiffslide.mpp-x", "aperio.MPP"):
+def _first_positive(props: dict, keys: tuple[str, ...]) -> float | None:
+    """The first of `keys` whose property value parses as a positive number."""
+    for key in keys:
         try:
             value = float(props.get(key) or 0)
         except (TypeError, ValueError):
@@ -177,25 +191,26 @@ def _mpp_from_properties(props: dict) -> float | None:
         if value > 0:
             return value
     return None
+
+
+def _mpp_from_properties(props: dict) -> float | None:
+    return _first_positive(props, ("openslide.mpp-x", "tiffslide.mpp-x", "aperio.MPP"))
 
 
 def _objective_power(props: dict) -> float | None:
-    for key in ("openslide.objective-power", "tiffslide.objective-power", "aperio.AppMag"):
-        try:
-            value = float(props.get(key) or 0)
-        except (TypeError, ValueError):
-            continue
-        if value > 0:
-            return value
-    return None
+    return _first_positive(props, ("openslide.objective-power", "tiffslide.objective-power",
+                                   "aperio.AppMag"))
 
 
 def _open_openslide(path: Path):
     import openslide
 
     handle = openslide.OpenSlide(str(path))
-    return handle, list(handle.level_dimensions), [float(d) for d in handle.level_downsamples], dict(
-        handle.properties
+    return (
+        handle,
+        list(handle.level_dimensions),
+        [float(d) for d in handle.level_downsamples],
+        dict(handle.properties),
     )
 
 
@@ -216,8 +231,11 @@ def _open_image(path: Path):
     pyramid = [img]
     while max(pyramid[-1].shape[:2]) > 512:
         prev = pyramid[-1]
-        pyramid.append(cv2.resize(prev, (max(1, prev.shape[1] // 2), max(1, prev.shape[0] // 2)),
-                                  interpolation=cv2.INTER_AREA))
+        pyramid.append(
+            cv2.resize(
+                prev, (max(1, prev.shape[1] // 2), max(1, prev.shape[0] // 2)), interpolation=cv2.INTER_AREA
+            )
+        )
     dims = [(p.shape[1], p.shape[0]) for p in pyramid]
     return pyramid, dims, [dims[0][0] / d[0] for d in dims], {}
 
@@ -265,9 +283,17 @@ def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto"
                 f"{path}: the slide records no microns-per-pixel; pass --mpp (e.g. --mpp 0.25 for "
                 "40x, 0.5 for 20x) or add an 'mpp' column to the slide-list CSV"
             )
-        return Slide(path=path, backend=name, level_dimensions=[tuple(map(int, d)) for d in dims],
-                     level_downsamples=downsamples, mpp=slide_mpp, mpp_source=source,
-                     objective_power=_objective_power(props), properties=props, _handle=handle)
+        return Slide(
+            path=path,
+            backend=name,
+            level_dimensions=[tuple(map(int, d)) for d in dims],
+            level_downsamples=downsamples,
+            mpp=slide_mpp,
+            mpp_source=source,
+            objective_power=_objective_power(props),
+            properties=props,
+            _handle=handle,
+        )
     raise SlideOpenError(
         f"{path}: not a readable slide ({'; '.join(errors)}); supported: "
         f"{', '.join(sorted(SLIDE_SUFFIXES))} - check the file is complete and not corrupt"
@@ -311,12 +337,15 @@ def collect_slides(inputs: list[str | Path], mpp: float | None = None) -> list[S
                 row_mpp = float(row_mpp) if row_mpp is not None and not pd.isna(row_mpp) else mpp
                 entries.append(SlideEntry(sp, row_mpp))
         elif p.is_dir() and p.suffix.lower() != ".mrxs":
-            found = sorted(q for q in p.iterdir()
-                           if q.is_file() and q.suffix.lower() in SLIDE_SUFFIXES
-                           and not q.name.startswith("."))
+            found = sorted(
+                q
+                for q in p.iterdir()
+                if q.is_file() and q.suffix.lower() in SLIDE_SUFFIXES and not q.name.startswith(".")
+            )
             if not found:
                 raise EmptyInputError(
-                    f"{p}: no slides found (looked for {', '.join(sorted(SLIDE_SUFFIXES))})")
+                    f"{p}: no slides found (looked for {', '.join(sorted(SLIDE_SUFFIXES))})"
+                )
             entries.extend(SlideEntry(q, mpp) for q in found)
         else:
             entries.append(SlideEntry(p, mpp))

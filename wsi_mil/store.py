@@ -45,8 +45,11 @@ def atomic_path(path: str | Path):
 
 
 def provenance(**extra) -> dict:
-    return {"wsi_mil_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra}
+    return {
+        "wsi_mil_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
 
 
 def _set_attrs(obj, attrs: dict) -> None:
@@ -93,8 +96,9 @@ def read_patches(path: str | Path, level0_mpp: float | None = None) -> PatchGrid
             attrs = _merged_attrs(f)
             frac = np.asarray(f["tissue_fraction"][:]) if "tissue_fraction" in f else None
     except (OSError, KeyError) as exc:
-        raise WsiMilError(f"{path}: not a readable patch file ({exc}); re-run 'wsi-mil tile' "
-                          "with --overwrite") from exc
+        raise WsiMilError(
+            f"{path}: not a readable patch file ({exc}); re-run 'wsi-mil tile' with --overwrite"
+        ) from exc
     size = int(attrs.get("patch_size", 256))
     if "patch_size_level0" in attrs:
         size0 = int(attrs["patch_size_level0"])
@@ -107,8 +111,15 @@ def read_patches(path: str | Path, level0_mpp: float | None = None) -> PatchGrid
     l0 = attrs.get("level0_mpp", level0_mpp)
     target = attrs.get("target_mpp", (l0 * size0 / size) if l0 else None)
     known = {"patch_size", "patch_size_level0", "target_mpp", "level0_mpp"}
-    return PatchGrid(coords, size, size0, float(target or 0.0), float(l0 or 0.0), frac,
-                     {k: v for k, v in attrs.items() if k not in known})
+    return PatchGrid(
+        coords,
+        size,
+        size0,
+        float(target or 0.0),
+        float(l0 or 0.0),
+        frac,
+        {k: v for k, v in attrs.items() if k not in known},
+    )
 
 
 @dataclass
@@ -131,8 +142,10 @@ def read_features(path: str | Path) -> FeatureBag:
             coords = f["coords"][:] if "coords" in f else np.zeros((len(feats), 2), np.int64)
             attrs = _merged_attrs(f)
     except (OSError, KeyError) as exc:
-        raise WsiMilError(f"{path}: not a readable feature file ({exc}); re-run 'wsi-mil "
-                          "extract' for this slide with --overwrite") from exc
+        raise WsiMilError(
+            f"{path}: not a readable feature file ({exc}); re-run 'wsi-mil "
+            "extract' for this slide with --overwrite"
+        ) from exc
     if feats.ndim == 3 and feats.shape[0] == 1:  # CLAM stores [1, N, D] in some versions
         feats = feats[0]
     return FeatureBag(np.asarray(feats), np.asarray(coords, np.int64).reshape(-1, 2), attrs)
@@ -155,10 +168,12 @@ class FeatureWriter:
         if self.tmp.exists():
             try:
                 self.f = h5py.File(self.tmp, "a")
-                same = (self.f["features"].shape == (self.n, dim)
-                        and np.array_equal(self.f["coords"][:], coords)
-                        and self.f.attrs.get("encoder") == attrs.get("encoder")
-                        and str(self.f["features"].dtype) == dtype)
+                same = (
+                    self.f["features"].shape == (self.n, dim)
+                    and np.array_equal(self.f["coords"][:], coords)
+                    and self.f.attrs.get("encoder") == attrs.get("encoder")
+                    and str(self.f["features"].dtype) == dtype
+                )
                 if same:
                     self.n_done = int(self.f.attrs.get("n_done", 0))
                     return
@@ -217,14 +232,23 @@ class Manifest:
                 for row in csv.DictReader(fh):
                     self.rows[row["slide"]] = row
 
-    def record(self, slide: str, status: str, patches: int | None = None,
-               seconds: float | None = None, error: str = "") -> None:
+    def record(
+        self,
+        slide: str,
+        status: str,
+        patches: int | None = None,
+        seconds: float | None = None,
+        error: str = "",
+    ) -> None:
         pps = (patches / seconds) if patches and seconds else None
-        self.rows[slide] = {"slide": slide, "status": status,
-                            "patches": "" if patches is None else patches,
-                            "seconds": "" if seconds is None else f"{seconds:.2f}",
-                            "patches_per_s": "" if pps is None else f"{pps:.1f}",
-                            "error": error}
+        self.rows[slide] = {
+            "slide": slide,
+            "status": status,
+            "patches": "" if patches is None else patches,
+            "seconds": "" if seconds is None else f"{seconds:.2f}",
+            "patches_per_s": "" if pps is None else f"{pps:.1f}",
+            "error": error,
+        }
         with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, MANIFEST_FIELDS, extrasaction="ignore")
             writer.writeheader()

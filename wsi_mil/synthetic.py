@@ -55,8 +55,9 @@ class SyntheticSlide:
         """Ground-truth tumour regions as a GeoJSON FeatureCollection in level-0 pixels."""
         from .tissue import mask_to_polygons, polygons_to_geojson
 
-        polys = mask_to_polygons(self.tumour_mask, self.mask_mpp / self.mpp, min_area_px=0,
-                                 min_hole_px=0, max_holes=64)
+        polys = mask_to_polygons(
+            self.tumour_mask, self.mask_mpp / self.mpp, min_area_px=0, min_hole_px=0, max_holes=64
+        )
         return polygons_to_geojson(polys, "Tumor", (200, 0, 0))
 
 
@@ -66,9 +67,15 @@ def _smooth_noise(shape, sigma_px: float, rng: np.random.Generator) -> np.ndarra
     return field / (field.std() + 1e-6)
 
 
-def make_masks(width_um: float, height_um: float, rng: np.random.Generator, n_pieces: int = 3,
-               tumour_regions: int = 0, tumour_radius_um: tuple[float, float] = (250, 600),
-               mask_mpp: float = MASK_MPP) -> tuple[np.ndarray, np.ndarray]:
+def make_masks(
+    width_um: float,
+    height_um: float,
+    rng: np.random.Generator,
+    n_pieces: int = 3,
+    tumour_regions: int = 0,
+    tumour_radius_um: tuple[float, float] = (250, 600),
+    mask_mpp: float = MASK_MPP,
+) -> tuple[np.ndarray, np.ndarray]:
     """Irregular tissue pieces with holes, and tumour blobs inside the tissue."""
     h, w = int(round(height_um / mask_mpp)), int(round(width_um / mask_mpp))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -123,8 +130,16 @@ def _texture(kind: str, seed: int) -> np.ndarray:
         ax, ay = rng.uniform(*radius), rng.uniform(*radius) * rng.uniform(0.6, 1.0)
         for ox in (-n, 0, n):  # draw wrapped copies so the texture tiles seamlessly
             for oy in (-n, 0, n):
-                cv2.ellipse(canvas, (int(cx + ox), int(cy + oy)), (int(ax), int(ay)),
-                            rng.uniform(0, 180), 0, 360, rng.uniform(0.7, 1.0), -1)
+                cv2.ellipse(
+                    canvas,
+                    (int(cx + ox), int(cy + oy)),
+                    (int(ax), int(ay)),
+                    rng.uniform(0, 180),
+                    0,
+                    360,
+                    rng.uniform(0.7, 1.0),
+                    -1,
+                )
     nuclei = np.clip(cv2.GaussianBlur(canvas[n : 2 * n, n : 2 * n], (0, 0), 1.0), 0, 1)
     tex = tex * (1 - nuclei[..., None]) + np.array(nuc, np.float32) * nuclei[..., None]
     tex += rng.normal(0, 6, tex.shape).astype(np.float32)
@@ -146,8 +161,8 @@ class _Renderer:
 
     def tile(self, x: int, y: int, tw: int, th: int) -> np.ndarray:
         scale = self.pixel_um / MASK_MPP
-        mx = ((np.arange(tw, dtype=np.float32) + x + 0.5) * scale - 0.5)
-        my = ((np.arange(th, dtype=np.float32) + y + 0.5) * scale - 0.5)
+        mx = (np.arange(tw, dtype=np.float32) + x + 0.5) * scale - 0.5
+        my = (np.arange(th, dtype=np.float32) + y + 0.5) * scale - 0.5
         y0, y1 = max(int(my[0]) - 1, 0), min(int(my[-1]) + 2, self.tissue.shape[0])
         x0, x1 = max(int(mx[0]) - 1, 0), min(int(mx[-1]) + 2, self.tissue.shape[1])
         out = np.full((th, tw, 3), 244, np.uint8)
@@ -167,11 +182,19 @@ class _Renderer:
         return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
-def write_synthetic_slide(path: str | Path, width_um: float = 3000, height_um: float = 2000,
-                          mpp: float = 0.5, tumour_regions: int = 0, n_pieces: int = 3,
-                          seed: int = 0, tile: int = 256, quality: int = 85,
-                          tumour_radius_um: tuple[float, float] = (250, 600),
-                          masks: tuple[np.ndarray, np.ndarray] | None = None) -> SyntheticSlide:
+def write_synthetic_slide(
+    path: str | Path,
+    width_um: float = 3000,
+    height_um: float = 2000,
+    mpp: float = 0.5,
+    tumour_regions: int = 0,
+    n_pieces: int = 3,
+    seed: int = 0,
+    tile: int = 256,
+    quality: int = 85,
+    tumour_radius_um: tuple[float, float] = (250, 600),
+    masks: tuple[np.ndarray, np.ndarray] | None = None,
+) -> SyntheticSlide:
     """Write a pyramidal JPEG TIFF of `width_um` x `height_um` at `mpp` um/px level 0.
 
     Give the same `seed` (or the same `masks`) at two `mpp` values for the same tissue scanned
@@ -199,29 +222,42 @@ def write_synthetic_slide(path: str | Path, width_um: float = 3000, height_um: f
                     for tx in range(0, lw, tile):
                         yield renderer.tile(tx, ty, tile, tile)
 
-            tif.write(tiles(), shape=(lh, lw, 3), dtype=np.uint8, tile=(tile, tile),
-                      photometric="rgb", compression="jpeg", compressionargs={"level": quality},
-                      resolution=(res / ds, res / ds), resolutionunit="CENTIMETER",
-                      subfiletype=0 if ds == 1 else 1, metadata=None,
-                      description=f"wsi-mil synthetic slide mpp={mpp}" if ds == 1 else None)
+            tif.write(
+                tiles(),
+                shape=(lh, lw, 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": quality},
+                resolution=(res / ds, res / ds),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if ds == 1 else 1,
+                metadata=None,
+                description=f"wsi-mil synthetic slide mpp={mpp}" if ds == 1 else None,
+            )
             if max(lw, lh) <= 2048:
                 break
             ds *= 4
     tmp.replace(path)
-    return SyntheticSlide(path=path, mpp=mpp, size=(width, height), tissue_mask=tissue,
-                          tumour_mask=tumour)
+    return SyntheticSlide(path=path, mpp=mpp, size=(width, height), tissue_mask=tissue, tumour_mask=tumour)
 
 
-def write_blank_slide(path: str | Path, width: int = 2048, height: int = 2048,
-                      mpp: float = 0.5) -> Path:
+def write_blank_slide(path: str | Path, width: int = 2048, height: int = 2048, mpp: float = 0.5) -> Path:
     """A slide with no tissue at all (white glass), for the empty-mask path."""
     empty = np.zeros((int(height * mpp / MASK_MPP), int(width * mpp / MASK_MPP)), bool)
     return write_synthetic_slide(path, width * mpp, height * mpp, mpp, masks=(empty, empty)).path
 
 
-def make_cohort(out_dir: str | Path, n_slides: int = 24, tumour_ratio: float = 0.5,
-                width_um: float = 3000, height_um: float = 2000, mpp: float = 0.5,
-                seed: int = 0) -> list[SyntheticSlide]:
+def make_cohort(
+    out_dir: str | Path,
+    n_slides: int = 24,
+    tumour_ratio: float = 0.5,
+    width_um: float = 3000,
+    height_um: float = 2000,
+    mpp: float = 0.5,
+    seed: int = 0,
+) -> list[SyntheticSlide]:
     """Tumour and normal synthetic slides plus `labels.csv` (slide_id,label,case_id)."""
     import pandas as pd
 
@@ -234,24 +270,46 @@ def make_cohort(out_dir: str | Path, n_slides: int = 24, tumour_ratio: float = 0
     cohort, rows = [], []
     for i, label in enumerate(labels):
         name = f"{'tumor' if label else 'normal'}_{i:03d}"
-        s = write_synthetic_slide(slides_dir / f"{name}.tif", width_um, height_um, mpp,
-                                  tumour_regions=int(rng.integers(1, 3)) if label else 0,
-                                  n_pieces=int(rng.integers(2, 4)), seed=seed * 1000 + i,
-                                  tumour_radius_um=(200, 450))
+        s = write_synthetic_slide(
+            slides_dir / f"{name}.tif",
+            width_um,
+            height_um,
+            mpp,
+            tumour_regions=int(rng.integers(1, 3)) if label else 0,
+            n_pieces=int(rng.integers(2, 4)),
+            seed=seed * 1000 + i,
+            tumour_radius_um=(200, 450),
+        )
         if label and not s.is_tumour:  # a tumour blob can miss eroded tissue: retry bigger
-            s = write_synthetic_slide(slides_dir / f"{name}.tif", width_um, height_um, mpp,
-                                      tumour_regions=2, n_pieces=2, seed=seed * 1000 + i + 500)
+            s = write_synthetic_slide(
+                slides_dir / f"{name}.tif",
+                width_um,
+                height_um,
+                mpp,
+                tumour_regions=2,
+                n_pieces=2,
+                seed=seed * 1000 + i + 500,
+            )
         cohort.append(s)
-        rows.append({"slide_id": name, "label": "tumor" if label else "normal",
-                     "case_id": f"case_{i // 2:03d}"})
+        rows.append(
+            {"slide_id": name, "label": "tumor" if label else "normal", "case_id": f"case_{i // 2:03d}"}
+        )
     pd.DataFrame(rows).to_csv(out_dir / "labels.csv", index=False)
     return cohort
 
 
-def make_feature_cohort(out_dir: str | Path, n_bags: int = 40, n_instances: tuple[int, int] = (60, 120),
-                        dim: int = 64, n_key: tuple[int, int] = (3, 8), strength: float = 3.0,
-                        graded: bool = False, random_labels: bool = False, n_cases: int | None = None,
-                        seed: int = 0) -> dict[str, np.ndarray]:
+def make_feature_cohort(
+    out_dir: str | Path,
+    n_bags: int = 40,
+    n_instances: tuple[int, int] = (60, 120),
+    dim: int = 64,
+    n_key: tuple[int, int] = (3, 8),
+    strength: float = 3.0,
+    graded: bool = False,
+    random_labels: bool = False,
+    n_cases: int | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """Feature bags whose positive members hold a few key instances shifted along one direction.
 
     Writes `<out_dir>/features/<slide>.h5` (features + grid coords) and `<out_dir>/labels.csv`;

@@ -37,9 +37,13 @@ class PatchGrid:
 
     @property
     def file_attrs(self) -> dict:
-        return {"patch_size": int(self.patch_size), "patch_size_level0": int(self.patch_size_level0),
-                "target_mpp": float(self.target_mpp), "level0_mpp": float(self.level0_mpp),
-                **self.attrs}
+        return {
+            "patch_size": int(self.patch_size),
+            "patch_size_level0": int(self.patch_size_level0),
+            "target_mpp": float(self.target_mpp),
+            "level0_mpp": float(self.level0_mpp),
+            **self.attrs,
+        }
 
 
 def grid_geometry(slide: Slide, cfg: TilingConfig) -> tuple[int, int]:
@@ -49,8 +53,9 @@ def grid_geometry(slide: Slide, cfg: TilingConfig) -> tuple[int, int]:
     return size0, stride0
 
 
-def tissue_fractions(mask: TissueMask, xs: np.ndarray, ys: np.ndarray, size0: int,
-                     slide_size: tuple[int, int]) -> np.ndarray:
+def tissue_fractions(
+    mask: TissueMask, xs: np.ndarray, ys: np.ndarray, size0: int, slide_size: tuple[int, int]
+) -> np.ndarray:
     """Tissue fraction of every patch at the grid (xs x ys), shape [len(ys), len(xs)]."""
     px = max(size0 / SUBSAMPLE, 1.0)
     w, h = int(np.ceil(slide_size[0] / px)) + 1, int(np.ceil(slide_size[1] / px)) + 1
@@ -61,8 +66,12 @@ def tissue_fractions(mask: TissueMask, xs: np.ndarray, ys: np.ndarray, size0: in
     y0 = np.clip(np.round(ys / px).astype(int), 0, h)
     y1 = np.clip(np.round((ys + size0) / px).astype(int), 0, h)
     area = np.maximum(np.outer(y1 - y0, x1 - x0), 1)
-    inside = (integral[np.ix_(y1, x1)] - integral[np.ix_(y0, x1)] - integral[np.ix_(y1, x0)]
-              + integral[np.ix_(y0, x0)])
+    inside = (
+        integral[np.ix_(y1, x1)]
+        - integral[np.ix_(y0, x1)]
+        - integral[np.ix_(y1, x0)]
+        + integral[np.ix_(y0, x0)]
+    )
     return inside / area
 
 
@@ -76,8 +85,15 @@ def tile(slide: Slide, mask: TissueMask, cfg: TilingConfig | None = None) -> Pat
     size0, stride0 = grid_geometry(slide, cfg)
     width, height = slide.dimensions
     empty = np.zeros((0, 2), np.int64)
-    grid = PatchGrid(empty, cfg.patch_size, size0, cfg.target_mpp, slide.mpp, np.zeros(0),
-                     {"overlap": float(cfg.overlap), "min_tissue": float(cfg.min_tissue)})
+    grid = PatchGrid(
+        empty,
+        cfg.patch_size,
+        size0,
+        cfg.target_mpp,
+        slide.mpp,
+        np.zeros(0),
+        {"overlap": float(cfg.overlap), "min_tissue": float(cfg.min_tissue)},
+    )
     if mask.is_empty or width < size0 or height < size0:
         return grid
     # Only grid positions that can touch the tissue bounding box are scored.

@@ -47,8 +47,9 @@ class TissueMask:
         return polygons_to_geojson(self.polygons, "Tissue", (20, 180, 60))
 
 
-def rasterize_polygons(polys: MultiPolygon, width: int, height: int, px_level0: float,
-                       supersample: int = 1) -> np.ndarray:
+def rasterize_polygons(
+    polys: MultiPolygon, width: int, height: int, px_level0: float, supersample: int = 1
+) -> np.ndarray:
     """Exteriors 1, holes 0, as uint8 [height, width] with pixels of `px_level0` level-0 px.
 
     With `supersample` s > 1 the polygons are drawn at s x s finer pixels and averaged, giving
@@ -74,11 +75,11 @@ def rasterize_polygons(polys: MultiPolygon, width: int, height: int, px_level0: 
     return cv2.resize(mask.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
 
 
-def mask_to_polygons(mask: np.ndarray, px_level0: float, min_area_px: float, min_hole_px: float,
-                     max_holes: int) -> MultiPolygon:
+def mask_to_polygons(
+    mask: np.ndarray, px_level0: float, min_area_px: float, min_hole_px: float, max_holes: int
+) -> MultiPolygon:
     """Contours of a binary mask (with holes) scaled to level-0 pixels and area-filtered."""
-    contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP,
-                                           cv2.CHAIN_APPROX_SIMPLE)
+    contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
         return MultiPolygon()
     hierarchy = hierarchy[0]
@@ -137,8 +138,13 @@ def segment_tissue(slide: Slide, cfg: TissueConfig | None = None) -> TissueMask:
     thumb, thumb_mpp = slide.thumbnail_at_mpp(cfg.seg_mpp)
     mask = saturation_mask(thumb, cfg, thumb_mpp)
     px_area_um2 = thumb_mpp**2
-    polys = mask_to_polygons(mask, thumb_mpp / slide.mpp, cfg.min_tissue_area_um2 / px_area_um2,
-                             cfg.min_hole_area_um2 / px_area_um2, cfg.max_holes)
+    polys = mask_to_polygons(
+        mask,
+        thumb_mpp / slide.mpp,
+        cfg.min_tissue_area_um2 / px_area_um2,
+        cfg.min_hole_area_um2 / px_area_um2,
+        cfg.max_holes,
+    )
     return TissueMask(polys, thumb, thumb_mpp, slide.mpp)
 
 
@@ -148,12 +154,16 @@ def polygons_to_geojson(polys: MultiPolygon, class_name: str, color: tuple[int, 
     for poly in getattr(polys, "geoms", [polys]):
         if poly.is_empty:
             continue
-        features.append({
-            "type": "Feature",
-            "geometry": mapping(shapely.set_precision(poly, 0.01)),
-            "properties": {"objectType": "annotation",
-                           "classification": {"name": class_name, "color": list(color)}},
-        })
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": mapping(shapely.set_precision(poly, 0.01)),
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": class_name, "color": list(color)},
+                },
+            }
+        )
     return {"type": "FeatureCollection", "features": features}
 
 
@@ -195,8 +205,10 @@ def load_tissue(path: str | Path) -> TissueMask:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise WsiMilError(f"{path}: not a readable GeoJSON tissue file ({exc}); re-run "
-                          "'wsi-mil segment' or export the annotation from QuPath as GeoJSON") from exc
+        raise WsiMilError(
+            f"{path}: not a readable GeoJSON tissue file ({exc}); re-run "
+            "'wsi-mil segment' or export the annotation from QuPath as GeoJSON"
+        ) from exc
     return TissueMask(geojson_to_polygons(data))
 
 
@@ -207,6 +219,11 @@ def draw_contours(mask: TissueMask, thumb: np.ndarray, thumb_px_level0: float) -
         ext = (np.asarray(poly.exterior.coords)[:, :2] / thumb_px_level0).astype(np.int32)
         cv2.polylines(out, [ext], True, (0, 160, 0), 2)
         for hole in poly.interiors:
-            cv2.polylines(out, [(np.asarray(hole.coords)[:, :2] / thumb_px_level0).astype(np.int32)],
-                          True, (0, 0, 220), 2)
+            cv2.polylines(
+                out,
+                [(np.asarray(hole.coords)[:, :2] / thumb_px_level0).astype(np.int32)],
+                True,
+                (0, 0, 220),
+                2,
+            )
     return out

@@ -24,7 +24,8 @@ def _extension_loads() -> bool:
     if spec is None or not spec.submodule_search_locations:
         return True  # nothing to fix; the import will fail on its own terms
     libs = list(Path(spec.submodule_search_locations[0]).glob("_C*.so")) + list(
-        Path(spec.submodule_search_locations[0]).glob("_C*.pyd"))
+        Path(spec.submodule_search_locations[0]).glob("_C*.pyd")
+    )
     if not libs:
         return False
     try:

@@ -69,8 +69,9 @@ def load_state_dict_file(path: str | Path) -> dict:
     """A state dict from .safetensors or a torch checkpoint (unwrapping state_dict/model keys)."""
     path = Path(path)
     if not path.exists():
-        raise WsiMilError(f"{path}: weights file not found; pass --weights with an existing .pth "
-                          "or .safetensors file")
+        raise WsiMilError(
+            f"{path}: weights file not found; pass --weights with an existing .pth or .safetensors file"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -79,8 +80,10 @@ def load_state_dict_file(path: str | Path) -> dict:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WsiMilError(f"{path}: cannot read weights ({type(exc).__name__}); expected a "
-                          "PyTorch state dict (.pth) or .safetensors file") from exc
+        raise WsiMilError(
+            f"{path}: cannot read weights ({type(exc).__name__}); expected a "
+            "PyTorch state dict (.pth) or .safetensors file"
+        ) from exc
     for key in ("state_dict", "model", "teacher"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -88,7 +91,7 @@ def load_state_dict_file(path: str | Path) -> dict:
     for k, v in sd.items():
         for prefix in ("module.", "model.", "backbone.", "encoder.", "net."):
             if k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         out[k] = v
     return out
 
@@ -99,15 +102,19 @@ def _load_into(net: nn.Module, sd: dict, path: str | Path) -> None:
     usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in usable and not k.endswith("num_batches_tracked")]
     if missing:
-        raise WsiMilError(f"{path}: weights do not fit this encoder ({len(missing)} tensors "
-                          f"missing, e.g. {missing[0]}); check --encoder matches the checkpoint")
+        raise WsiMilError(
+            f"{path}: weights do not fit this encoder ({len(missing)} tensors "
+            f"missing, e.g. {missing[0]}); check --encoder matches the checkpoint"
+        )
     net.load_state_dict(usable, strict=False)
 
 
 def _no_weights_error(name: str, exc: Exception) -> WsiMilError:
-    return WsiMilError(f"encoder {name}: pretrained weights unavailable ({type(exc).__name__}: "
-                       f"{str(exc)[:120]}); pass --weights PATH to a local checkpoint, or "
-                       "--random-weights for tests and benchmarks")
+    return WsiMilError(
+        f"encoder {name}: pretrained weights unavailable ({type(exc).__name__}: "
+        f"{str(exc)[:120]}); pass --weights PATH to a local checkpoint, or "
+        "--random-weights for tests and benchmarks"
+    )
 
 
 def _torchvision_resnet(arch: str, weights_enum: str, weights: str | None, random_weights: bool):
@@ -130,8 +137,9 @@ def _torchvision_resnet(arch: str, weights_enum: str, weights: str | None, rando
 
 def _resnet50_trunc(weights=None, random_weights=False) -> Encoder:
     resnet, source = _torchvision_resnet("resnet50", "ResNet50_Weights", weights, random_weights)
-    return Encoder(ResNetTrunc(resnet),
-                   EncoderInfo("resnet50_trunc", 1024, 224, IMAGENET_MEAN, IMAGENET_STD, source))
+    return Encoder(
+        ResNetTrunc(resnet), EncoderInfo("resnet50_trunc", 1024, 224, IMAGENET_MEAN, IMAGENET_STD, source)
+    )
 
 
 def _resnet18(weights=None, random_weights=False) -> Encoder:
@@ -158,9 +166,17 @@ def _timm(model_name: str, weights=None, random_weights=False) -> Encoder:
         source = f"hub:{model_name}"
     cfg = timm.data.resolve_model_data_config(net)
     size = int(cfg["input_size"][-1])
-    return Encoder(net, EncoderInfo(f"timm:{model_name}" if not model_name.startswith("hf-hub:")
-                                    else model_name, int(net.num_features), size,
-                                    tuple(cfg["mean"]), tuple(cfg["std"]), source))
+    return Encoder(
+        net,
+        EncoderInfo(
+            f"timm:{model_name}" if not model_name.startswith("hf-hub:") else model_name,
+            int(net.num_features),
+            size,
+            tuple(cfg["mean"]),
+            tuple(cfg["std"]),
+            source,
+        ),
+    )
 
 
 ENCODERS: dict[str, Callable[..., Encoder]] = {
@@ -173,15 +189,16 @@ def list_encoders() -> list[str]:
     return sorted(ENCODERS) + ["timm:<model name>", "hf-hub:<repo>"]
 
 
-def create_encoder(name: str, weights: str | Path | None = None,
-                   random_weights: bool = False) -> Encoder:
+def create_encoder(name: str, weights: str | Path | None = None, random_weights: bool = False) -> Encoder:
     """Build an encoder by registry name, `timm:<name>` or `hf-hub:<repo>`, in eval mode."""
     if name in ENCODERS:
         build = ENCODERS[name]
     elif name.startswith("timm:"):
+
         def build(**kw):
-            return _timm(name[len("timm:"):], **kw)
+            return _timm(name[len("timm:") :], **kw)
     elif name.startswith("hf-hub:"):
+
         def build(**kw):
             return _timm(name, **kw)
     else:

@@ -43,8 +43,7 @@ def resolve_device(device: str) -> torch.device:
 
 def cpu_has_bf16() -> bool:
     try:
-        return bool(torch.backends.mkldnn.is_available()
-                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:
         return False
 
@@ -62,8 +61,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
-def _read_row(slide: Slide, xs: np.ndarray, y: int, size0: int, patch_size: int,
-                   out_size: int) -> list[np.ndarray]:
+def _read_row(
+    slide: Slide, xs: np.ndarray, y: int, size0: int, patch_size: int, out_size: int
+) -> list[np.ndarray]:
     """Patches at (xs[i], y) of side `size0` level-0 px, read as one region, `out_size` px each.
 
     The region comes from the coarsest level still at least as fine as the target resolution;
@@ -122,8 +122,7 @@ class PatchBatches(IterableDataset):
     retried patch by patch; patches that still fail come back white and are counted.
     """
 
-    def __init__(self, slide_path, mpp, coords, size0, patch_size, out_size, batch_size,
-                 first_row: int = 0):
+    def __init__(self, slide_path, mpp, coords, size0, patch_size, out_size, batch_size, first_row: int = 0):
         self.slide_path, self.mpp = slide_path, mpp
         self.coords, self.size0, self.patch_size, self.out_size = coords, size0, patch_size, out_size
         starts = range(first_row, len(coords), batch_size)
@@ -142,13 +141,15 @@ class PatchBatches(IterableDataset):
                 failed = 0
                 for s, e in row_runs(coords, self.size0, max_px):
                     try:
-                        out[s:e] = read_patch_row(slide, coords[s:e, 0], coords[s, 1], self.size0,
-                                                  self.patch_size, self.out_size)
+                        out[s:e] = read_patch_row(
+                            slide, coords[s:e, 0], coords[s, 1], self.size0, self.patch_size, self.out_size
+                        )
                     except Exception:
                         for i in range(s, e):
                             try:
-                                out[i] = read_patch(slide, *coords[i], self.size0,
-                                                    self.patch_size, self.out_size)
+                                out[i] = read_patch(
+                                    slide, *coords[i], self.size0, self.patch_size, self.out_size
+                                )
                             except Exception:
                                 out[i] = 255
                                 failed += 1
@@ -160,8 +161,7 @@ class PatchBatches(IterableDataset):
 class EncoderRunner:
     """Runs an encoder on uint8 NHWC batches with the best precision the device offers."""
 
-    def __init__(self, encoder: Encoder, device: str = "auto", precision: str = "auto",
-                 compile: str = "off"):
+    def __init__(self, encoder: Encoder, device: str = "auto", precision: str = "auto", compile: str = "off"):
         self.device = resolve_device(device)
         self.amp_dtype = resolve_precision(precision, self.device)
         self.encoder = encoder.to(self.device).eval().to(memory_format=torch.channels_last)
@@ -176,8 +176,7 @@ class EncoderRunner:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
 
     def maybe_compile(self, n_patches: int) -> None:
-        want = self.compile_mode == "on" or (self.compile_mode == "auto"
-                                             and n_patches >= COMPILE_MIN_PATCHES)
+        want = self.compile_mode == "on" or (self.compile_mode == "auto" and n_patches >= COMPILE_MIN_PATCHES)
         if want and self._compiled is None:
             try:
                 # freezing folds weights into oneDNN-prepacked constants: ~1.5x on CPU
@@ -195,35 +194,58 @@ class EncoderRunner:
         x = x.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
         x = x.contiguous(memory_format=torch.channels_last)
         model = self.encoder if self._compiled is None else self._compiled
-        with torch.autocast(self.device.type, dtype=self.amp_dtype,
-                            enabled=self.amp_dtype is not None):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             feats = model(x)
         return feats[:n].float().cpu().numpy()
 
 
-def extract_features(slide_path, grid: PatchGrid, runner: EncoderRunner, out_path,
-                     cfg: ExtractConfig | None = None, mpp: float | None = None,
-                     on_batch: Callable[[int, int], None] | None = None) -> dict:
+def extract_features(
+    slide_path,
+    grid: PatchGrid,
+    runner: EncoderRunner,
+    out_path,
+    cfg: ExtractConfig | None = None,
+    mpp: float | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> dict:
     """Encode every patch of `grid` and write `out_path` atomically; resumes a partial file.
 
     Returns a summary: patches, failed_patches.
     """
     cfg = cfg or ExtractConfig()
     info = runner.info
-    attrs = {**grid.file_attrs, **provenance(slide_path=str(slide_path)), "encoder": info.name,
-             "encoder_dim": info.dim, "encoder_weights": info.weights,
-             "encoder_input_size": info.input_size, "precision": runner.precision_name}
+    attrs = {
+        **grid.file_attrs,
+        **provenance(slide_path=str(slide_path)),
+        "encoder": info.name,
+        "encoder_dim": info.dim,
+        "encoder_weights": info.weights,
+        "encoder_input_size": info.input_size,
+        "precision": runner.precision_name,
+    }
     writer = FeatureWriter(out_path, grid.coords, info.dim, cfg.dtype, attrs)
     failed_total = 0
     try:
         runner.maybe_compile(len(grid) - writer.n_done)
-        dataset = PatchBatches(slide_path, mpp, grid.coords, grid.patch_size_level0,
-                               grid.patch_size, info.input_size, cfg.batch_size, writer.n_done)
+        dataset = PatchBatches(
+            slide_path,
+            mpp,
+            grid.coords,
+            grid.patch_size_level0,
+            grid.patch_size,
+            info.input_size,
+            cfg.batch_size,
+            writer.n_done,
+        )
         workers = max(0, min(cfg.workers, len(dataset.batches)))
-        loader = DataLoader(dataset, batch_size=None, num_workers=workers,
-                            prefetch_factor=4 if workers else None,
-                            pin_memory=runner.device.type == "cuda",
-                            persistent_workers=False)
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=4 if workers else None,
+            pin_memory=runner.device.type == "cuda",
+            persistent_workers=False,
+        )
         for start, images, failed in loader:
             images = images.numpy() if isinstance(images, torch.Tensor) else images
             feats = runner(images, pad_to=None if runner._compiled is None else cfg.batch_size)

@@ -124,7 +124,7 @@ def froc(slides: list[SlideLocalisation], name: str) -> dict:
         dets.extend((score, k, lesion) for score, lesion in _detections(loc, name))
     dets.sort(key=lambda t: -t[0])
     found, fps, curve = set(), 0, []
-    for score, k, lesion in dets:
+    for _score, k, lesion in dets:
         if lesion >= 0:
             found.add((k, lesion))
         else:
@@ -145,8 +145,9 @@ def evaluate(slides: list[SlideLocalisation], pos_frac: float = 0.5) -> dict:
     for s, f in zip(slides, fracs):
         out["per_slide"][s.slide] = {n: patch_auc(s.scores[n], f, pos_frac) for n in names}
     for n in names:
-        out["pooled_patch_auc"][n] = patch_auc(np.concatenate([s.scores[n] for s in slides]),
-                                               np.concatenate(fracs), pos_frac)
+        out["pooled_patch_auc"][n] = patch_auc(
+            np.concatenate([s.scores[n] for s in slides]), np.concatenate(fracs), pos_frac
+        )
         out["froc"][n] = froc(slides, n)
     return out
 
@@ -165,8 +166,10 @@ def evaluate_folder(scores_dir: str | Path, annotations_dir: str | Path, pos_fra
     slides = []
     for f in files:
         sid = f.name[: -len("_scores.h5")]
-        ann = next((p for p in (annotations_dir / f"{sid}.xml", annotations_dir / f"{sid}.geojson")
-                    if p.exists()), None)
+        ann = next(
+            (p for p in (annotations_dir / f"{sid}.xml", annotations_dir / f"{sid}.geojson") if p.exists()),
+            None,
+        )
         tumour = read_annotation(ann) if ann else MultiPolygon()
         with h5py.File(f) as h:
             coords = h["coords"][:]

@@ -34,15 +34,24 @@ def qupath_geojson(scores: PatchScores, size0: float) -> dict:
     feats = []
     for i, (x, y) in enumerate(scores.coords.tolist()):
         x1, y1 = x + size0, y + size0
-        feats.append({
-            "type": "Feature",
-            "geometry": {"type": "Polygon",
-                         "coordinates": [[[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]]},
-            "properties": {"objectType": "tile", "isLocked": True,
-                           "measurements": {"attention": _finite(scores.attention[i]),
-                                            "inversion": _finite(scores.inversion[i]),
-                                            "score": _finite(scores.score[i])}},
-        })
+        feats.append(
+            {
+                "type": "Feature",
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [[[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]],
+                },
+                "properties": {
+                    "objectType": "tile",
+                    "isLocked": True,
+                    "measurements": {
+                        "attention": _finite(scores.attention[i]),
+                        "inversion": _finite(scores.inversion[i]),
+                        "score": _finite(scores.score[i]),
+                    },
+                },
+            }
+        )
     return {"type": "FeatureCollection", "features": feats}
 
 
@@ -51,9 +60,16 @@ def write_geojson(path: str | Path, scores: PatchScores, size0: float) -> None:
         tmp.write_text(json.dumps(qupath_geojson(scores, size0)))
 
 
-def write_ome_tiff(path: str | Path, scores: PatchScores, size0: float, stride0: float,
-                   slide_size: tuple[int, int], mpp: float, name: str = "score",
-                   tile: int = 512) -> None:
+def write_ome_tiff(
+    path: str | Path,
+    scores: PatchScores,
+    size0: float,
+    stride0: float,
+    slide_size: tuple[int, int],
+    mpp: float,
+    name: str = "score",
+    tile: int = 512,
+) -> None:
     """Pyramidal RGB OME-TIFF of the heatmap at the slide's level-0 size and mpp."""
     import tifffile
 
@@ -72,24 +88,40 @@ def write_ome_tiff(path: str | Path, scores: PatchScores, size0: float, stride0:
         for ty in range(0, lh, tile):
             rows = np.clip(((np.arange(ty, ty + tile) + 0.5) * ds / cell).astype(int), 0, shape[0] - 1)
             for tx in range(0, lw, tile):
-                cols = np.clip(((np.arange(tx, tx + tile) + 0.5) * ds / cell).astype(int), 0,
-                               shape[1] - 1)
+                cols = np.clip(((np.arange(tx, tx + tile) + 0.5) * ds / cell).astype(int), 0, shape[1] - 1)
                 yield rgb_cells[np.ix_(rows, cols)]
 
-    meta = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm",
-            "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm", "Name": f"wsi-mil {name} heatmap"}
+    meta = {
+        "axes": "YXS",
+        "PhysicalSizeX": mpp,
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": mpp,
+        "PhysicalSizeYUnit": "µm",
+        "Name": f"wsi-mil {name} heatmap",
+    }
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=width * height > 2**31, ome=True) as tif:
         opts = dict(tile=(tile, tile), photometric="rgb", compression="zlib", dtype=np.uint8)
-        tif.write(tiles(1), shape=(height, width, 3), subifds=len(levels) - 1, metadata=meta,
-                  resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER", **opts)
+        tif.write(
+            tiles(1),
+            shape=(height, width, 3),
+            subifds=len(levels) - 1,
+            metadata=meta,
+            resolution=(1e4 / mpp, 1e4 / mpp),
+            resolutionunit="CENTIMETER",
+            **opts,
+        )
         for ds in levels[1:]:
-            tif.write(tiles(ds), shape=(max(1, height // ds), max(1, width // ds), 3),
-                      subfiletype=1, resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)),
-                      resolutionunit="CENTIMETER", **opts)
+            tif.write(
+                tiles(ds),
+                shape=(max(1, height // ds), max(1, width // ds), 3),
+                subfiletype=1,
+                resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)),
+                resolutionunit="CENTIMETER",
+                **opts,
+            )
 
 
-def write_dzi(image: np.ndarray, folder: Path, fmt: str = "jpg", tile: int = 254,
-              overlap: int = 1) -> dict:
+def write_dzi(image: np.ndarray, folder: Path, fmt: str = "jpg", tile: int = 254, overlap: int = 1) -> dict:
     """Deep Zoom pyramid of an RGB(A) image into `folder/<level>/<col>_<row>.<fmt>`.
 
     Returns the inline tile-source description OpenSeadragon takes (no XHR needed on file://).
@@ -107,17 +139,26 @@ def write_dzi(image: np.ndarray, folder: Path, fmt: str = "jpg", tile: int = 254
                 x1, y1 = min((col + 1) * tile + overlap, lw), min((row + 1) * tile + overlap, lh)
                 crop = img[y0:y1, x0:x1]
                 if fmt == "jpg":
-                    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR),
-                                           [cv2.IMWRITE_JPEG_QUALITY, 85])
+                    ok, buf = cv2.imencode(
+                        ".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85]
+                    )
                 else:
                     ok, buf = cv2.imencode(".png", cv2.cvtColor(crop, cv2.COLOR_RGBA2BGRA))
                 (d / f"{col}_{row}.{fmt}").write_bytes(buf.tobytes())
         if level:
-            img = cv2.resize(img, (max(1, (lw + 1) // 2), max(1, (lh + 1) // 2)),
-                             interpolation=cv2.INTER_AREA)
-    return {"Image": {"xmlns": "http://schemas.microsoft.com/deepzoom/2008",
-                      "Url": f"{folder.name}/", "Format": fmt, "Overlap": str(overlap),
-                      "TileSize": str(tile), "Size": {"Width": str(w), "Height": str(h)}}}
+            img = cv2.resize(
+                img, (max(1, (lw + 1) // 2), max(1, (lh + 1) // 2)), interpolation=cv2.INTER_AREA
+            )
+    return {
+        "Image": {
+            "xmlns": "http://schemas.microsoft.com/deepzoom/2008",
+            "Url": f"{folder.name}/",
+            "Format": fmt,
+            "Overlap": str(overlap),
+            "TileSize": str(tile),
+            "Size": {"Width": str(w), "Height": str(h)},
+        }
+    }
 
 
 VIEWER_HTML = """<!DOCTYPE html>
@@ -166,9 +207,17 @@ document.getElementById('opacity').oninput = function (e) {{ if (overlay) overla
 """
 
 
-def write_viewer(html_path: str | Path, slide_rgb: np.ndarray, view_px_level0: float,
-                 scores: PatchScores, size0: float, tissue_mask: np.ndarray | None,
-                 title: str, prediction: str, k: int = 12) -> Path:
+def write_viewer(
+    html_path: str | Path,
+    slide_rgb: np.ndarray,
+    view_px_level0: float,
+    scores: PatchScores,
+    size0: float,
+    tissue_mask: np.ndarray | None,
+    title: str,
+    prediction: str,
+    k: int = 12,
+) -> Path:
     """The HTML viewer plus its tile folder `<name>_viewer/` next to it."""
     html_path = Path(html_path)
     folder = html_path.with_name(html_path.stem + "_viewer")
@@ -195,17 +244,33 @@ def write_viewer(html_path: str | Path, slide_rgb: np.ndarray, view_px_level0: f
             crop = cv2.resize(crop, (96, 96), interpolation=cv2.INTER_AREA)
             fname = f"top/{name}_{rank}.jpg"
             cv2.imwrite(str(tmp_folder / fname), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
-            items.append({"src": f"{folder.name}/{fname}", "x": float(x / view_px_level0 / w),
-                          "y": float(y / view_px_level0 / w), "w": float(size0 / view_px_level0 / w),
-                          "value": float(scores.get(name)[i])})
+            items.append(
+                {
+                    "src": f"{folder.name}/{fname}",
+                    "x": float(x / view_px_level0 / w),
+                    "y": float(y / view_px_level0 / w),
+                    "w": float(size0 / view_px_level0 / w),
+                    "value": float(scores.get(name)[i]),
+                }
+            )
         top[name] = items
     for src in [slide_src, *overlays.values()]:  # URLs relative to the HTML file
         src["Image"]["Url"] = f"{folder.name}/{src['Image']['Url']}"
     data = {"slide": slide_src, "overlays": overlays, "top": top}
-    options = "".join(f'<option value="{n}"{" selected" if n == "score" else ""}>'
-                      f'{"combined" if n == "score" else n}</option>' for n in SCORE_NAMES)
-    html = VIEWER_HTML.format(title=title, prediction=prediction, probability=float(scores.prob.max()),
-                              options=options, k=k, folder=folder.name, data=json.dumps(data))
+    options = "".join(
+        f'<option value="{n}"{" selected" if n == "score" else ""}>'
+        f"{'combined' if n == 'score' else n}</option>"
+        for n in SCORE_NAMES
+    )
+    html = VIEWER_HTML.format(
+        title=title,
+        prediction=prediction,
+        probability=float(scores.prob.max()),
+        options=options,
+        k=k,
+        folder=folder.name,
+        data=json.dumps(data),
+    )
     shutil.rmtree(folder, ignore_errors=True)
     tmp_folder.rename(folder)
     with atomic_path(html_path) as tmp:

@@ -40,10 +40,16 @@ class InversionResult:
     losses: list[float]
 
 
-def sparse_inversion(model: MILModel, features: torch.Tensor, coords: torch.Tensor | None = None,
-                     target: int | None = None, steps: int = DEFAULTS["steps"],
-                     lr: float = DEFAULTS["lr"], lam: float = DEFAULTS["lam"],
-                     score: str = DEFAULTS["score"]) -> InversionResult:
+def sparse_inversion(
+    model: MILModel,
+    features: torch.Tensor,
+    coords: torch.Tensor | None = None,
+    target: int | None = None,
+    steps: int = DEFAULTS["steps"],
+    lr: float = DEFAULTS["lr"],
+    lam: float = DEFAULTS["lam"],
+    score: str = DEFAULTS["score"],
+) -> InversionResult:
     """Run ISTA on the bag towards `target` (default: the model's prediction)."""
     if score not in ("survival", "change"):
         raise ValueError("score must be 'survival' or 'change'")

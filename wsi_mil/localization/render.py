@@ -13,8 +13,9 @@ import numpy as np
 from ..tissue import TissueMask
 
 
-def splat(coords: np.ndarray, values: np.ndarray, size0: float, shape: tuple[int, int],
-          px_level0: float) -> tuple[np.ndarray, np.ndarray]:
+def splat(
+    coords: np.ndarray, values: np.ndarray, size0: float, shape: tuple[int, int], px_level0: float
+) -> tuple[np.ndarray, np.ndarray]:
     """(sum, count) rasters [h, w] of `values` over their level-0 patch boxes."""
     h, w = shape
     acc = np.zeros((h + 1, w + 1), np.float64)
@@ -31,8 +32,14 @@ def splat(coords: np.ndarray, values: np.ndarray, size0: float, shape: tuple[int
     return acc.cumsum(0).cumsum(1)[:h, :w], cnt.cumsum(0).cumsum(1)[:h, :w]
 
 
-def score_raster(coords: np.ndarray, values: np.ndarray, size0: float, shape: tuple[int, int],
-                 px_level0: float, blur_px: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def score_raster(
+    coords: np.ndarray,
+    values: np.ndarray,
+    size0: float,
+    shape: tuple[int, int],
+    px_level0: float,
+    blur_px: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean score per cell and a coverage mask; optional normalised Gaussian blur."""
     acc, cnt = splat(coords, np.nan_to_num(values, nan=0.0), size0, shape, px_level0)
     covered = cnt > 0.5
@@ -52,9 +59,17 @@ def colourise(values: np.ndarray, alpha_mask: np.ndarray, cmap: str = "jet") -> 
     return rgba
 
 
-def heatmap_overlay(thumb: np.ndarray, thumb_px_level0: float, coords: np.ndarray,
-                    values: np.ndarray, size0: float, tissue: TissueMask | None = None,
-                    blur: bool = True, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+def heatmap_overlay(
+    thumb: np.ndarray,
+    thumb_px_level0: float,
+    coords: np.ndarray,
+    values: np.ndarray,
+    size0: float,
+    tissue: TissueMask | None = None,
+    blur: bool = True,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+) -> np.ndarray:
     """The thumbnail with the heatmap blended in, coloured only over scored tissue."""
     h, w = thumb.shape[:2]
     blur_px = 0.5 * size0 / thumb_px_level0 if blur else 0.0
@@ -84,8 +99,13 @@ def overlay_figure(overlay: np.ndarray, title: str, out_png, label: str = "score
     ax.imshow(overlay)
     ax.set_axis_off()
     ax.set_title(title, fontsize=10)
-    fig.colorbar(ScalarMappable(Normalize(0, 1), "jet"), ax=ax, fraction=0.03, pad=0.01,
-                 label=f"{label} (rank within slide; high = evidence for the prediction)")
+    fig.colorbar(
+        ScalarMappable(Normalize(0, 1), "jet"),
+        ax=ax,
+        fraction=0.03,
+        pad=0.01,
+        label=f"{label} (rank within slide; high = evidence for the prediction)",
+    )
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -39,8 +39,12 @@ class PatchScores:
     size0: float = 256.0  # patch side in level-0 pixels
 
     def get(self, name: str) -> np.ndarray:
-        return {"attention": self.attention, "inversion": self.inversion, "score": self.score,
-                "combined": self.score}[name]
+        return {
+            "attention": self.attention,
+            "inversion": self.inversion,
+            "score": self.score,
+            "combined": self.score,
+        }[name]
 
     def save(self, path: str | Path) -> None:
         """HDF5 (`.h5`) or CSV, atomically."""
@@ -51,9 +55,15 @@ class PatchScores:
             if path.suffix == ".csv":
                 import pandas as pd
 
-                pd.DataFrame({"x": self.coords[:, 0], "y": self.coords[:, 1],
-                              "attention": self.attention, "inversion": self.inversion,
-                              "score": self.score}).to_csv(tmp, index=False)
+                pd.DataFrame(
+                    {
+                        "x": self.coords[:, 0],
+                        "y": self.coords[:, 1],
+                        "attention": self.attention,
+                        "inversion": self.inversion,
+                        "score": self.score,
+                    }
+                ).to_csv(tmp, index=False)
             else:
                 import h5py
 
@@ -66,9 +76,14 @@ class PatchScores:
                     f.attrs["patch_size_level0"] = self.size0
 
 
-def score_bag(models: list[MILModel], features: torch.Tensor, coords: torch.Tensor,
-              inversion_weight: float = 0.5, target: int | None = None,
-              **inversion_kw) -> PatchScores:
+def score_bag(
+    models: list[MILModel],
+    features: torch.Tensor,
+    coords: torch.Tensor,
+    inversion_weight: float = 0.5,
+    target: int | None = None,
+    **inversion_kw,
+) -> PatchScores:
     """Attention + inversion scores averaged over `models` (e.g. the folds of a run)."""
     kw = {**{k: v for k, v in DEFAULTS.items()}, **inversion_kw}
     with torch.no_grad():
@@ -82,6 +97,7 @@ def score_bag(models: list[MILModel], features: torch.Tensor, coords: torch.Tens
         res = sparse_inversion(m, features, coords, predicted, **kw)
         inv.append(rank_normalise(res.scores.cpu().numpy()))
     attention, inversion = np.mean(att, 0), np.mean(inv, 0)
-    combined = (1 - inversion_weight) * rank_normalise(attention) + inversion_weight * rank_normalise(inversion)
-    return PatchScores(coords.cpu().numpy().astype(np.int64), attention, inversion, combined,
-                       prob, predicted)
+    combined = (1 - inversion_weight) * rank_normalise(attention) + inversion_weight * rank_normalise(
+        inversion
+    )
+    return PatchScores(coords.cpu().numpy().astype(np.int64), attention, inversion, combined, prob, predicted)

@@ -15,8 +15,16 @@ from .base import GatedAttention, MILModel, MILOutput
 
 
 class ABMIL(MILModel):
-    def __init__(self, in_dim: int, n_classes: int = 2, hidden: int = 512, attn_dim: int = 256,
-                 dropout: float = 0.25, pooling: str = "gated", **prob_kw):
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int = 2,
+        hidden: int = 512,
+        attn_dim: int = 256,
+        dropout: float = 0.25,
+        pooling: str = "gated",
+        **prob_kw,
+    ):
         super().__init__()
         self.n_classes = n_classes
         self.fc = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))

@@ -36,8 +36,17 @@ def knn_from_coords(coords: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class CAMIL(MILModel):
-    def __init__(self, in_dim: int, n_classes: int = 2, dim: int = 512, heads: int = 8,
-                 landmarks: int = 256, k: int = 8, attn_dim: int = 128, dropout: float = 0.1):
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int = 2,
+        dim: int = 512,
+        heads: int = 8,
+        landmarks: int = 256,
+        k: int = 8,
+        attn_dim: int = 128,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.n_classes, self.k = n_classes, k
         self.fc = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())

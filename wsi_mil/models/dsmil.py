@@ -26,8 +26,7 @@ class DSMIL(MILModel):
         super().__init__()
         self.n_classes = n_classes
         self.instance_classifier = nn.Linear(in_dim, n_classes)
-        self.q = nn.Sequential(nn.Linear(in_dim, q_dim), nn.ReLU(), nn.Linear(q_dim, q_dim),
-                               nn.Tanh())
+        self.q = nn.Sequential(nn.Linear(in_dim, q_dim), nn.ReLU(), nn.Linear(q_dim, q_dim), nn.Tanh())
         self.v = nn.Dropout(dropout_v)
         self.fcc = nn.Conv1d(n_classes, n_classes, kernel_size=in_dim)
         self.q_dim = q_dim
@@ -47,4 +46,5 @@ class DSMIL(MILModel):
     def loss(self, out: MILOutput, label: torch.Tensor) -> torch.Tensor:
         y = label.view(1)
         return 0.5 * F.cross_entropy(out.logits.unsqueeze(0), y) + 0.5 * F.cross_entropy(
-            out.extras["max_logits"].unsqueeze(0), y)
+            out.extras["max_logits"].unsqueeze(0), y
+        )

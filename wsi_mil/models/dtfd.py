@@ -24,8 +24,17 @@ from .base import GatedAttention, MILModel, MILOutput
 
 
 class DTFDMIL(MILModel):
-    def __init__(self, in_dim: int, n_classes: int = 2, hidden: int = 512, attn_dim: int = 128,
-                 n_groups: int = 4, distill: str = "AFS", dropout: float = 0.0, eval_seed: int = 0):
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int = 2,
+        hidden: int = 512,
+        attn_dim: int = 128,
+        n_groups: int = 4,
+        distill: str = "AFS",
+        dropout: float = 0.0,
+        eval_seed: int = 0,
+    ):
         super().__init__()
         if distill not in ("AFS", "MaxS", "MaxMinS"):
             raise ValueError("distill must be AFS, MaxS or MaxMinS")

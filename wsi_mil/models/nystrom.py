@@ -29,17 +29,25 @@ def pinv_iterative(x: torch.Tensor, iters: int = 6) -> torch.Tensor:
 
 
 class NystromAttention(nn.Module):
-    def __init__(self, dim: int, heads: int = 8, dim_head: int | None = None,
-                 landmarks: int = 256, pinv_iters: int = 6, residual_kernel: int = 33,
-                 dropout: float = 0.1):
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        dim_head: int | None = None,
+        landmarks: int = 256,
+        pinv_iters: int = 6,
+        residual_kernel: int = 33,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         dim_head = dim_head or dim // heads
         self.heads, self.dim_head, self.landmarks, self.pinv_iters = heads, dim_head, landmarks, pinv_iters
         self.scale = dim_head**-0.5
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_out = nn.Sequential(nn.Linear(heads * dim_head, dim), nn.Dropout(dropout))
-        self.res_conv = nn.Conv2d(heads, heads, (residual_kernel, 1),
-                                  padding=(residual_kernel // 2, 0), groups=heads, bias=False)
+        self.res_conv = nn.Conv2d(
+            heads, heads, (residual_kernel, 1), padding=(residual_kernel // 2, 0), groups=heads, bias=False
+        )
 
     def qk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled queries and keys [1, h, n, d] (for reading out one token's exact attention)."""

@@ -37,9 +37,16 @@ from .base import MILModel, MILOutput
 class ProbabilityAttention(nn.Module):
     """Attention computed from instance class probabilities against momentum prototypes."""
 
-    def __init__(self, dim: int, n_classes: int, similarity: str = "dot",
-                 temperature: float = 0.1, gamma: float = 0.001, prototype_update: str = "mean",
-                 attn_scale: float = 10.0):
+    def __init__(
+        self,
+        dim: int,
+        n_classes: int,
+        similarity: str = "dot",
+        temperature: float = 0.1,
+        gamma: float = 0.001,
+        prototype_update: str = "mean",
+        attn_scale: float = 10.0,
+    ):
         super().__init__()
         self.attn_scale = attn_scale
         if similarity not in ("dot", "cosine"):
@@ -91,15 +98,29 @@ def alignment_loss(view_probs: list[torch.Tensor]) -> torch.Tensor:
 
 
 class PSMIL(MILModel):
-    def __init__(self, in_dim: int, n_classes: int = 2, hidden: int = 512, dropout: float = 0.0,
-                 similarity: str = "dot", temperature: float = 0.1, gamma: float = 0.001,
-                 prototype_update: str = "mean", attn_scale: float = 10.0, align_lambda: float = 0.0, align_tau: int = 10,
-                 n_views: int = 2, view_dropout: float = 0.1, view_noise: float = 0.1):
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int = 2,
+        hidden: int = 512,
+        dropout: float = 0.0,
+        similarity: str = "dot",
+        temperature: float = 0.1,
+        gamma: float = 0.001,
+        prototype_update: str = "mean",
+        attn_scale: float = 10.0,
+        align_lambda: float = 0.0,
+        align_tau: int = 10,
+        n_views: int = 2,
+        view_dropout: float = 0.1,
+        view_noise: float = 0.1,
+    ):
         super().__init__()
         self.n_classes = n_classes
         self.fc = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
-        self.pool = ProbabilityAttention(hidden, n_classes, similarity, temperature, gamma,
-                                         prototype_update, attn_scale)
+        self.pool = ProbabilityAttention(
+            hidden, n_classes, similarity, temperature, gamma, prototype_update, attn_scale
+        )
         self.classifier = nn.Linear(hidden, n_classes)
         self.align_lambda, self.align_tau = align_lambda, align_tau
         self.n_views, self.view_dropout, self.view_noise = n_views, view_dropout, view_noise
@@ -114,9 +135,12 @@ class PSMIL(MILModel):
         aux = None
         weight = self.align_lambda * min(self.epoch, self.align_tau)
         if self.training and weight > 0:
-            views = [self.pool.probabilities(
-                F.dropout(h, self.view_dropout) + self.view_noise * torch.randn_like(h))
-                for _ in range(self.n_views)]
+            views = [
+                self.pool.probabilities(
+                    F.dropout(h, self.view_dropout) + self.view_noise * torch.randn_like(h)
+                )
+                for _ in range(self.n_views)
+            ]
             aux = weight * alignment_loss(views)
         return MILOutput(self.classifier(z), a, aux, {"h": h})
 

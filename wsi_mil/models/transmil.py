@@ -44,8 +44,7 @@ class PPEG(nn.Module):
 
 
 class TransMIL(MILModel):
-    def __init__(self, in_dim: int, n_classes: int = 2, dim: int = 512, heads: int = 8,
-                 landmarks: int = 256):
+    def __init__(self, in_dim: int, n_classes: int = 2, dim: int = 512, heads: int = 8, landmarks: int = 256):
         super().__init__()
         self.n_classes = n_classes
         self.fc1 = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())

@@ -20,8 +20,9 @@ def build_labels(root: str | Path) -> pd.DataFrame:
     rows = []
     for label in ("normal", "tumor"):
         for p in sorted((root / "training" / label).glob(f"{label}_*.tif")):
-            rows.append({"slide_id": p.stem, "label": label, "case_id": p.stem, "split": "train",
-                         "path": str(p)})
+            rows.append(
+                {"slide_id": p.stem, "label": label, "case_id": p.stem, "split": "train", "path": str(p)}
+            )
     ref = root / "testing" / "reference.csv"
     if ref.exists():
         with open(ref, newline="") as fh:
@@ -31,11 +32,20 @@ def build_labels(root: str | Path) -> pd.DataFrame:
                 sid = row[0].strip().lower()
                 p = root / "testing" / "images" / f"{sid}.tif"
                 if p.exists():
-                    rows.append({"slide_id": sid, "label": row[1].strip().lower(), "case_id": sid,
-                                 "split": "test", "path": str(p)})
+                    rows.append(
+                        {
+                            "slide_id": sid,
+                            "label": row[1].strip().lower(),
+                            "case_id": sid,
+                            "split": "test",
+                            "path": str(p),
+                        }
+                    )
     if not rows:
-        raise WsiMilError(f"{root}: no Camelyon16 slides found (expected training/normal, "
-                          "training/tumor and testing/images with testing/reference.csv)")
+        raise WsiMilError(
+            f"{root}: no Camelyon16 slides found (expected training/normal, "
+            "training/tumor and testing/images with testing/reference.csv)"
+        )
     return pd.DataFrame(rows)
 
 

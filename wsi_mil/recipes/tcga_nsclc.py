@@ -21,9 +21,10 @@ def build_labels(root: str | Path) -> pd.DataFrame:
     rows = []
     for project, label in PROJECTS.items():
         for p in sorted((root / project).rglob("*.svs")):
-            rows.append({"slide_id": p.stem, "label": label, "case_id": p.name[:12],
-                         "path": str(p)})
+            rows.append({"slide_id": p.stem, "label": label, "case_id": p.name[:12], "path": str(p)})
     if not rows:
-        raise WsiMilError(f"{root}: no slides under TCGA-LUAD/ or TCGA-LUSC/ (download the "
-                          "diagnostic slides of both projects from the GDC portal)")
+        raise WsiMilError(
+            f"{root}: no slides under TCGA-LUAD/ or TCGA-LUSC/ (download the "
+            "diagnostic slides of both projects from the GDC portal)"
+        )
     return pd.DataFrame(rows).drop_duplicates("slide_id")

@@ -59,8 +59,13 @@ def _ensemble(fold_probs: list[np.ndarray], thresholds: list[float | None]):
     return mean_prob, votes, majority_vote(votes, mean_prob)
 
 
-def _plots(model_dir: Path, y: np.ndarray | None, mean_prob: np.ndarray | None,
-           histories: list[pd.DataFrame], classes: list[str]) -> None:
+def _plots(
+    model_dir: Path,
+    y: np.ndarray | None,
+    mean_prob: np.ndarray | None,
+    histories: list[pd.DataFrame],
+    classes: list[str],
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,13 +100,21 @@ def _plots(model_dir: Path, y: np.ndarray | None, mean_prob: np.ndarray | None,
 
 
 def _datasets(df: pd.DataFrame, cfg: TrainConfig, training: bool) -> BagDataset:
-    return BagDataset(df.path.tolist(), df.label.tolist(), cfg.preload,
-                      cfg.max_instances if training else None, cfg.seed)
+    return BagDataset(
+        df.path.tolist(), df.label.tolist(), cfg.preload, cfg.max_instances if training else None, cfg.seed
+    )
 
 
-def train_one_fold(model_name: str, splits: pd.DataFrame, classes: list[str], cfg: TrainConfig,
-                   out: Path, k: int, device: torch.device | str = "cpu",
-                   progress: Callable[[str], None] | None = None) -> Path:
+def train_one_fold(
+    model_name: str,
+    splits: pd.DataFrame,
+    classes: list[str],
+    cfg: TrainConfig,
+    out: Path,
+    k: int,
+    device: torch.device | str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> Path:
     """Train fold k of one model and write its folder (skipped when already done)."""
     device = torch.device(device)
     fold_dir = Path(out) / model_name / f"fold_{k}"
@@ -113,25 +126,42 @@ def train_one_fold(model_name: str, splits: pd.DataFrame, classes: list[str], cf
         progress(f"{model_name} fold {k + 1}/{n_folds}")
     tr, va = train_df[train_df.fold != k], train_df[train_df.fold == k]
     train_ds, val_ds = _datasets(tr, cfg, True), _datasets(va, cfg, False)
-    res = train_fold(model_name, cfg.model_kwargs, train_ds, val_ds, len(classes), cfg,
-                     cfg.seed * 100 + int(k), device,
-                     on_epoch=(lambda r: progress(f"{model_name} fold {k + 1} epoch "
-                                                  f"{r['epoch']} val AUC {r['val_auc']:.3f}"))
-                     if progress else None)
+    res = train_fold(
+        model_name,
+        cfg.model_kwargs,
+        train_ds,
+        val_ds,
+        len(classes),
+        cfg,
+        cfg.seed * 100 + int(k),
+        device,
+        on_epoch=(
+            lambda r: progress(f"{model_name} fold {k + 1} epoch {r['epoch']} val AUC {r['val_auc']:.3f}")
+        )
+        if progress
+        else None,
+    )
     fold_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(res.history).to_csv(fold_dir / "history.csv", index=False)
     _write_json(fold_dir / "val_metrics.json", {**res.val_metrics, "best_epoch": res.best_epoch})
-    ckpt = {"model": model_name, "kwargs": cfg.model_kwargs, "in_dim": train_ds.in_dim,
-            "n_classes": len(classes), "classes": classes, "state_dict": res.state_dict,
-            "threshold": res.threshold}
+    ckpt = {
+        "model": model_name,
+        "kwargs": cfg.model_kwargs,
+        "in_dim": train_ds.in_dim,
+        "n_classes": len(classes),
+        "classes": classes,
+        "state_dict": res.state_dict,
+        "threshold": res.threshold,
+    }
     with atomic_path(fold_dir / "model.pt") as tmp:
         torch.save(ckpt, tmp)
     _write_json(fold_dir / "threshold.json", {"threshold": res.threshold})  # marks the fold done
     return fold_dir
 
 
-def summarise_model(model_name: str, splits: pd.DataFrame, cohort: Cohort, cfg: TrainConfig,
-                    out: Path, device: torch.device) -> dict:
+def summarise_model(
+    model_name: str, splits: pd.DataFrame, cohort: Cohort, cfg: TrainConfig, out: Path, device: torch.device
+) -> dict:
     """Test-set ensemble, metrics, predictions and plots from a model's finished folds."""
     model_dir = out / model_name
     train_df = splits[splits.split == "train"]
@@ -147,9 +177,12 @@ def summarise_model(model_name: str, splits: pd.DataFrame, cohort: Cohort, cfg: 
         if test_ds is not None:
             fold_probs.append(predict_probs(model, test_ds, device))
 
-    result = {"model": model_name, "folds": fold_val,
-              "val_mean": {m: float(np.nanmean([f[m] for f in fold_val])) for m in METRICS},
-              "val_std": {m: float(np.nanstd([f[m] for f in fold_val])) for m in METRICS}}
+    result = {
+        "model": model_name,
+        "folds": fold_val,
+        "val_mean": {m: float(np.nanmean([f[m] for f in fold_val])) for m in METRICS},
+        "val_std": {m: float(np.nanstd([f[m] for f in fold_val])) for m in METRICS},
+    }
     y = mean_prob = None
     if test_ds is not None:
         y = test_df.label.values
@@ -171,9 +204,15 @@ def summarise_model(model_name: str, splits: pd.DataFrame, cohort: Cohort, cfg: 
     return result
 
 
-def run_model(model_name: str, splits: pd.DataFrame, cohort: Cohort, cfg: TrainConfig,
-              out: Path, device: torch.device,
-              progress: Callable[[str], None] | None = None) -> dict:
+def run_model(
+    model_name: str,
+    splits: pd.DataFrame,
+    cohort: Cohort,
+    cfg: TrainConfig,
+    out: Path,
+    device: torch.device,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """All folds of one model (resuming finished ones), then the test ensemble and metrics."""
     for k in sorted(splits[splits.split == "train"].fold.unique()):
         train_one_fold(model_name, splits, cohort.classes, cfg, out, int(k), device, progress)
@@ -189,35 +228,61 @@ def _fmt(v, ci=None) -> str:
 def write_report(out: Path, results: list[dict], splits: pd.DataFrame, cfg: TrainConfig) -> str:
     n_test = int((splits.split == "test").sum())
     n_train = int((splits.split == "train").sum())
-    lines = [f"# wsi-mil cross-validation report", "",
-             f"{n_train} training slides in {splits[splits.split == 'train'].fold.nunique()} "
-             f"folds (grouped by case), {n_test} held-out test slides; seed {cfg.seed}.", ""]
+    lines = [
+        "# wsi-mil cross-validation report",
+        "",
+        f"{n_train} training slides in {splits[splits.split == 'train'].fold.nunique()} "
+        f"folds (grouped by case), {n_test} held-out test slides; seed {cfg.seed}.",
+        "",
+    ]
     if n_test:
-        lines += ["## Test set: majority vote of the fold models (AUC from mean probability), "
-                  "95% bootstrap CI", "",
-                  "| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+        lines += [
+            "## Test set: majority vote of the fold models (AUC from mean probability), 95% bootstrap CI",
+            "",
+            "| model | " + " | ".join(METRICS) + " |",
+            "|---" * (len(METRICS) + 1) + "|",
+        ]
         for r in results:
-            lines.append(f"| {r['model']} | " + " | ".join(
-                _fmt(r["test"][m], r["test_ci"][m]) for m in METRICS) + " |")
+            lines.append(
+                f"| {r['model']} | " + " | ".join(_fmt(r["test"][m], r["test_ci"][m]) for m in METRICS) + " |"
+            )
         lines.append("")
-    lines += ["## Validation folds: mean +/- std", "",
-              "Validation metrics are taken at the epoch chosen on that same fold, so they are "
-              "optimistic; the held-out test set is the unbiased estimate.", "",
-              "| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    lines += [
+        "## Validation folds: mean +/- std",
+        "",
+        "Validation metrics are taken at the epoch chosen on that same fold, so they are "
+        "optimistic; the held-out test set is the unbiased estimate.",
+        "",
+        "| model | " + " | ".join(METRICS) + " |",
+        "|---" * (len(METRICS) + 1) + "|",
+    ]
     for r in results:
-        lines.append(f"| {r['model']} | " + " | ".join(
-            f"{r['val_mean'][m]:.3f} +/- {r['val_std'][m]:.3f}" for m in METRICS) + " |")
-    lines += ["", "Per model: `<model>/metrics.json`, `predictions.csv`, `roc.png`, "
-              "`training_curves.png`; per fold: `model.pt`, `threshold.json`, `history.csv`."]
+        lines.append(
+            f"| {r['model']} | "
+            + " | ".join(f"{r['val_mean'][m]:.3f} +/- {r['val_std'][m]:.3f}" for m in METRICS)
+            + " |"
+        )
+    lines += [
+        "",
+        "Per model: `<model>/metrics.json`, `predictions.csv`, `roc.png`, "
+        "`training_curves.png`; per fold: `model.pt`, `threshold.json`, `history.csv`.",
+    ]
     text = "\n".join(lines) + "\n"
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(text)
     return text
 
 
-def run_crossval(features_dir: str | Path, labels_csv: str | Path, out: str | Path,
-                 cfg: TrainConfig, models: list[str], allow_missing: bool = False,
-                 progress: Callable[[str], None] | None = None, client=None) -> list[dict]:
+def run_crossval(
+    features_dir: str | Path,
+    labels_csv: str | Path,
+    out: str | Path,
+    cfg: TrainConfig,
+    models: list[str],
+    allow_missing: bool = False,
+    progress: Callable[[str], None] | None = None,
+    client=None,
+) -> list[dict]:
     """The whole protocol for each model on the same splits; returns per-model results.
 
     With a Dask `client`, folds (and models) train in parallel on its workers."""
@@ -230,15 +295,23 @@ def run_crossval(features_dir: str | Path, labels_csv: str | Path, out: str | Pa
         if set(splits.slide_id) != set(cohort.table.slide_id):
             raise WsiMilError(f"{out}: this run was started with other slides; use a new --out")
         splits = splits.drop(columns=["path"], errors="ignore").merge(
-            cohort.table[["slide_id", "path"]], on="slide_id")
+            cohort.table[["slide_id", "path"]], on="slide_id"
+        )
     else:
         splits = make_splits(cohort, cfg.folds, cfg.test_frac, cfg.seed)
         with atomic_path(splits_path) as tmp:
             splits.drop(columns=["path"]).to_csv(tmp, index=False)
     with atomic_path(out / "config.yaml") as tmp:
-        tmp.write_text(yaml.safe_dump({"train": cfg.model_dump(), "models": models,
-                                       "features_dir": str(Path(features_dir).resolve()),
-                                       "labels": str(Path(labels_csv).resolve())}))
+        tmp.write_text(
+            yaml.safe_dump(
+                {
+                    "train": cfg.model_dump(),
+                    "models": models,
+                    "features_dir": str(Path(features_dir).resolve()),
+                    "labels": str(Path(labels_csv).resolve()),
+                }
+            )
+        )
     _write_json(out / "classes.json", cohort.classes)
     for m in models:
         create_model(m, 8, len(cohort.classes), **cfg.model_kwargs)  # fail fast on bad names
@@ -252,13 +325,15 @@ def run_crossval(features_dir: str | Path, labels_csv: str | Path, out: str | Pa
     return results
 
 
-def predict_run(run: str | Path, features_dir: str | Path, out_csv: str | Path | None = None,
-                device: str = "auto") -> pd.DataFrame:
+def predict_run(
+    run: str | Path, features_dir: str | Path, out_csv: str | Path | None = None, device: str = "auto"
+) -> pd.DataFrame:
     """Apply every model's fold ensemble in `run` to all feature files in `features_dir`."""
     run, features_dir = Path(run), Path(features_dir)
     if not (run / "classes.json").exists():
-        raise WsiMilError(f"{run}: not a crossval run folder (no classes.json); pass the --out "
-                          "folder of 'wsi-mil crossval'")
+        raise WsiMilError(
+            f"{run}: not a crossval run folder (no classes.json); pass the --out folder of 'wsi-mil crossval'"
+        )
     classes = json.loads((run / "classes.json").read_text())
     files = sorted(features_dir.glob("*.h5"))
     if not files:

@@ -29,20 +29,22 @@ class Cohort:
     classes: list[str]
 
 
-def load_labels(labels_csv: str | Path, features_dir: str | Path,
-                allow_missing: bool = False) -> Cohort:
+def load_labels(labels_csv: str | Path, features_dir: str | Path, allow_missing: bool = False) -> Cohort:
     """Match label rows to `<features_dir>/<slide_id>.h5`; one clear error for any mismatch."""
     labels_csv, features_dir = Path(labels_csv), Path(features_dir)
     if not labels_csv.exists():
         raise WsiMilError(f"{labels_csv}: labels file not found")
     if not features_dir.is_dir():
-        raise WsiMilError(f"{features_dir}: no such features folder; run 'wsi-mil extract' first "
-                          "and pass its features/<encoder> folder")
+        raise WsiMilError(
+            f"{features_dir}: no such features folder; run 'wsi-mil extract' first "
+            "and pass its features/<encoder> folder"
+        )
     df = pd.read_csv(labels_csv, dtype={"slide_id": str, "case_id": str})
     missing_cols = {"slide_id", "label"} - set(df.columns)
     if missing_cols:
-        raise WsiMilError(f"{labels_csv}: needs columns slide_id,label (missing "
-                          f"{', '.join(sorted(missing_cols))})")
+        raise WsiMilError(
+            f"{labels_csv}: needs columns slide_id,label (missing {', '.join(sorted(missing_cols))})"
+        )
     df = df.dropna(subset=["slide_id", "label"]).drop_duplicates("slide_id")
     files = {p.stem: p for p in features_dir.glob("*.h5")}
     no_file = sorted(set(df.slide_id) - set(files))
@@ -50,11 +52,14 @@ def load_labels(labels_csv: str | Path, features_dir: str | Path,
     if no_file or no_label:
         parts = []
         if no_file:
-            parts.append(f"{len(no_file)} labelled slide(s) have no feature file in "
-                         f"{features_dir}: {', '.join(no_file[:8])}")
+            parts.append(
+                f"{len(no_file)} labelled slide(s) have no feature file in "
+                f"{features_dir}: {', '.join(no_file[:8])}"
+            )
         if no_label:
-            parts.append(f"{len(no_label)} feature file(s) have no label in {labels_csv}: "
-                         f"{', '.join(no_label[:8])}")
+            parts.append(
+                f"{len(no_label)} feature file(s) have no label in {labels_csv}: {', '.join(no_label[:8])}"
+            )
         msg = "; ".join(parts)
         if not allow_missing:
             raise WsiMilError(msg + " (fix the CSV, or pass --allow-missing to skip them)")
@@ -69,8 +74,11 @@ def load_labels(labels_csv: str | Path, features_dir: str | Path,
         names = numeric.astype(int).astype(str)
     else:
         classes = sorted(names.unique())
-    df = df.assign(label_name=names.values, label=names.map({c: i for i, c in enumerate(classes)}).values,
-                   path=df.slide_id.map(lambda s: str(files[s])))
+    df = df.assign(
+        label_name=names.values,
+        label=names.map({c: i for i, c in enumerate(classes)}).values,
+        path=df.slide_id.map(lambda s: str(files[s])),
+    )
     if "case_id" not in df.columns:
         df["case_id"] = df["slide_id"]
     df["case_id"] = df["case_id"].fillna(df["slide_id"])
@@ -89,8 +97,9 @@ def _stratified_group_folds(labels, groups, k, seed) -> np.ndarray:
     per_class = pd.Series(groups).groupby(np.asarray(labels)).nunique().min()
     k_eff = max(2, min(k, int(per_class)))
     if k_eff < k:
-        log.warning("only %d case(s) in the smallest class: using %d folds instead of %d",
-                    per_class, k_eff, k)
+        log.warning(
+            "only %d case(s) in the smallest class: using %d folds instead of %d", per_class, k_eff, k
+        )
     fold = np.full(len(labels), -1)
     cv = StratifiedGroupKFold(n_splits=k_eff, shuffle=True, random_state=seed)
     for i, (_, val) in enumerate(cv.split(np.zeros(len(labels)), labels, groups)):
@@ -109,11 +118,13 @@ def make_splits(cohort: Cohort, folds: int = 5, test_frac: float = 0.25, seed: i
             df.loc[test_fold == 0, "split"] = "test"
     train = df.split == "train"
     if train.sum() < 4:
-        raise WsiMilError(f"only {int(train.sum())} training slides: too few for {folds}-fold "
-                          "cross-validation")
+        raise WsiMilError(
+            f"only {int(train.sum())} training slides: too few for {folds}-fold cross-validation"
+        )
     df["fold"] = -1
-    df.loc[train, "fold"] = _stratified_group_folds(df.label[train].values,
-                                                    df.case_id[train].values, folds, seed + 1)
+    df.loc[train, "fold"] = _stratified_group_folds(
+        df.label[train].values, df.case_id[train].values, folds, seed + 1
+    )
     return df
 
 
@@ -125,8 +136,14 @@ class BagDataset(torch.utils.data.Dataset):
     `max_instances` samples that many instances per bag (training only, seeded per access).
     """
 
-    def __init__(self, paths: list[str], labels: list[int], preload: bool = True,
-                 max_instances: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        paths: list[str],
+        labels: list[int],
+        preload: bool = True,
+        max_instances: int | None = None,
+        seed: int = 0,
+    ):
         self.paths, self.labels = list(paths), list(labels)
         self.max_instances = max_instances
         self.rng = np.random.default_rng(seed)
@@ -135,8 +152,9 @@ class BagDataset(torch.utils.data.Dataset):
             self.cache = []
             for p in self.paths:
                 bag = read_features(p)
-                self.cache.append((torch.from_numpy(bag.features.astype(np.float16)),
-                                   torch.from_numpy(bag.coords)))
+                self.cache.append(
+                    (torch.from_numpy(bag.features.astype(np.float16)), torch.from_numpy(bag.coords))
+                )
 
     @property
     def in_dim(self) -> int:

@@ -42,9 +42,17 @@ def predict_probs(model: MILModel, dataset: BagDataset, device: torch.device) ->
     return np.stack(out)
 
 
-def train_fold(model_name: str, model_kwargs: dict, train: BagDataset, val: BagDataset,
-               n_classes: int, cfg: TrainConfig, seed: int, device: torch.device,
-               on_epoch: Callable[[dict], None] | None = None) -> FoldResult:
+def train_fold(
+    model_name: str,
+    model_kwargs: dict,
+    train: BagDataset,
+    val: BagDataset,
+    n_classes: int,
+    cfg: TrainConfig,
+    seed: int,
+    device: torch.device,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> FoldResult:
     """Train with early stopping on validation AUC (ties: lower validation loss)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -75,8 +83,14 @@ def train_fold(model_name: str, model_kwargs: dict, train: BagDataset, val: BagD
         val_loss = float(-np.log(prob[np.arange(len(y_val)), y_val].clip(1e-8)).mean())
         val_auc = auc_score(y_val, prob)
         key_auc = val_auc if np.isfinite(val_auc) else -val_loss
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
-               "val_auc": val_auc, "seconds": time.perf_counter() - t0, "load_seconds": load_s}
+        row = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "val_loss": val_loss,
+            "val_auc": val_auc,
+            "seconds": time.perf_counter() - t0,
+            "load_seconds": load_s,
+        }
         history.append(row)
         if on_epoch:
             on_epoch(row)
@@ -91,5 +105,4 @@ def train_fold(model_name: str, model_kwargs: dict, train: BagDataset, val: BagD
     prob = predict_probs(model, val, device)
     threshold = youden_threshold(y_val, prob[:, 1]) if n_classes == 2 else None
     metrics = compute_metrics(y_val, prob, decide(prob, threshold))
-    return FoldResult({k: v.cpu() for k, v in best_state.items()}, best_epoch, threshold,
-                      metrics, history)
+    return FoldResult({k: v.cpu() for k, v in best_state.items()}, best_epoch, threshold, metrics, history)

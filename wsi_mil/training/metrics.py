@@ -31,10 +31,19 @@ def compute_metrics(y: np.ndarray, prob: np.ndarray, pred: np.ndarray) -> dict[s
     binary = prob.shape[1] == 2
     return {
         "accuracy": float(accuracy_score(y, pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if len(np.unique(y)) > 1 else float("nan"),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred))
+        if len(np.unique(y)) > 1
+        else float("nan"),
         "auc": auc_score(y, prob),
-        "f1": float(f1_score(y, pred, average="binary" if binary else "macro", zero_division=0,
-                             labels=None if binary else np.arange(prob.shape[1]))),
+        "f1": float(
+            f1_score(
+                y,
+                pred,
+                average="binary" if binary else "macro",
+                zero_division=0,
+                labels=None if binary else np.arange(prob.shape[1]),
+            )
+        ),
     }
 
 
@@ -67,8 +76,9 @@ def majority_vote(votes: np.ndarray, mean_prob: np.ndarray) -> np.ndarray:
     return np.where(tied, mean_prob, -np.inf).argmax(1)
 
 
-def bootstrap_ci(y: np.ndarray, prob: np.ndarray, pred: np.ndarray, n_boot: int = 1000,
-                 seed: int = 0, alpha: float = 0.05) -> dict[str, tuple[float, float]]:
+def bootstrap_ci(
+    y: np.ndarray, prob: np.ndarray, pred: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap (resampling slides) 95% intervals for every metric."""
     rng = np.random.default_rng(seed)
     y, pred = np.asarray(y), np.asarray(pred)
@@ -83,6 +93,9 @@ def bootstrap_ci(y: np.ndarray, prob: np.ndarray, pred: np.ndarray, n_boot: int 
     out = {}
     for k, vals in samples.items():
         vals = np.asarray([v for v in vals if np.isfinite(v)])
-        out[k] = ((float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2)))
-                  if len(vals) else (float("nan"), float("nan")))
+        out[k] = (
+            (float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2)))
+            if len(vals)
+            else (float("nan"), float("nan"))
+        )
     return out
