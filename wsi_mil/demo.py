@@ -47,7 +47,7 @@ def run_demo(
     """Run the whole pipeline on a synthetic cohort; returns timings and headline metrics."""
     from .localization.evaluate import evaluate_folder
     from .localization.heatmap import heatmap_slide
-    from .synthetic import make_cohort, write_synthetic_slide  # noqa: F401
+    from .synthetic import make_cohort
     from .training.crossval import run_crossval
 
     out = Path(out)

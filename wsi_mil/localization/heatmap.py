@@ -133,8 +133,7 @@ def heatmap_slide(
     scores.save(out / f"{sid}_scores.h5")
     scores.save(out / f"{sid}_scores.csv")
     stride0 = size0 * (1 - float(bag.attrs.get("overlap", 0.0)))
-    with torch.no_grad():
-        predicted = int(scores.prob.argmax())
+    predicted = int(scores.prob.argmax())
     label = classes[predicted]
     paths = {
         "scores": out / f"{sid}_scores.h5",

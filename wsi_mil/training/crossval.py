@@ -235,12 +235,12 @@ def write_report(out: Path, results: list[dict], splits: pd.DataFrame, cfg: Trai
         f"folds (grouped by case), {n_test} held-out test slides; seed {cfg.seed}.",
         "",
     ]
+    header = ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     if n_test:
         lines += [
             "## Test set: majority vote of the fold models (AUC from mean probability), 95% bootstrap CI",
             "",
-            "| model | " + " | ".join(METRICS) + " |",
-            "|---" * (len(METRICS) + 1) + "|",
+            *header,
         ]
         for r in results:
             lines.append(
@@ -253,8 +253,7 @@ def write_report(out: Path, results: list[dict], splits: pd.DataFrame, cfg: Trai
         "Validation metrics are taken at the epoch chosen on that same fold, so they are "
         "optimistic; the held-out test set is the unbiased estimate.",
         "",
-        "| model | " + " | ".join(METRICS) + " |",
-        "|---" * (len(METRICS) + 1) + "|",
+        *header,
     ]
     for r in results:
         lines.append(
