@@ -1,0 +1,1 @@
+"""Bag-level training: labels and splits, one-fold training, cross-validation, metrics."""
