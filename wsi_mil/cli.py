@@ -227,8 +227,7 @@ def extract(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .config import load_config
-    from .features.encoders import create_encoder
-    from .features.extract import EncoderRunner
+    from .features.extract import runner_for
     from .pipeline import Layout, extract_one, run_per_slide
     from .slide import collect_slides
 
@@ -253,24 +252,13 @@ def extract(
     if cluster:
         _extract_on_cluster(cluster, entries, layout, cfg, overwrite, tissue_geojson)
         return
-    runners = []
-
-    def get_runner():  # built on first need, so a fully done cohort needs no weights
-        if not runners:
-            r = EncoderRunner(
-                create_encoder(e.encoder, e.weights, e.random_weights), e.device, e.precision, e.compile
-            )
-            console.print(
-                f"encoder {r.info.name} ({r.info.dim}-d, weights {r.info.weights}) "
-                f"on {r.device} {r.precision_name}",
-                highlight=False,
-            )
-            runners.append(r)
-        return runners[0]
-
     todo = [en for en in entries if overwrite or not layout.features(e.encoder, en.name).exists()]
-    if todo:
-        get_runner()  # fail early (one clear line) on missing weights
+    if todo:  # build the encoder now (a done cohort needs no weights): fail early, one clear line
+        r = runner_for(e)
+        console.print(
+            f"encoder {r.info.name} ({r.info.dim}-d, weights {r.info.weights}) on {r.device} {r.precision_name}",
+            highlight=False,
+        )
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -291,7 +279,7 @@ def extract(
                 entry,
                 layout,
                 cfg,
-                get_runner(),
+                runner_for(e),
                 overwrite,
                 tissue_geojson,
                 lambda done, total: bar.update(patches, completed=done, total=total),

@@ -12,12 +12,11 @@ the manifest records the attempt count.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from .errors import WsiMilError
-
-_RUNNERS: dict = {}  # per worker process: encoder settings -> EncoderRunner
 
 
 def make_client(spec: str):
@@ -66,8 +65,7 @@ def extract_task(entry, out_dir: str, cfg_json: str, overwrite: bool, tissue_geo
     import torch
 
     from .config import PipelineConfig
-    from .features.encoders import create_encoder
-    from .features.extract import EncoderRunner
+    from .features.extract import runner_for
     from .pipeline import Layout, extract_one
 
     cfg = PipelineConfig.model_validate_json(cfg_json)
@@ -79,16 +77,9 @@ def extract_task(entry, out_dir: str, cfg_json: str, overwrite: bool, tissue_geo
     out.parent.mkdir(parents=True, exist_ok=True)
     attempt = int(attempts_file.read_text()) + 1 if attempts_file.exists() else 1
     attempts_file.write_text(str(attempt))
-    key = (e.encoder, e.weights, e.random_weights, e.device, e.precision, e.compile)
-    if key not in _RUNNERS:
-        torch.manual_seed(0)  # random-weight encoders are identical on every worker
-        _RUNNERS[key] = EncoderRunner(
-            create_encoder(e.encoder, e.weights, e.random_weights), e.device, e.precision, e.compile
-        )
-    import time
 
     t0 = time.perf_counter()
-    summary = extract_one(entry, layout, cfg, _RUNNERS[key], overwrite, tissue_geojson)
+    summary = extract_one(entry, layout, cfg, runner_for(e), overwrite, tissue_geojson)
     attempts_file.unlink(missing_ok=True)
     return {**summary, "attempts": attempt, "seconds": time.perf_counter() - t0}
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .config import PipelineConfig, TilingConfig, TrainConfig
 from .pipeline import Layout, extract_one, run_per_slide
@@ -69,16 +68,11 @@ def run_demo(
     cfg.extract.encoder, cfg.extract.random_weights, cfg.extract.workers = encoder, True, 0
     layout = Layout(out)
     entries = [SlideEntry(p) for p in sorted(slides_dir.glob("*.tif"))]
-    runner = []
 
     def extract(entry):
-        if not runner:
-            from .features.encoders import create_encoder
-            from .features.extract import EncoderRunner
+        from .features.extract import runner_for
 
-            torch.manual_seed(0)
-            runner.append(EncoderRunner(create_encoder(encoder, random_weights=True), "auto"))
-        return extract_one(entry, layout, cfg, runner[0])["patches"]
+        return extract_one(entry, layout, cfg, runner_for(cfg.extract))["patches"]
 
     run_per_slide(
         entries,

@@ -121,8 +121,10 @@ def tile_one(
                 "lower --min-tissue or --patch-size"
             )
         write_patches(out, grid, slide_path=str(entry.path))
-        thumb, thumb_mpp = slide.thumbnail_at_mpp(tissue_cfg.seg_mpp)
-        save_png(layout.patches_png(entry.name), draw_patches(grid, thumb, thumb_mpp / slide.mpp))
+        if mask.thumbnail is None:  # a saved mask loaded from GeoJSON carries no image
+            mask.thumbnail, mask.thumb_mpp = slide.thumbnail_at_mpp(tissue_cfg.seg_mpp)
+        preview = draw_patches(grid, mask.thumbnail, mask.thumb_mpp / slide.mpp)
+        save_png(layout.patches_png(entry.name), preview)
     return grid
 
 

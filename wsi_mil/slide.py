@@ -198,8 +198,7 @@ def _mpp_from_properties(props: dict) -> float | None:
 
 
 def _objective_power(props: dict) -> float | None:
-    return _first_positive(props, ("openslide.objective-power", "tiffslide.objective-power",
-                                   "aperio.AppMag"))
+    return _first_positive(props, ("openslide.objective-power", "tiffslide.objective-power", "aperio.AppMag"))
 
 
 def _open_openslide(path: Path):

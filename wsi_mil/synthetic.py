@@ -37,16 +37,12 @@ class SyntheticSlide:
 
     def mask_fraction(self, mask: np.ndarray, coords: np.ndarray, size_level0: float) -> np.ndarray:
         """Fraction of each level-0 patch (top-left coords, side size_level0) covered by mask."""
+        from .tiling import box_fractions
+
         scale = self.mpp / self.mask_mpp
-        integral = cv2.integral(mask.astype(np.uint8)).astype(np.float64)
-        h, w = mask.shape
-        x0 = np.clip(np.round(coords[:, 0] * scale).astype(int), 0, w)
-        y0 = np.clip(np.round(coords[:, 1] * scale).astype(int), 0, h)
-        x1 = np.clip(np.round((coords[:, 0] + size_level0) * scale).astype(int), 0, w)
-        y1 = np.clip(np.round((coords[:, 1] + size_level0) * scale).astype(int), 0, h)
-        area = np.maximum((x1 - x0) * (y1 - y0), 1)
-        inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-        return inside / area
+        x0, y0 = np.round(coords * scale).astype(int).T
+        x1, y1 = np.round((coords + size_level0) * scale).astype(int).T
+        return box_fractions(mask.astype(np.float32), x0, y0, x1, y1)
 
     def tumour_fraction(self, coords: np.ndarray, size_level0: float) -> np.ndarray:
         return self.mask_fraction(self.tumour_mask, coords, size_level0)

@@ -199,6 +199,20 @@ class EncoderRunner:
         return feats[:n].float().cpu().numpy()
 
 
+_RUNNERS: dict = {}
+
+
+def runner_for(cfg: ExtractConfig) -> EncoderRunner:
+    """The encoder runner for these settings, built once per process (weights load once)."""
+    from .encoders import create_encoder
+
+    key = (cfg.encoder, cfg.weights, cfg.random_weights, cfg.device, cfg.precision, cfg.compile)
+    if key not in _RUNNERS:
+        encoder = create_encoder(cfg.encoder, cfg.weights, cfg.random_weights)
+        _RUNNERS[key] = EncoderRunner(encoder, cfg.device, cfg.precision, cfg.compile)
+    return _RUNNERS[key]
+
+
 def extract_features(
     slide_path,
     grid: PatchGrid,

@@ -61,8 +61,7 @@ def features_for_slide(
     entry: SlideEntry, out: Path, conf: dict, overlap: float, cfg: PipelineConfig, device: str
 ) -> Path:
     """Extract features for one slide with the encoder settings the run was trained on."""
-    from ..features.encoders import create_encoder
-    from ..features.extract import EncoderRunner
+    from ..features.extract import runner_for
     from ..pipeline import extract_one
 
     attrs = _run_feature_attrs(conf)
@@ -79,10 +78,9 @@ def features_for_slide(
         min_tissue=float(attrs.get("min_tissue", cfg.tiling.min_tissue)),
     )
     cfg.extract.encoder = str(attrs["encoder"])
-    torch.manual_seed(0)  # random-weight encoders must match the run's (seeded the same way)
-    runner = EncoderRunner(create_encoder(cfg.extract.encoder, local, random_weights), device)
+    cfg.extract.weights, cfg.extract.random_weights, cfg.extract.device = local, random_weights, device
     layout = Layout(out)
-    extract_one(entry, layout, cfg, runner)
+    extract_one(entry, layout, cfg, runner_for(cfg.extract))
     return layout.features(cfg.extract.encoder, entry.name)
 
 
@@ -145,7 +143,10 @@ def heatmap_slide(
     write_geojson(paths["geojson"], scores, size0)
     tissue = segment_one(entry, Layout(out), cfg.tissue)
     with open_slide(entry.path, mpp) as slide:
-        thumb, thumb_mpp = slide.thumbnail_at_mpp(hcfg.thumb_mpp)
+        if tissue.thumbnail is not None and abs(tissue.thumb_mpp / hcfg.thumb_mpp - 1) < 0.05:
+            thumb, thumb_mpp = tissue.thumbnail, tissue.thumb_mpp  # already read for segmentation
+        else:
+            thumb, thumb_mpp = slide.thumbnail_at_mpp(hcfg.thumb_mpp)
         thumb_px = thumb_mpp / slide.mpp
         overlay = heatmap_overlay(thumb, thumb_px, scores.coords, scores.get(score), size0, tissue, hcfg.blur)
         title = (
