@@ -24,7 +24,13 @@ from common import large_slide  # noqa: E402
 
 from wsi_mil.config import ExtractConfig, TilingConfig  # noqa: E402
 from wsi_mil.features.encoders import create_encoder  # noqa: E402
-from wsi_mil.features.extract import EncoderRunner, extract_features  # noqa: E402
+from wsi_mil.features.extract import (  # noqa: E402
+    MAX_REGION_PX,
+    EncoderRunner,
+    extract_features,
+    read_patch_row,
+    row_runs,
+)
 from wsi_mil.slide import open_slide  # noqa: E402
 from wsi_mil.tiling import PatchGrid, tile  # noqa: E402
 from wsi_mil.tissue import segment_tissue  # noqa: E402
@@ -37,7 +43,7 @@ def clam_baseline(path, grid: PatchGrid, encoder, batch_size=64) -> np.ndarray:
     mean = torch.tensor(encoder.info.mean).view(1, 3, 1, 1)
     std = torch.tensor(encoder.info.std).view(1, 3, 1, 1)
     out = []
-    with open_slide(path) as slide, torch.inference_mode():
+    with open_slide(path, backend="openslide") as slide, torch.inference_mode():
         level = slide.best_level_for_downsample(grid.patch_size_level0 / grid.patch_size)
         side = int(round(grid.patch_size_level0 / slide.level_downsamples[level]))
         batch = []
@@ -50,6 +56,18 @@ def clam_baseline(path, grid: PatchGrid, encoder, batch_size=64) -> np.ndarray:
                 out.append(model(xb).numpy())
                 batch = []
     return np.concatenate(out)
+
+
+def read_rows(path, grid: PatchGrid, backend: str) -> int:
+    """Reading alone, as the extraction reader does it (row regions, sliced, resized to 224)."""
+    n = 0
+    with open_slide(path, backend=backend) as slide:
+        level = slide.best_level_for_downsample(grid.patch_size_level0 / grid.patch_size)
+        max_px = int(MAX_REGION_PX * slide.level_downsamples[level])
+        for s, e in row_runs(grid.coords, grid.patch_size_level0, max_px):
+            xs, y = grid.coords[s:e, 0], grid.coords[s, 1]
+            n += len(read_patch_row(slide, xs, y, grid.patch_size_level0, grid.patch_size, 224))
+    return n
 
 
 def run(label, fn, n, runs):
@@ -92,6 +110,8 @@ def main():
         g = grid_for(path, args.n_large)
         gb = grid_for(path, args.n_baseline)
         print(f"-- {name}")
+        for backend in ("openslide", "tiffslide"):
+            run(f"reader only, {backend} (1 thread)", lambda: read_rows(path, g, backend), len(g), args.runs)
         run(
             "CLAM-style baseline (fp32, 1 read/patch)",
             lambda: clam_baseline(path, gb, enc),

@@ -26,12 +26,15 @@ def one(n: int) -> dict:
     g = grid_for(large_slide(), n)
     runner = EncoderRunner(create_encoder("resnet50_trunc", random_weights=True), "cpu", "auto")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    extract_features(large_slide(), g, runner, Path(tempfile.mkdtemp()) / "f.h5",
-                     ExtractConfig(workers=1))
+    extract_features(large_slide(), g, runner, Path(tempfile.mkdtemp()) / "f.h5", ExtractConfig(workers=1))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"patches": len(g), "main_peak_mib": peak / 1024, "main_growth_mib": (peak - before) / 1024,
-            "reader_peak_mib": child / 1024}
+    return {
+        "patches": len(g),
+        "main_peak_mib": peak / 1024,
+        "main_growth_mib": (peak - before) / 1024,
+        "reader_peak_mib": child / 1024,
+    }
 
 
 if __name__ == "__main__":

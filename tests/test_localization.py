@@ -18,7 +18,7 @@ from wsi_mil.localization.evaluate import (
 from wsi_mil.localization.export import qupath_geojson, write_ome_tiff, write_viewer
 from wsi_mil.localization.inversion import soft_threshold, sparse_inversion
 from wsi_mil.localization.render import score_raster
-from wsi_mil.localization.scores import PatchScores, rank_normalise
+from wsi_mil.localization.scores import PatchScores
 from wsi_mil.models.base import MILModel, MILOutput
 
 
@@ -56,37 +56,39 @@ def test_inversion_keeps_positive_evidence_and_zeroes_the_rest():
 
 
 def test_inversion_and_attention_instance_auc_on_graded_key_instances(tmp_path):
+    """The bench_heatmap.py protocol on one of its cohorts: a 3-fold PSMIL run, scores as the
+    heatmap computes them (fold ensemble, rank-averaged), instance AUC per positive bag."""
     from sklearn.metrics import roc_auc_score
 
     from wsi_mil.config import TrainConfig
+    from wsi_mil.localization.scores import score_bag
     from wsi_mil.store import read_features
     from wsi_mil.synthetic import make_feature_cohort
     from wsi_mil.training.crossval import load_fold_model, run_crossval
 
-    keys = make_feature_cohort(tmp_path, n_bags=40, seed=2, graded=True, n_key=(4, 12))
+    keys = make_feature_cohort(tmp_path, n_bags=48, n_cases=30, seed=2, graded=True, n_key=(4, 12))
     run_crossval(
         tmp_path / "features",
         tmp_path / "labels.csv",
         tmp_path / "run",
-        TrainConfig(folds=2, test_frac=0.25, epochs=15, patience=6, lr=5e-4, bootstrap=50),
+        TrainConfig(folds=3, test_frac=0.25, epochs=20, patience=8, lr=5e-4, bootstrap=50),
         ["psmil"],
     )
-    model, _ = load_fold_model(tmp_path / "run" / "psmil" / "fold_0")
+    models = [load_fold_model(p)[0] for p in sorted((tmp_path / "run" / "psmil").glob("fold_*"))]
     att, inv, comb = [], [], []
     for name, key in keys.items():
         if not key.any():
             continue
         bag = read_features(tmp_path / "features" / f"{name}.h5")
-        x, c = torch.from_numpy(bag.features), torch.from_numpy(bag.coords)
-        with torch.no_grad():
-            a = model(x, c).instance_scores.numpy()
-        s = sparse_inversion(model, x, c, target=1).scores.numpy()
-        att.append(roc_auc_score(key, a))
-        inv.append(roc_auc_score(key, s))
-        comb.append(roc_auc_score(key, rank_normalise(a) + rank_normalise(s)))
+        s = score_bag(models, torch.from_numpy(bag.features), torch.from_numpy(bag.coords), target=1)
+        att.append(roc_auc_score(key, s.attention))
+        inv.append(roc_auc_score(key, s.inversion))
+        comb.append(roc_auc_score(key, s.score))
     att, inv, comb = np.mean(att), np.mean(inv), np.mean(comb)
-    assert inv > 0.7  # inversion alone finds key instances well above chance
-    assert comb >= max(att, inv) - 0.02, (att, inv, comb)
+    # the issue's bar: with the defaults, inversion at least matches attention and the rank
+    # combination is at least as good as the better of the two
+    assert inv >= att, (att, inv, comb)
+    assert comb >= max(att, inv), (att, inv, comb)
 
 
 def test_score_raster_averages_overlaps():

@@ -69,7 +69,8 @@ class HeatmapConfig(BaseModel):
     combine_weight: float = Field(0.5, description="weight of inversion in the combined score")
     inversion_steps: int = 50
     inversion_lr: float = 0.1
-    inversion_lambda: float = 0.01
+    inversion_lambda: float = 1.6
+    inversion_score: Literal["evidence", "survival", "change"] = "evidence"
     blur: bool = True
     thumb_mpp: float = 8.0
     viewer_mpp: float = 2.0

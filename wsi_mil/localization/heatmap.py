@@ -123,6 +123,7 @@ def heatmap_slide(
         steps=hcfg.inversion_steps,
         lr=hcfg.inversion_lr,
         lam=hcfg.inversion_lambda,
+        score=hcfg.inversion_score,
     )
     sid = entry.name
     out.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,10 @@
 """Per-patch scores for a slide: model attention, sparse-inversion score, and their combination.
 
 Each score is rank-normalised within the slide (to (0, 1]) so that scores from different
-models, folds and scales can be averaged; the combined score is
-(1 - w) * rank(attention) + w * rank(inversion). With a fold ensemble, each fold's scores
-are rank-normalised and then averaged.
+models, folds and scales can be averaged; with a fold ensemble, each fold's ranks are averaged.
+The combined score is (1 - w) * attention + w * inversion of those averaged ranks, not ranked
+again: patches the folds agree on stay near 1 (or 0), so a slide where the folds disagree does
+not light up as brightly as one where they agree, and scores stay comparable across slides.
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ def score_bag(
             att.append(rank_normalise(m(features, coords).instance_scores.cpu().numpy()))
         res = sparse_inversion(m, features, coords, predicted, **kw)
         inv.append(rank_normalise(res.scores.cpu().numpy()))
+    # fold means of within-slide ranks; not ranked again, so patches the folds agree on stay
+    # near 0 or 1 and the scores stay comparable across slides (pooled AUC, FROC)
     attention, inversion = np.mean(att, 0), np.mean(inv, 0)
-    combined = (1 - inversion_weight) * rank_normalise(attention) + inversion_weight * rank_normalise(
-        inversion
-    )
+    combined = (1 - inversion_weight) * attention + inversion_weight * inversion
     return PatchScores(coords.cpu().numpy().astype(np.int64), attention, inversion, combined, prob, predicted)
