@@ -19,7 +19,7 @@ Per-instance scores (`score=`):
 - "change": ||X_T,i - X0_i|| / ||X0_i|| with the sign flipped (instances left alone score high).
 Defaults (T 50, eta 0.1, lambda 1.6, "evidence") were chosen on five synthetic cohorts with
 known, graded key instances (bench/bench_heatmap.py, docs/benchmarks.md): mean instance AUC
-PSMIL inversion 0.943 vs attention 0.937 (combined 0.958), ABMIL 0.917 vs 0.914 (0.947). The
+PSMIL inversion 0.943 vs attention 0.938 (combined 0.960), ABMIL 0.917 vs 0.914 (0.949). The
 earlier "survival" score with lambda 0.01 reached only 0.75 / 0.71 there: with a weak penalty
 the gradient is proportional to attention and the survivors mirror the feature norms.
 """

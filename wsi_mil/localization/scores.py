@@ -86,17 +86,16 @@ def score_bag(
     **inversion_kw,
 ) -> PatchScores:
     """Attention + inversion scores averaged over `models` (e.g. the folds of a run)."""
-    kw = {**{k: v for k, v in DEFAULTS.items()}, **inversion_kw}
+    kw = {**DEFAULTS, **inversion_kw}
     with torch.no_grad():
-        probs = [torch.softmax(m.eval()(features, coords).logits, -1).cpu().numpy() for m in models]
-    prob = np.mean(probs, axis=0)
+        outputs = [m.eval()(features, coords) for m in models]
+    prob = np.mean([torch.softmax(o.logits, -1).cpu().numpy() for o in outputs], axis=0)
     predicted = int(prob.argmax()) if target is None else target
-    att, inv = [], []
-    for m in models:
-        with torch.no_grad():
-            att.append(rank_normalise(m(features, coords).instance_scores.cpu().numpy()))
-        res = sparse_inversion(m, features, coords, predicted, **kw)
-        inv.append(rank_normalise(res.scores.cpu().numpy()))
+    att = [rank_normalise(o.instance_scores.cpu().numpy()) for o in outputs]
+    inv = [
+        rank_normalise(sparse_inversion(m, features, coords, predicted, **kw).scores.cpu().numpy())
+        for m in models
+    ]
     # fold means of within-slide ranks; not ranked again, so patches the folds agree on stay
     # near 0 or 1 and the scores stay comparable across slides (pooled AUC, FROC)
     attention, inversion = np.mean(att, 0), np.mean(inv, 0)
