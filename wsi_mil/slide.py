@@ -92,35 +92,25 @@ class Slide:
         if self.backend == "image":
             return _crop_padded(self._handle, x, y, w, h, self.level_downsamples[level], level)
         if self.backend == "tiffslide":
-            return self._read_tiffslide(x, y, level, w, h)
-        region = self._handle.read_region((x, y), level, (w, h))
-        arr = np.asarray(region)
-        if arr.ndim == 3 and arr.shape[2] == 4:
-            return _rgba_to_rgb_on_white(arr)
-        return np.ascontiguousarray(arr[..., :3])
+            with warnings.catch_warnings():  # it warns when the whole box is outside; white it is
+                warnings.simplefilter("ignore", UserWarning)
+                arr = self._handle.read_region((x, y), level, (w, h), as_array=True)
+            return self._whiten_outside(_as_rgb(np.asarray(arr)), x, y, level)
+        return _as_rgb(np.asarray(self._handle.read_region((x, y), level, (w, h))))
 
-    def _read_tiffslide(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+    def _whiten_outside(self, rgb: np.ndarray, x: int, y: int, level: int) -> np.ndarray:
         """tiffslide pads outside the image with black; paint that margin white like OpenSlide."""
-        with warnings.catch_warnings():  # it warns when the whole box is outside; white it is
-            warnings.simplefilter("ignore", UserWarning)
-            arr = np.asarray(self._handle.read_region((x, y), level, (w, h), as_array=True))
-        if arr.ndim == 2:
-            arr = arr[..., None]
-        if arr.shape[2] == 1:
-            arr = np.repeat(arr, 3, axis=2)
-        elif arr.shape[2] == 4:
-            arr = _rgba_to_rgb_on_white(arr)
-        arr = np.ascontiguousarray(arr[..., :3])
+        h, w = rgb.shape[:2]
         lw, lh = self.level_dimensions[level]
         ds = self.level_downsamples[level]
         x0, y0 = int(x / ds), int(y / ds)  # tiffslide's own level-0 -> level mapping
         if x0 < 0 or y0 < 0 or x0 + w > lw or y0 + h > lh:
-            arr = arr.copy() if not arr.flags.writeable else arr
-            arr[:, : max(0, -x0)] = 255
-            arr[: max(0, -y0)] = 255
-            arr[:, max(0, lw - x0) :] = 255
-            arr[max(0, lh - y0) :] = 255
-        return arr
+            rgb = rgb if rgb.flags.writeable else rgb.copy()
+            rgb[:, : max(0, -x0)] = 255
+            rgb[: max(0, -y0)] = 255
+            rgb[:, max(0, lw - x0) :] = 255
+            rgb[max(0, lh - y0) :] = 255
+        return rgb
 
     def read_at_mpp(self, x: int, y: int, w0: int, h0: int, mpp: float) -> np.ndarray:
         """Read the level-0 box (x, y, w0, h0) resampled to `mpp`, from the best pyramid level."""
@@ -163,6 +153,17 @@ class Slide:
             "mpp_source": self.mpp_source,
             "objective_power": self.objective_power,
         }
+
+
+def _as_rgb(arr: np.ndarray) -> np.ndarray:
+    """Contiguous RGB uint8 from a reader's gray, RGB or RGBA array."""
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape[2] == 1:
+        return np.repeat(arr, 3, axis=2)
+    if arr.shape[2] == 4:
+        return _rgba_to_rgb_on_white(arr)
+    return np.ascontiguousarray(arr[..., :3])
 
 
 def _rgba_to_rgb_on_white(arr: np.ndarray) -> np.ndarray:
