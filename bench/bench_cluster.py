@@ -25,7 +25,7 @@ def main():
     slides = CACHE / "cluster8"
     for i in range(8):
         if not (slides / f"s{i}.tif").exists():
-            write_synthetic_slide(slides / f"s{i}.tif", 4000, 3000, 0.5, tumour_regions=i % 2, seed=40 + i)
+            write_synthetic_slide(slides / f"s{i}.tif", 4000, 3000, 0.5, tumor_regions=i % 2, seed=40 + i)
     for spec in ("in-process", "local:1", "local:2"):
         times = []
         for _ in range(args.runs):
@@ -34,7 +34,7 @@ def main():
             cmd = [
                 sys.executable,
                 "-m",
-                "wsi_mil.cli",
+                "wsi_mil",
                 "extract",
                 str(slides),
                 "--out",

@@ -26,14 +26,14 @@ from wsi_mil.config import ExtractConfig, TilingConfig  # noqa: E402
 from wsi_mil.features.encoders import create_encoder  # noqa: E402
 from wsi_mil.features.extract import (  # noqa: E402
     MAX_REGION_PX,
-    EncoderRunner,
     extract_features,
     read_patch_row,
     row_runs,
 )
-from wsi_mil.slide import open_slide  # noqa: E402
-from wsi_mil.tiling import PatchGrid, tile  # noqa: E402
-from wsi_mil.tissue import segment_tissue  # noqa: E402
+from wsi_mil.features.runner import EncoderRunner  # noqa: E402
+from wsi_mil.wsi.readers import open_slide  # noqa: E402
+from wsi_mil.wsi.tiling import PatchGrid, tile  # noqa: E402
+from wsi_mil.wsi.tissue import segment_tissue  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "CMU-1-Small-Region.svs"
 
@@ -139,7 +139,7 @@ def main():
                 args.runs,
             )
         # fidelity of the fast path vs fp32
-        from wsi_mil.store import read_features
+        from wsi_mil.formats.features import read_features
 
         a = read_features(tmp / f"{name[:4]}_off_fp32.h5").features
         b = read_features(tmp / f"{name[:4]}_on_auto.h5").features

@@ -21,7 +21,8 @@ def one(n: int) -> dict:
 
     from wsi_mil.config import ExtractConfig
     from wsi_mil.features.encoders import create_encoder
-    from wsi_mil.features.extract import EncoderRunner, extract_features
+    from wsi_mil.features.extract import extract_features
+    from wsi_mil.features.runner import EncoderRunner
 
     g = grid_for(large_slide(), n)
     runner = EncoderRunner(create_encoder("resnet50_trunc", random_weights=True), "cpu", "auto")

@@ -1,4 +1,4 @@
-"""Inversion cost and instance-level localisation quality.
+"""Inversion cost and instance-level localization quality.
 
 Part 1: sparse-inversion seconds per slide for N = 10,000 instances (D = 1024), PSMIL and ABMIL,
 with the default 50 steps, on this machine (and CUDA when present).
@@ -17,12 +17,13 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from wsi_mil.config import TrainConfig
+from wsi_mil.formats.features import read_features
+from wsi_mil.formats.run import load_fold_model
 from wsi_mil.localization.inversion import sparse_inversion
 from wsi_mil.localization.scores import score_bag
 from wsi_mil.models import create_model
-from wsi_mil.store import read_features
 from wsi_mil.synthetic import make_feature_cohort
-from wsi_mil.training.crossval import load_fold_model, run_crossval
+from wsi_mil.training.crossval import run_crossval
 
 GRID = [
     dict(steps=50, lr=0.1, lam=0.01, score="survival"),  # the earlier default
@@ -78,7 +79,7 @@ def cohort_aucs(seed: int) -> dict:
                     models, torch.from_numpy(b.features), torch.from_numpy(b.coords), target=1, **params
                 )
                 key = keys[bag]
-                aucs.append([roc_auc_score(key, v) for v in (s.attention, s.inversion, s.score)])
+                aucs.append([roc_auc_score(key, v) for v in (s.attention, s.inversion, s.combined)])
             out[name, str(params)] = np.mean(aucs, 0)
     return out
 

@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import large_slide, median_time  # noqa: E402
 
 from wsi_mil.config import TilingConfig  # noqa: E402
-from wsi_mil.slide import open_slide  # noqa: E402
-from wsi_mil.tiling import grid_geometry, tile  # noqa: E402
-from wsi_mil.tissue import segment_tissue  # noqa: E402
+from wsi_mil.wsi.readers import open_slide  # noqa: E402
+from wsi_mil.wsi.tiling import grid_geometry, tile  # noqa: E402
+from wsi_mil.wsi.tissue import segment_tissue  # noqa: E402
 
 
 def baseline_tile(slide, mask, cfg, samples: int = 4):

@@ -23,5 +23,5 @@ def large_slide(width_um=10_000, height_um=7_500, mpp=0.25, name="large"):
 
     path = CACHE / f"{name}_{int(width_um)}x{int(height_um)}_{mpp}.tif"
     if not path.exists():
-        write_synthetic_slide(path, width_um, height_um, mpp, tumour_regions=3, n_pieces=4, seed=3)
+        write_synthetic_slide(path, width_um, height_um, mpp, tumor_regions=3, n_pieces=4, seed=3)
     return path

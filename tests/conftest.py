@@ -19,9 +19,9 @@ def real_slide() -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_pair(tmp_path_factory):
-    """The same tissue 'scanned' at 0.5 and 0.25 um/px (3 x 2 mm, with tumour)."""
+    """The same tissue 'scanned' at 0.5 and 0.25 um/px (3 x 2 mm, with tumor)."""
     d = tmp_path_factory.mktemp("pair")
-    masks = make_masks(3000, 2000, np.random.default_rng(7), n_pieces=3, tumour_regions=2)
+    masks = make_masks(3000, 2000, np.random.default_rng(7), n_pieces=3, tumor_regions=2)
     s50 = write_synthetic_slide(d / "s50.tif", 3000, 2000, 0.5, masks=masks, seed=7)
     s25 = write_synthetic_slide(d / "s25.tif", 3000, 2000, 0.25, masks=masks, seed=7)
     return s50, s25

@@ -32,7 +32,8 @@ def test_one_bad_slide_is_reported_and_others_go_on(tmp_path, synthetic_slide):
     bad.write_bytes(b"\x00" * 1000)
     out = tmp_path / "out"
     r = runner.invoke(app, ["tile", str(bad), str(synthetic_slide.path), "--out", str(out)])
-    assert r.exit_code == 0
+    assert r.exit_code == 1  # the others were done, but a failed slide is never a silent exit 0
+    assert "1 failed (bad)" in r.output
     rows = {row["slide"]: row for row in csv.DictReader(open(out / "manifest_tile.csv"))}
     assert rows["bad"]["status"] == "failed" and "bad.svs" in rows["bad"]["error"]
     assert rows[synthetic_slide.path.stem]["status"] == "ok"
@@ -66,7 +67,7 @@ def test_empty_tissue_and_missing_mpp_and_empty_dir_errors(tmp_path):
 def test_user_geojson_replaces_segmentation(tmp_path, synthetic_slide):
     from shapely.geometry import MultiPolygon, box
 
-    from wsi_mil.tissue import polygons_to_geojson
+    from wsi_mil.formats.tissue_geojson import polygons_to_geojson
 
     gj = tmp_path / "roi.geojson"
     gj.write_text(json.dumps(polygons_to_geojson(MultiPolygon([box(0, 0, 1024, 1024)]), "Tissue", (0, 0, 0))))
@@ -85,7 +86,7 @@ def test_user_geojson_replaces_segmentation(tmp_path, synthetic_slide):
         ],
     )
     assert r.exit_code == 0, r.output
-    from wsi_mil.store import read_patches
+    from wsi_mil.formats.patches import read_patches
 
     grid = read_patches(out / "patches" / f"{synthetic_slide.path.stem}.h5")
     assert len(grid) == 16 and grid.coords.max() < 1024

@@ -9,9 +9,10 @@ import pytest
 from wsi_mil.config import TrainConfig
 from wsi_mil.errors import WsiMilError
 from wsi_mil.synthetic import make_feature_cohort
-from wsi_mil.training.crossval import predict_run, run_crossval
+from wsi_mil.training.crossval import run_crossval
 from wsi_mil.training.data import load_labels, make_splits
 from wsi_mil.training.metrics import bootstrap_ci, compute_metrics, majority_vote, youden_threshold
+from wsi_mil.training.predict import predict_run
 
 FAST = dict(epochs=20, patience=8, min_epochs=3, lr=5e-4, bootstrap=200)
 
@@ -128,7 +129,7 @@ def test_killed_run_resumes_to_the_same_report(cohort_dir, tmp_path):
     args = [
         sys.executable,
         "-m",
-        "wsi_mil.cli",
+        "wsi_mil",
         "crossval",
         "--features",
         str(cohort_dir / "features"),

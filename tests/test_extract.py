@@ -10,11 +10,12 @@ from wsi_mil.config import ExtractConfig, TilingConfig
 from wsi_mil.errors import WsiMilError
 from wsi_mil.features import extract as ex
 from wsi_mil.features.encoders import create_encoder
-from wsi_mil.features.extract import EncoderRunner, extract_features, read_patch
-from wsi_mil.slide import open_slide
-from wsi_mil.store import read_features
-from wsi_mil.tiling import tile
-from wsi_mil.tissue import segment_tissue
+from wsi_mil.features.extract import extract_features, read_patch
+from wsi_mil.features.runner import EncoderRunner
+from wsi_mil.formats.features import read_features
+from wsi_mil.wsi.readers import open_slide
+from wsi_mil.wsi.tiling import tile
+from wsi_mil.wsi.tissue import segment_tissue
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,17 @@ import tifffile
 import torch
 from shapely.geometry import box
 
+from wsi_mil.formats.scores import PatchScores
 from wsi_mil.localization.evaluate import (
-    SlideLocalisation,
+    SlideLocalization,
     evaluate,
     patch_auc,
-    patch_tumour_fraction,
+    patch_tumor_fraction,
     read_asap_xml,
 )
 from wsi_mil.localization.export import qupath_geojson, write_ome_tiff, write_viewer
 from wsi_mil.localization.inversion import soft_threshold, sparse_inversion
 from wsi_mil.localization.render import score_raster
-from wsi_mil.localization.scores import PatchScores
 from wsi_mil.models.base import MILModel, MILOutput
 
 
@@ -61,10 +61,11 @@ def test_inversion_and_attention_instance_auc_on_graded_key_instances(tmp_path):
     from sklearn.metrics import roc_auc_score
 
     from wsi_mil.config import TrainConfig
+    from wsi_mil.formats.features import read_features
+    from wsi_mil.formats.run import load_fold_model
     from wsi_mil.localization.scores import score_bag
-    from wsi_mil.store import read_features
     from wsi_mil.synthetic import make_feature_cohort
-    from wsi_mil.training.crossval import load_fold_model, run_crossval
+    from wsi_mil.training.crossval import run_crossval
 
     keys = make_feature_cohort(tmp_path, n_bags=48, n_cases=30, seed=2, graded=True, n_key=(4, 12))
     run_crossval(
@@ -83,7 +84,7 @@ def test_inversion_and_attention_instance_auc_on_graded_key_instances(tmp_path):
         s = score_bag(models, torch.from_numpy(bag.features), torch.from_numpy(bag.coords), target=1)
         att.append(roc_auc_score(key, s.attention))
         inv.append(roc_auc_score(key, s.inversion))
-        comb.append(roc_auc_score(key, s.score))
+        comb.append(roc_auc_score(key, s.combined))
     att, inv, comb = np.mean(att), np.mean(inv), np.mean(comb)
     # the issue's bar: with the defaults, inversion at least matches attention and the rank
     # combination is at least as good as the better of the two
@@ -100,8 +101,13 @@ def test_score_raster_averages_overlaps():
 def _scores(n=6):
     coords = np.array([[i * 256, 0] for i in range(n)], np.int64)
     v = np.linspace(0, 1, n)
-    v[0] = np.nan
     return PatchScores(coords, v, v[::-1].copy(), v, np.array([0.3, 0.7]), 1, 256.0)
+
+
+def test_non_finite_scores_are_refused_not_exported_as_zero():
+    coords = np.array([[0, 0], [256, 0]], np.int64)
+    with pytest.raises(ValueError, match="non-finite"):
+        PatchScores(coords, np.array([np.nan, 1.0]), np.ones(2), np.ones(2), np.array([0.5, 0.5]), 1)
 
 
 def test_geojson_is_valid_qupath_tiles():
@@ -112,7 +118,7 @@ def test_geojson_is_valid_qupath_tiles():
         assert f["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) == 5
         assert f["properties"]["objectType"] == "tile" and f["properties"]["isLocked"] is True
         m = f["properties"]["measurements"]
-        assert set(m) == {"attention", "inversion", "score"}
+        assert set(m) == {"attention", "inversion", "combined"}
         assert all(np.isfinite(v) for v in m.values())
     json.dumps(data, allow_nan=False)
 
@@ -145,17 +151,17 @@ ASAP = """<?xml version="1.0"?><ASAP_Annotations><Annotations>
 
 def test_asap_xml_exclusion_groups_and_froc(tmp_path):
     (tmp_path / "t.xml").write_text(ASAP)
-    tumour = read_asap_xml(tmp_path / "t.xml")
-    assert tumour.area == pytest.approx(1000 * 1000 - 200 * 200 + 500 * 500 / 2)
-    assert not tumour.contains(box(250, 250, 300, 300))
+    tumor = read_asap_xml(tmp_path / "t.xml")
+    assert tumor.area == pytest.approx(1000 * 1000 - 200 * 200 + 500 * 500 / 2)
+    assert not tumor.contains(box(250, 250, 300, 300))
     coords = np.array([[0, 600], [200, 200], [2000, 2000], [3000, 3200]], np.int64)
-    frac = patch_tumour_fraction(coords, 200, tumour)
+    frac = patch_tumor_fraction(coords, 200, tumor)
     assert frac[0] == 1 and frac[1] == 0 and frac[2] == 0
     assert patch_auc(np.array([0.9, 0.1, 0.2, 0.5]), frac) == 1.0
-    loc = SlideLocalisation("s", coords, 200.0, {"score": np.array([0.9, 0.1, 0.2, 0.05])}, tumour)
+    loc = SlideLocalization("s", coords, 200.0, {"combined": np.array([0.9, 0.1, 0.2, 0.05])}, tumor)
     res = evaluate([loc])
-    assert res["froc"]["score"]["lesions"] == 2
-    assert res["froc"]["score"]["sensitivity"]["0.25"] == 0.5  # one lesion before any FP
+    assert res["froc"]["combined"]["lesions"] == 2
+    assert res["froc"]["combined"]["sensitivity"]["0.25"] == 0.5  # one lesion before any FP
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")

@@ -3,7 +3,8 @@ import pytest
 import tifffile
 
 from wsi_mil.errors import MissingMPPError, SlideOpenError
-from wsi_mil.slide import collect_slides, open_slide
+from wsi_mil.wsi.collect import collect_slides
+from wsi_mil.wsi.readers import open_slide
 
 
 def test_synthetic_slide_opens_in_both_backends_with_same_pixels(synthetic_slide):

@@ -6,11 +6,12 @@ import shapely
 from shapely.geometry import Point, box
 
 from wsi_mil.config import TilingConfig, TissueConfig
-from wsi_mil.slide import open_slide
-from wsi_mil.store import read_patches, write_patches
+from wsi_mil.formats.patches import read_patches, write_patches
+from wsi_mil.formats.tissue_geojson import geojson_to_polygons, read_tissue
 from wsi_mil.synthetic import write_blank_slide
-from wsi_mil.tiling import tile
-from wsi_mil.tissue import TissueMask, geojson_to_polygons, load_tissue, segment_tissue
+from wsi_mil.wsi.readers import open_slide
+from wsi_mil.wsi.tiling import tile
+from wsi_mil.wsi.tissue import TissueMask, segment_tissue
 
 
 def _iou(mask: TissueMask, syn) -> float:
@@ -113,11 +114,11 @@ def test_blank_slide_gives_empty_mask_not_crash(tmp_path):
 
 
 def test_geojson_is_qupath_annotation_with_holes(synthetic_slide, tmp_path):
-    from wsi_mil.tissue import save_tissue
+    from wsi_mil.formats.tissue_geojson import write_tissue
 
     with open_slide(synthetic_slide.path) as slide:
         mask = segment_tissue(slide)
-    save_tissue(mask, tmp_path / "t.geojson")
+    write_tissue(tmp_path / "t.geojson", mask)
     data = json.loads((tmp_path / "t.geojson").read_text())
     assert data["type"] == "FeatureCollection"
     f = data["features"][0]
@@ -126,7 +127,7 @@ def test_geojson_is_qupath_annotation_with_holes(synthetic_slide, tmp_path):
     for feat in data["features"]:
         for ring in feat["geometry"]["coordinates"]:
             assert ring[0] == ring[-1]
-    back = load_tissue(tmp_path / "t.geojson")
+    back = read_tissue(tmp_path / "t.geojson")
     assert back.polygons.symmetric_difference(mask.polygons).area / mask.area_level0 < 1e-3
     assert geojson_to_polygons(data["features"]).area == pytest.approx(back.polygons.area)
     assert back.polygons.contains(Point(*mask.polygons.geoms[0].representative_point().coords[0]))

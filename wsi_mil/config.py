@@ -8,6 +8,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, Field
 
+from .errors import WsiMilError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -21,6 +23,7 @@ class TissueConfig(BaseModel):
     min_tissue_area_um2: float = 0.25e6
     min_hole_area_um2: float = 0.05e6
     max_holes: int = 8
+    preview_px: int = Field(1024, ge=64, description="long side of tissue and tiling previews, px")
 
 
 class TilingConfig(BaseModel):
@@ -65,7 +68,6 @@ class TrainConfig(BaseModel):
 
 
 class HeatmapConfig(BaseModel):
-    score: Literal["combined", "attention", "inversion"] = "combined"
     combine_weight: float = Field(0.5, description="weight of inversion in the combined score")
     inversion_steps: int = 50
     inversion_lr: float = 0.1
@@ -93,8 +95,6 @@ def load_config(path_or_preset: str | Path | None = None, **overrides: dict) -> 
         if not p.exists():
             p = CONFIG_DIR / f"{path_or_preset}.yaml"
         if not p.exists():
-            from .errors import WsiMilError
-
             presets = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
             raise WsiMilError(f"{path_or_preset}: no such config file or preset (presets: {presets})")
         data = yaml.safe_load(p.read_text()) or {}

@@ -1,10 +1,10 @@
 """`wsi-mil demo`: a synthetic cohort through every stage, with a report at the end.
 
-synthesise slides (with ground-truth tumour masks) -> extract (segment, tile, encode) ->
+synthesise slides (with ground-truth tumor masks) -> extract (segment, tile, encode) ->
 crossval (PSMIL and ABMIL on the same splits) -> heatmap on test slides ->
 evaluate-localization -> report.html. Every stage skips work already done, so a second run
 resumes at once. Encoder weights are random (nothing can be downloaded offline); the
-synthetic tumour differs from normal tissue in colour and texture, which random
+synthetic tumor differs from normal tissue in colour and texture, which random
 convolutional features still separate.
 """
 
@@ -21,8 +21,12 @@ import numpy as np
 import pandas as pd
 
 from .config import PipelineConfig, TilingConfig, TrainConfig
-from .pipeline import Layout, extract_one, run_per_slide
-from .slide import SlideEntry
+from .errors import WsiMilError
+from .io import write_json, write_text
+from .pipeline.layout import Layout
+from .pipeline.runner import run_stage
+from .pipeline.stages import ExtractStage
+from .wsi.collect import SlideEntry
 
 DEMO_TILING = TilingConfig(target_mpp=1.0, patch_size=128, min_tissue=0.5)
 
@@ -45,7 +49,7 @@ def run_demo(
 ) -> dict:
     """Run the whole pipeline on a synthetic cohort; returns timings and headline metrics."""
     from .localization.evaluate import evaluate_folder
-    from .localization.heatmap import heatmap_slide
+    from .pipeline.heatmap import HeatmapRequest, heatmap_slide
     from .synthetic import make_cohort
     from .training.crossval import run_crossval
 
@@ -54,13 +58,13 @@ def run_demo(
     t0 = time.perf_counter()
     cohort_dir = out / "cohort"
     slides_dir = cohort_dir / "slides"
-    truth_dir = cohort_dir / "tumour_annotations"
+    truth_dir = cohort_dir / "tumor_annotations"
     if not (cohort_dir / "labels.csv").exists() or len(list(slides_dir.glob("*.tif"))) < n_slides:
         log(f"synthesising {n_slides} slides")
         cohort = make_cohort(cohort_dir, n_slides, seed=0)
         truth_dir.mkdir(parents=True, exist_ok=True)
         for s in cohort:
-            (truth_dir / f"{s.path.stem}.geojson").write_text(json.dumps(s.tumour_geojson()))
+            (truth_dir / f"{s.path.stem}.geojson").write_text(json.dumps(s.tumor_geojson()))
     timings["synthesise"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -69,19 +73,11 @@ def run_demo(
     layout = Layout(out)
     entries = [SlideEntry(p) for p in sorted(slides_dir.glob("*.tif"))]
 
-    def extract(entry):
-        from .features.extract import runner_for
-
-        return extract_one(entry, layout, cfg, runner_for(cfg.extract))["patches"]
-
-    run_per_slide(
-        entries,
-        "extract",
-        layout,
-        extract,
-        lambda e: layout.features(encoder, e.name).exists(),
-        progress=lambda e, i, n: log(f"extract [{i + 1}/{n}] {e.name}"),
+    extraction = run_stage(
+        ExtractStage(layout, cfg), entries, on_start=lambda e, i, n: log(f"extract [{i + 1}/{n}] {e.name}")
     )
+    if not extraction.ok:
+        raise WsiMilError(f"demo: extraction failed for {', '.join(extraction.failed)}")
     timings["extract"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -116,11 +112,10 @@ def run_demo(
                     slides_dir / f"{sid}.tif",
                     run_dir,
                     heat_dir,
-                    layout.features(encoder, sid),
-                    "psmil",
+                    features=layout.features(encoder, sid),
+                    work=out,
+                    request=HeatmapRequest("psmil", viewer=sid in shown, target="tumor"),
                     cfg=cfg,
-                    viewer=sid in shown,
-                    target="tumor",
                 )
             )
             log(f"heatmap {sid}")
@@ -128,7 +123,7 @@ def run_demo(
 
     t0 = time.perf_counter()
     loc = evaluate_folder(heat_dir, truth_dir)
-    (heat_dir / "localization.json").write_text(json.dumps(loc, indent=2))
+    write_json(heat_dir / "localization.json", loc)
     timings["evaluate"] = time.perf_counter() - t0
 
     summary = {
@@ -138,23 +133,23 @@ def run_demo(
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     _write_report(out, run_dir, heat_dir, truth_dir, slides_dir, shown, summary, encoder)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary
 
 
 def _truth_png(slide_path: Path, truth: Path, png: Path) -> None:
-    """The slide thumbnail with the ground-truth tumour outlined (for the report)."""
+    """The slide thumbnail with the ground-truth tumor outlined (for the report)."""
     import cv2
 
-    from .pipeline import save_png
-    from .slide import open_slide
-    from .tissue import load_tissue
+    from .formats.tissue_geojson import read_geojson_polygons
+    from .io import save_png
+    from .wsi.readers import open_slide
 
     with open_slide(slide_path) as s:
         thumb, mpp = s.thumbnail_at_mpp(8.0)
         px = mpp / s.mpp
     img = thumb.copy()
-    for poly in load_tissue(truth).polygons.geoms:
+    for poly in read_geojson_polygons(truth).geoms:
         pts = (np.asarray(poly.exterior.coords)[:, :2] / px).astype(np.int32)
         cv2.polylines(img, [pts], True, (0, 0, 0), 2)
     save_png(png, img)
@@ -180,17 +175,17 @@ def _write_report(out, run_dir, heat_dir, truth_dir, slides_dir, shown, summary,
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:auto;padding:20px}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}</style></head><body>
 <h1>wsi-mil demo report</h1>
-<p>A synthetic cohort (tumour and normal slides with ground-truth tumour masks) run through
+<p>A synthetic cohort (tumor and normal slides with ground-truth tumor masks) run through
 segmentation, tiling, feature extraction ({html.escape(encoder)}, <b>random weights</b>: no
 download is possible offline, so features are random convolutional features), 5-fold
 cross-validation of PSMIL and ABMIL with a held-out test set, heatmaps (PSMIL attention +
-sparse network inversion) and localisation against the ground truth.</p>
+sparse network inversion) and localization against the ground truth.</p>
 <h2>Slide-level classification</h2><pre>{html.escape(report_md)}</pre>
 <p>{_img_tag(run_dir / "psmil" / "roc.png", 320)} {_img_tag(run_dir / "abmil" / "roc.png", 320)}</p>
-<h2>Localisation (patch level, pooled over test slides)</h2>
+<h2>Localization (patch level, pooled over test slides)</h2>
 <table><tr><th>score</th><th>patch AUC</th><th>FROC</th></tr>{loc_rows}</table>
 <h2>Heatmaps next to ground truth</h2>
 <table><tr><th>slide</th><th>ground truth (black outline)</th><th>PSMIL combined score</th></tr>{"".join(rows)}</table>
 <h2>Stage timings (s)</h2><table>{timing_rows}</table>
 </body></html>"""
-    (out / "report.html").write_text(page)
+    write_text(out / "report.html", page)

@@ -3,7 +3,7 @@
 Slides are written as pyramidal, tiled, JPEG-compressed TIFFs (the generic-TIFF layout that
 OpenSlide and tiffslide both read) with microns-per-pixel in the resolution tags. Tissue is an
 H&E-like texture (pink stroma, purple nuclei) on a white background, in irregular pieces with
-holes; tumour regions are denser, larger, darker nuclei on a more basophilic background.
+holes; tumor regions are denser, larger, darker nuclei on a more basophilic background.
 Pixels are rendered tile by tile from physical-space masks, so slide size costs no memory.
 """
 
@@ -28,31 +28,32 @@ class SyntheticSlide:
     mpp: float
     size: tuple[int, int]
     tissue_mask: np.ndarray
-    tumour_mask: np.ndarray
+    tumor_mask: np.ndarray
     mask_mpp: float = MASK_MPP
 
     @property
-    def is_tumour(self) -> bool:
-        return bool(self.tumour_mask.any())
+    def is_tumor(self) -> bool:
+        return bool(self.tumor_mask.any())
 
     def mask_fraction(self, mask: np.ndarray, coords: np.ndarray, size_level0: float) -> np.ndarray:
         """Fraction of each level-0 patch (top-left coords, side size_level0) covered by mask."""
-        from .tiling import box_fractions
+        from .wsi.tiling import box_fractions
 
         scale = self.mpp / self.mask_mpp
         x0, y0 = np.round(coords * scale).astype(int).T
         x1, y1 = np.round((coords + size_level0) * scale).astype(int).T
         return box_fractions(mask.astype(np.float32), x0, y0, x1, y1)
 
-    def tumour_fraction(self, coords: np.ndarray, size_level0: float) -> np.ndarray:
-        return self.mask_fraction(self.tumour_mask, coords, size_level0)
+    def tumor_fraction(self, coords: np.ndarray, size_level0: float) -> np.ndarray:
+        return self.mask_fraction(self.tumor_mask, coords, size_level0)
 
-    def tumour_geojson(self) -> dict:
-        """Ground-truth tumour regions as a GeoJSON FeatureCollection in level-0 pixels."""
-        from .tissue import mask_to_polygons, polygons_to_geojson
+    def tumor_geojson(self) -> dict:
+        """Ground-truth tumor regions as a GeoJSON FeatureCollection in level-0 pixels."""
+        from .formats.tissue_geojson import polygons_to_geojson
+        from .wsi.tissue import mask_to_polygons
 
         polys = mask_to_polygons(
-            self.tumour_mask, self.mask_mpp / self.mpp, min_area_px=0, min_hole_px=0, max_holes=64
+            self.tumor_mask, self.mask_mpp / self.mpp, min_area_px=0, min_hole_px=0, max_holes=64
         )
         return polygons_to_geojson(polys, "Tumor", (200, 0, 0))
 
@@ -68,11 +69,11 @@ def make_masks(
     height_um: float,
     rng: np.random.Generator,
     n_pieces: int = 3,
-    tumour_regions: int = 0,
-    tumour_radius_um: tuple[float, float] = (250, 600),
+    tumor_regions: int = 0,
+    tumor_radius_um: tuple[float, float] = (250, 600),
     mask_mpp: float = MASK_MPP,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Irregular tissue pieces with holes, and tumour blobs inside the tissue."""
+    """Irregular tissue pieces with holes, and tumor blobs inside the tissue."""
     h, w = int(round(height_um / mask_mpp)), int(round(width_um / mask_mpp))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     tissue = np.zeros((h, w), bool)
@@ -96,21 +97,21 @@ def make_masks(
         i = rng.integers(len(xs))
         rad = rng.uniform(150, 250) / mask_mpp
         tissue &= (xx - xs[i]) ** 2 + (yy - ys[i]) ** 2 > rad**2
-    tumour = np.zeros((h, w), bool)
+    tumor = np.zeros((h, w), bool)
     ys, xs = np.nonzero(cv2.erode(tissue.astype(np.uint8), np.ones((61, 61), np.uint8)))
-    for _ in range(tumour_regions if len(xs) else 0):
+    for _ in range(tumor_regions if len(xs) else 0):
         i = rng.integers(len(xs))
-        rad = rng.uniform(*tumour_radius_um) / mask_mpp
-        tumour |= ((xx - xs[i]) ** 2 + (yy - ys[i]) ** 2 + 0.3 * rad**2 * noise) < rad**2
-    tumour &= tissue
-    return tissue, tumour
+        rad = rng.uniform(*tumor_radius_um) / mask_mpp
+        tumor |= ((xx - xs[i]) ** 2 + (yy - ys[i]) ** 2 + 0.3 * rad**2 * noise) < rad**2
+    tumor &= tissue
+    return tissue, tumor
 
 
 def _texture(kind: str, seed: int) -> np.ndarray:
     """A periodic H&E-like texture at TEXTURE_MPP (float32 RGB in 0..255)."""
     rng = np.random.default_rng(seed)
     n = TEXTURE_SIZE
-    if kind == "tumour":
+    if kind == "tumor":
         base, nuc, density, radius = (196, 128, 200), (70, 30, 120), 0.0040, (5.0, 9.0)
     else:
         base, nuc, density, radius = (236, 168, 196), (105, 60, 145), 0.0012, (3.0, 5.0)
@@ -145,14 +146,14 @@ def _texture(kind: str, seed: int) -> np.ndarray:
 class _Renderer:
     """Renders RGB tiles of one pyramid level from the physical masks and textures."""
 
-    def __init__(self, tissue: np.ndarray, tumour: np.ndarray, pixel_um: float, seed: int):
+    def __init__(self, tissue: np.ndarray, tumor: np.ndarray, pixel_um: float, seed: int):
         self.pixel_um = pixel_um
         self.tissue = tissue.astype(np.float32)
-        self.tumour = tumour.astype(np.float32)
+        self.tumor = tumor.astype(np.float32)
         n = max(8, int(round(TEXTURE_SIZE * TEXTURE_MPP / pixel_um)))
         interp = cv2.INTER_AREA if n < TEXTURE_SIZE else cv2.INTER_LINEAR
         self.normal = cv2.resize(_texture("normal", seed), (n, n), interpolation=interp)
-        self.tumour_tex = cv2.resize(_texture("tumour", seed + 1), (n, n), interpolation=interp)
+        self.tumor_tex = cv2.resize(_texture("tumor", seed + 1), (n, n), interpolation=interp)
         self.n = n
 
     def tile(self, x: int, y: int, tw: int, th: int) -> np.ndarray:
@@ -168,12 +169,12 @@ class _Renderer:
         map_y = np.broadcast_to(my[:, None], (th, tw)).astype(np.float32)
         t = cv2.remap(self.tissue, map_x, map_y, cv2.INTER_LINEAR, borderValue=0)
         t = np.clip((t - 0.5) * 8 + 0.5, 0, 1)[..., None]
-        u = cv2.remap(self.tumour, map_x, map_y, cv2.INTER_LINEAR, borderValue=0)
+        u = cv2.remap(self.tumor, map_x, map_y, cv2.INTER_LINEAR, borderValue=0)
         u = np.clip((u - 0.5) * 8 + 0.5, 0, 1)[..., None]
         rows = (np.arange(th) + y) % self.n
         cols = (np.arange(tw) + x) % self.n
         normal = self.normal[np.ix_(rows, cols)]
-        tissue_rgb = normal * (1 - u) + self.tumour_tex[np.ix_(rows, cols)] * u if u.any() else normal
+        tissue_rgb = normal * (1 - u) + self.tumor_tex[np.ix_(rows, cols)] * u if u.any() else normal
         rgb = 244 * (1 - t) + tissue_rgb * t
         return np.clip(rgb, 0, 255).astype(np.uint8)
 
@@ -183,12 +184,12 @@ def write_synthetic_slide(
     width_um: float = 3000,
     height_um: float = 2000,
     mpp: float = 0.5,
-    tumour_regions: int = 0,
+    tumor_regions: int = 0,
     n_pieces: int = 3,
     seed: int = 0,
     tile: int = 256,
     quality: int = 85,
-    tumour_radius_um: tuple[float, float] = (250, 600),
+    tumor_radius_um: tuple[float, float] = (250, 600),
     masks: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> SyntheticSlide:
     """Write a pyramidal JPEG TIFF of `width_um` x `height_um` at `mpp` um/px level 0.
@@ -202,8 +203,8 @@ def write_synthetic_slide(
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     if masks is None:
-        masks = make_masks(width_um, height_um, rng, n_pieces, tumour_regions, tumour_radius_um)
-    tissue, tumour = masks
+        masks = make_masks(width_um, height_um, rng, n_pieces, tumor_regions, tumor_radius_um)
+    tissue, tumor = masks
     width, height = int(round(width_um / mpp)), int(round(height_um / mpp))
     res = 10_000.0 / mpp  # pixels per centimetre
     tmp = path.with_name(path.name + ".partial")
@@ -211,7 +212,7 @@ def write_synthetic_slide(
         ds = 1
         while True:
             lw, lh = max(1, width // ds), max(1, height // ds)
-            renderer = _Renderer(tissue, tumour, mpp * ds, seed)
+            renderer = _Renderer(tissue, tumor, mpp * ds, seed)
 
             def tiles(lw=lw, lh=lh, renderer=renderer):
                 for ty in range(0, lh, tile):
@@ -236,7 +237,7 @@ def write_synthetic_slide(
                 break
             ds *= 4
     tmp.replace(path)
-    return SyntheticSlide(path=path, mpp=mpp, size=(width, height), tissue_mask=tissue, tumour_mask=tumour)
+    return SyntheticSlide(path=path, mpp=mpp, size=(width, height), tissue_mask=tissue, tumor_mask=tumor)
 
 
 def write_blank_slide(path: str | Path, width: int = 2048, height: int = 2048, mpp: float = 0.5) -> Path:
@@ -248,20 +249,20 @@ def write_blank_slide(path: str | Path, width: int = 2048, height: int = 2048, m
 def make_cohort(
     out_dir: str | Path,
     n_slides: int = 24,
-    tumour_ratio: float = 0.5,
+    tumor_ratio: float = 0.5,
     width_um: float = 3000,
     height_um: float = 2000,
     mpp: float = 0.5,
     seed: int = 0,
 ) -> list[SyntheticSlide]:
-    """Tumour and normal synthetic slides plus `labels.csv` (slide_id,label,case_id)."""
+    """Tumor and normal synthetic slides plus `labels.csv` (slide_id,label,case_id)."""
     import pandas as pd
 
     out_dir = Path(out_dir)
     slides_dir = out_dir / "slides"
     rng = np.random.default_rng(seed)
-    n_tumour = int(round(n_slides * tumour_ratio))
-    labels = np.array([1] * n_tumour + [0] * (n_slides - n_tumour))
+    n_tumor = int(round(n_slides * tumor_ratio))
+    labels = np.array([1] * n_tumor + [0] * (n_slides - n_tumor))
     rng.shuffle(labels)
     cohort, rows = [], []
     for i, label in enumerate(labels):
@@ -271,18 +272,18 @@ def make_cohort(
             width_um,
             height_um,
             mpp,
-            tumour_regions=int(rng.integers(1, 3)) if label else 0,
+            tumor_regions=int(rng.integers(1, 3)) if label else 0,
             n_pieces=int(rng.integers(2, 4)),
             seed=seed * 1000 + i,
-            tumour_radius_um=(200, 450),
+            tumor_radius_um=(200, 450),
         )
-        if label and not s.is_tumour:  # a tumour blob can miss eroded tissue: retry bigger
+        if label and not s.is_tumor:  # a tumor blob can miss eroded tissue: retry bigger
             s = write_synthetic_slide(
                 slides_dir / f"{name}.tif",
                 width_um,
                 height_um,
                 mpp,
-                tumour_regions=2,
+                tumor_regions=2,
                 n_pieces=2,
                 seed=seed * 1000 + i + 500,
             )
@@ -309,12 +310,13 @@ def make_feature_cohort(
     """Feature bags whose positive members hold a few key instances shifted along one direction.
 
     Writes `<out_dir>/features/<slide>.h5` (features + grid coords) and `<out_dir>/labels.csv`;
-    returns each positive bag's boolean key-instance mask (ground truth for localisation).
+    returns each positive bag's boolean key-instance mask (ground truth for localization).
     `graded=True` gives key instances strengths spread over [0.5, 1.5] x `strength`.
     `random_labels=True` shuffles labels after building the bags (a leakage guard: chance AUC).
     """
-    import h5py
     import pandas as pd
+
+    from .formats.features import write_features
 
     out_dir = Path(out_dir)
     feat_dir = out_dir / "features"
@@ -338,10 +340,8 @@ def make_feature_cohort(
         side = int(np.ceil(np.sqrt(n)))
         coords = np.stack([np.arange(n) % side, np.arange(n) // side], 1).astype(np.int64) * 256
         name = f"bag_{i:03d}"
-        with h5py.File(feat_dir / f"{name}.h5", "w") as f:
-            f.create_dataset("features", data=x)
-            f.create_dataset("coords", data=coords)
-            f.attrs.update({"patch_size": 256, "patch_size_level0": 256, "encoder": "synthetic"})
+        attrs = {"patch_size": 256, "patch_size_level0": 256, "encoder": "synthetic", "encoder_dim": dim}
+        write_features(feat_dir / f"{name}.h5", x, coords, attrs)
         keys[name] = key
         rows.append({"slide_id": name, "label": int(y), "case_id": f"case_{i % n_cases:03d}"})
     table = pd.DataFrame(rows)

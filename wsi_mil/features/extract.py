@@ -1,11 +1,10 @@
-"""Fast streaming feature extraction: patch coordinates + a slide -> features in HDF5.
+"""Streaming feature extraction: patch coordinates + a slide -> a feature file.
 
 Speed comes from (1) reading whole rows of neighbouring patches as one region at the pyramid
 level nearest the target mpp and slicing them, instead of one `read_region` per patch;
 (2) DataLoader workers that each open their own slide handle, decode and resize while the
-encoder runs; (3) channels-last + autocast (bf16 on CPUs with bf16 units, fp16/bf16 on GPU)
-under `torch.inference_mode`, optionally `torch.compile`d; (4) features streamed to a
-pre-sized, chunked HDF5 dataset so memory does not grow with the slide.
+encoder runs (features/runner.py); (3) features streamed to a pre-sized, chunked HDF5
+dataset so memory does not grow with the slide.
 """
 
 from __future__ import annotations
@@ -20,45 +19,17 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import ExtractConfig
-from ..slide import Slide, open_slide
-from ..store import FeatureWriter, provenance
-from ..tiling import PatchGrid
-from .encoders import Encoder
+from ..formats.features import FeatureWriter
+from ..formats.patches import grid_attrs
+from ..io import provenance
+from ..wsi.readers import open_slide
+from ..wsi.slide import Slide
+from ..wsi.tiling import PatchGrid
+from .runner import EncoderRunner
 
 log = logging.getLogger("wsi_mil")
 
 MAX_REGION_PX = 8192  # widest region read at once, in level pixels
-COMPILE_MIN_PATCHES = 2000  # torch.compile (~15 s with freezing on CPU) pays off above this
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        from ..errors import WsiMilError
-
-        raise WsiMilError(f"--device {device}: no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(device)
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None = fp32) for `precision` on `device`."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_bf16() else None
 
 
 def _read_row(
@@ -158,78 +129,6 @@ class PatchBatches(IterableDataset):
             slide.close()
 
 
-def fold_batchnorm(encoder: Encoder) -> Encoder:
-    """A copy with every eval-mode Conv -> BatchNorm pair folded into the conv (one op instead
-    of two: ~12% faster eager resnet50_trunc on CPU). Models torch.fx cannot trace stay as is."""
-    import warnings
-
-    with warnings.catch_warnings():  # the module imports deprecated torch.jit helpers
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torch.fx.experimental.optimization import fuse
-    try:
-        net = fuse(encoder.net.eval())
-    except Exception as exc:  # dynamic control flow: not traceable, nothing to fold
-        log.debug("batchnorm folding skipped for %s: %s", encoder.info.name, exc)
-        return encoder
-    return Encoder(net, encoder.info)
-
-
-class EncoderRunner:
-    """Runs an encoder on uint8 NHWC batches with the best precision the device offers."""
-
-    def __init__(self, encoder: Encoder, device: str = "auto", precision: str = "auto", compile: str = "off"):
-        self.device = resolve_device(device)
-        self.amp_dtype = resolve_precision(precision, self.device)
-        encoder = fold_batchnorm(encoder.eval())
-        self.encoder = encoder.to(self.device).eval().to(memory_format=torch.channels_last)
-        self.info = encoder.info
-        self.mean = torch.tensor(self.info.mean, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(self.info.std, device=self.device).view(1, 3, 1, 1) * 255
-        self.compile_mode = compile
-        self._compiled = None
-
-    @property
-    def precision_name(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
-
-    def maybe_compile(self, n_patches: int) -> None:
-        want = self.compile_mode == "on" or (self.compile_mode == "auto" and n_patches >= COMPILE_MIN_PATCHES)
-        if want and self._compiled is None:
-            try:
-                # freezing folds weights into oneDNN-prepacked constants: ~1.5x on CPU
-                self._compiled = torch.compile(self.encoder, options={"freezing": True})
-            except Exception as exc:  # no compiler toolchain: run eager
-                log.warning("torch.compile unavailable (%s); running eager", exc)
-                self._compiled = self.encoder
-
-    @torch.inference_mode()
-    def __call__(self, images: np.ndarray | torch.Tensor, pad_to: int | None = None) -> np.ndarray:
-        x = torch.as_tensor(images).to(self.device, non_blocking=True)
-        n = x.shape[0]
-        if pad_to and n < pad_to:  # a fixed batch shape avoids recompiling for the last batch
-            x = torch.cat([x, x[-1:].expand(pad_to - n, *x.shape[1:])])
-        x = x.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
-        x = x.contiguous(memory_format=torch.channels_last)
-        model = self.encoder if self._compiled is None else self._compiled
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            feats = model(x)
-        return feats[:n].float().cpu().numpy()
-
-
-_RUNNERS: dict = {}
-
-
-def runner_for(cfg: ExtractConfig) -> EncoderRunner:
-    """The encoder runner for these settings, built once per process (weights load once)."""
-    from .encoders import create_encoder
-
-    key = (cfg.encoder, cfg.weights, cfg.random_weights, cfg.device, cfg.precision, cfg.compile)
-    if key not in _RUNNERS:
-        encoder = create_encoder(cfg.encoder, cfg.weights, cfg.random_weights)
-        _RUNNERS[key] = EncoderRunner(encoder, cfg.device, cfg.precision, cfg.compile)
-    return _RUNNERS[key]
-
-
 def extract_features(
     slide_path,
     grid: PatchGrid,
@@ -246,7 +145,7 @@ def extract_features(
     cfg = cfg or ExtractConfig()
     info = runner.info
     attrs = {
-        **grid.file_attrs,
+        **grid_attrs(grid),
         **provenance(slide_path=str(slide_path)),
         "encoder": info.name,
         "encoder_dim": info.dim,
@@ -279,7 +178,7 @@ def extract_features(
         )
         for start, images, failed in loader:
             images = images.numpy() if isinstance(images, torch.Tensor) else images
-            feats = runner(images, pad_to=None if runner._compiled is None else cfg.batch_size)
+            feats = runner(images, pad_to=cfg.batch_size if runner.compiled else None)
             writer.write(int(start), feats.astype(cfg.dtype))
             failed_total += int(failed)
             if on_batch:

@@ -1,1 +1,1 @@
-"""Localisation: sparse network inversion, per-patch scores, heatmaps and review exports."""
+"""Localization: sparse network inversion, per-patch scores, heatmaps and review exports."""

@@ -1,8 +1,8 @@
-"""Localisation against ground-truth tumour annotations: patch AUC and Camelyon16-style FROC.
+"""Localization against ground-truth tumor annotations: patch AUC and Camelyon16-style FROC.
 
-Annotations: ASAP XML as distributed with Camelyon16 (groups `_0`/`_1`/`Tumor` are tumour,
-`_2` marks exclusion regions inside tumour) or GeoJSON polygons (any classification, or the
-one named). A patch is positive when at least `pos_frac` of it is tumour, negative when none of
+Annotations: ASAP XML as distributed with Camelyon16 (groups `_0`/`_1`/`Tumor` are tumor,
+`_2` marks exclusion regions inside tumor) or GeoJSON polygons (any classification, or the
+one named). A patch is positive when at least `pos_frac` of it is tumor, negative when none of
 it is; patches in between are left out of the AUC.
 FROC follows Camelyon16's lesion-level protocol in patch form: detections are score-ordered
 patches kept by non-maximum suppression; a detection inside a lesion is a true positive for
@@ -12,7 +12,6 @@ that lesion (each lesion counted once), otherwise a false positive; sensitivity 
 
 from __future__ import annotations
 
-import json
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,27 +22,28 @@ from shapely.geometry import MultiPolygon, Polygon, box
 from sklearn.metrics import roc_auc_score
 
 from ..errors import WsiMilError
-from ..tissue import geojson_to_polygons
+from ..formats.scores import SCORE_NAMES, read_scores
+from ..formats.tissue_geojson import read_geojson_polygons
 
 FP_RATES = (0.25, 0.5, 1, 2, 4, 8)
 EXCLUSION_GROUPS = {"_2", "exclusion", "Exclusion"}
 
 
 def read_asap_xml(path: str | Path) -> MultiPolygon:
-    """Tumour polygons from an ASAP XML, exclusion (`_2`) regions subtracted."""
+    """Tumor polygons from an ASAP XML, exclusion (`_2`) regions subtracted."""
     try:
         root = ET.parse(path).getroot()
     except (ET.ParseError, OSError) as exc:
         raise WsiMilError(f"{path}: not a readable ASAP XML annotation ({exc})") from exc
-    tumour, exclude = [], []
+    tumor, exclude = [], []
     for ann in root.iter("Annotation"):
         pts = sorted(ann.iter("Coordinate"), key=lambda c: float(c.get("Order", 0)))
         xy = [(float(c.get("X")), float(c.get("Y"))) for c in pts]
         if len(xy) < 3:
             continue
         poly = shapely.make_valid(Polygon(xy))
-        (exclude if ann.get("PartOfGroup") in EXCLUSION_GROUPS else tumour).append(poly)
-    region = shapely.unary_union(tumour) if tumour else MultiPolygon()
+        (exclude if ann.get("PartOfGroup") in EXCLUSION_GROUPS else tumor).append(poly)
+    region = shapely.unary_union(tumor) if tumor else MultiPolygon()
     if exclude:
         region = region.difference(shapely.unary_union(exclude))
     return _as_multipolygon(region)
@@ -61,20 +61,17 @@ def read_annotation(path: str | Path) -> MultiPolygon:
     path = Path(path)
     if path.suffix.lower() == ".xml":
         return read_asap_xml(path)
-    try:
-        return geojson_to_polygons(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise WsiMilError(f"{path}: not a readable GeoJSON annotation ({exc})") from exc
+    return read_geojson_polygons(path)
 
 
-def patch_tumour_fraction(coords: np.ndarray, size0: float, tumour: MultiPolygon) -> np.ndarray:
-    if tumour.is_empty:
+def patch_tumor_fraction(coords: np.ndarray, size0: float, tumor: MultiPolygon) -> np.ndarray:
+    if tumor.is_empty:
         return np.zeros(len(coords))
     boxes = [box(x, y, x + size0, y + size0) for x, y in coords.tolist()]
-    hits = shapely.intersects(boxes, tumour)
+    hits = shapely.intersects(boxes, tumor)
     frac = np.zeros(len(coords))
     for i in np.nonzero(hits)[0]:
-        frac[i] = boxes[i].intersection(tumour).area / size0**2
+        frac[i] = boxes[i].intersection(tumor).area / size0**2
     return frac
 
 
@@ -87,21 +84,21 @@ def patch_auc(scores: np.ndarray, frac: np.ndarray, pos_frac: float = 0.5) -> fl
 
 
 @dataclass
-class SlideLocalisation:
+class SlideLocalization:
     slide: str
     coords: np.ndarray
     size0: float
     scores: dict[str, np.ndarray]
-    tumour: MultiPolygon
+    tumor: MultiPolygon
 
 
-def _detections(loc: SlideLocalisation, name: str, radius_patches: float = 2.0):
+def _detections(loc: SlideLocalization, name: str, radius_patches: float = 2.0):
     """(score, lesion index or -1) of NMS-kept detections, best first."""
     s = loc.scores[name]
     order = np.argsort(-s)
     centres = loc.coords + loc.size0 / 2
     suppressed = np.zeros(len(s), bool)
-    lesions = list(getattr(loc.tumour, "geoms", []))
+    lesions = list(getattr(loc.tumor, "geoms", []))
     out = []
     r2 = (radius_patches * loc.size0) ** 2
     for i in order:
@@ -115,12 +112,12 @@ def _detections(loc: SlideLocalisation, name: str, radius_patches: float = 2.0):
     return out
 
 
-def froc(slides: list[SlideLocalisation], name: str) -> dict:
+def froc(slides: list[SlideLocalization], name: str) -> dict:
     """Sensitivity at FP_RATES average false positives per slide, and their mean."""
     dets = []
     n_lesions = 0
     for k, loc in enumerate(slides):
-        n_lesions += len(getattr(loc.tumour, "geoms", []))
+        n_lesions += len(getattr(loc.tumor, "geoms", []))
         dets.extend((score, k, lesion) for score, lesion in _detections(loc, name))
     dets.sort(key=lambda t: -t[0])
     found, fps, curve = set(), 0, []
@@ -137,11 +134,11 @@ def froc(slides: list[SlideLocalisation], name: str) -> dict:
     return {"sensitivity": sens, "froc": float(np.mean(list(sens.values()))), "lesions": n_lesions}
 
 
-def evaluate(slides: list[SlideLocalisation], pos_frac: float = 0.5) -> dict:
+def evaluate(slides: list[SlideLocalization], pos_frac: float = 0.5) -> dict:
     """Patch AUC per slide and pooled, and FROC, for each score."""
     names = list(slides[0].scores)
     out = {"per_slide": {}, "pooled_patch_auc": {}, "froc": {}}
-    fracs = [patch_tumour_fraction(s.coords, s.size0, s.tumour) for s in slides]
+    fracs = [patch_tumor_fraction(s.coords, s.size0, s.tumor) for s in slides]
     for s, f in zip(slides, fracs):
         out["per_slide"][s.slide] = {n: patch_auc(s.scores[n], f, pos_frac) for n in names}
     for n in names:
@@ -155,10 +152,8 @@ def evaluate(slides: list[SlideLocalisation], pos_frac: float = 0.5) -> dict:
 def evaluate_folder(scores_dir: str | Path, annotations_dir: str | Path, pos_frac: float = 0.5) -> dict:
     """Evaluate every `<slide>_scores.h5` that has `<slide>.xml` or `<slide>.geojson`.
 
-    A scored slide without an annotation counts as tumour-free (Camelyon16 normals have none).
+    A scored slide without an annotation counts as tumor-free (Camelyon16 normals have none).
     """
-    import h5py
-
     scores_dir, annotations_dir = Path(scores_dir), Path(annotations_dir)
     files = sorted(scores_dir.glob("*_scores.h5"))
     if not files:
@@ -170,15 +165,7 @@ def evaluate_folder(scores_dir: str | Path, annotations_dir: str | Path, pos_fra
             (p for p in (annotations_dir / f"{sid}.xml", annotations_dir / f"{sid}.geojson") if p.exists()),
             None,
         )
-        tumour = read_annotation(ann) if ann else MultiPolygon()
-        with h5py.File(f) as h:
-            coords = h["coords"][:]
-            sc = {n: h[n][:] for n in ("attention", "inversion", "score")}
-            size0 = float(h.attrs.get("patch_size_level0", 0)) or _patch_size_for(coords)
-        slides.append(SlideLocalisation(sid, coords, size0, sc, tumour))
+        tumor = read_annotation(ann) if ann else MultiPolygon()
+        ps = read_scores(f)
+        slides.append(SlideLocalization(sid, ps.coords, ps.size0, {n: ps.get(n) for n in SCORE_NAMES}, tumor))
     return evaluate(slides, pos_frac)
-
-
-def _patch_size_for(coords: np.ndarray) -> float:
-    xs = np.unique(coords[:, 0])
-    return float(np.diff(xs).min()) if len(xs) > 1 else 256.0

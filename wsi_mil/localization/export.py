@@ -1,7 +1,7 @@
 """Exports for pathologist review, all in level-0 pixel coordinates.
 
 - QuPath GeoJSON: one `tile` object per patch (locked), measurements attention / inversion /
-  score, which QuPath imports and colours by measurement (DESIGN section 3).
+  combined, which QuPath imports and colours by measurement.
 - Pyramidal OME-TIFF of the coloured heatmap with the slide's size and mpp (tifffile, SubIFDs).
 - Self-contained HTML viewer: Deep Zoom tiles of the slide and of each score overlay, shown
   with a vendored OpenSeadragon (no network), opacity slider, score selector, top-k gallery.
@@ -17,41 +17,23 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..store import atomic_path
+from ..formats.scores import SCORE_NAMES, PatchScores
+from ..formats.tissue_geojson import qupath_feature, square
+from ..io import atomic_path
 from .render import colourise, score_raster
-from .scores import SCORE_NAMES, PatchScores
 
 STATIC = Path(__file__).parent / "static"
 
 
-def _finite(v: float) -> float:
-    v = float(v)
-    return v if math.isfinite(v) else 0.0
-
-
 def qupath_geojson(scores: PatchScores, size0: float) -> dict:
-    """FeatureCollection of square patch tiles with numeric measurements (never NaN)."""
-    feats = []
-    for i, (x, y) in enumerate(scores.coords.tolist()):
-        x1, y1 = x + size0, y + size0
-        feats.append(
-            {
-                "type": "Feature",
-                "geometry": {
-                    "type": "Polygon",
-                    "coordinates": [[[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]],
-                },
-                "properties": {
-                    "objectType": "tile",
-                    "isLocked": True,
-                    "measurements": {
-                        "attention": _finite(scores.attention[i]),
-                        "inversion": _finite(scores.inversion[i]),
-                        "score": _finite(scores.score[i]),
-                    },
-                },
-            }
+    """FeatureCollection of locked square patch tiles with numeric measurements."""
+    values = {n: scores.get(n).astype(float).tolist() for n in SCORE_NAMES}
+    feats = [
+        qupath_feature(
+            square(x, y, size0), "tile", measurements={n: values[n][i] for n in SCORE_NAMES}, locked=True
         )
+        for i, (x, y) in enumerate(scores.coords.tolist())
+    ]
     return {"type": "FeatureCollection", "features": feats}
 
 
@@ -67,7 +49,7 @@ def write_ome_tiff(
     stride0: float,
     slide_size: tuple[int, int],
     mpp: float,
-    name: str = "score",
+    name: str = "combined",
     tile: int = 512,
 ) -> None:
     """Pyramidal RGB OME-TIFF of the heatmap at the slide's level-0 size and mpp."""
@@ -258,9 +240,7 @@ def write_viewer(
         src["Image"]["Url"] = f"{folder.name}/{src['Image']['Url']}"
     data = {"slide": slide_src, "overlays": overlays, "top": top}
     options = "".join(
-        f'<option value="{n}"{" selected" if n == "score" else ""}>'
-        f"{'combined' if n == 'score' else n}</option>"
-        for n in SCORE_NAMES
+        f'<option value="{n}"{" selected" if n == "combined" else ""}>{n}</option>' for n in SCORE_NAMES
     )
     html = VIEWER_HTML.format(
         title=title,

@@ -1,4 +1,4 @@
-"""Sparse network inversion for key-instance detection (DESIGN section 4).
+"""Sparse network inversion for key-instance detection.
 
 Starting from the bag X0 and the model's predicted class y, minimise
     CE(model(X), y) + lambda ||X||_1
@@ -31,9 +31,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..config import HeatmapConfig
 from ..models import MILModel
 
-DEFAULTS = {"steps": 50, "lr": 0.1, "lam": 1.6, "score": "evidence"}
+_H = HeatmapConfig()  # one home for the defaults: the heatmap config
+DEFAULTS = {
+    "steps": _H.inversion_steps,
+    "lr": _H.inversion_lr,
+    "lam": _H.inversion_lambda,
+    "score": _H.inversion_score,
+}
 SCORES = ("evidence", "survival", "change")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from ..tissue import TissueMask
+from ..wsi.tissue import TissueMask
 
 
 def splat(
@@ -41,7 +41,7 @@ def score_raster(
     blur_px: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean score per cell and a coverage mask; optional normalised Gaussian blur."""
-    acc, cnt = splat(coords, np.nan_to_num(values, nan=0.0), size0, shape, px_level0)
+    acc, cnt = splat(coords, np.asarray(values, np.float64), size0, shape, px_level0)
     covered = cnt > 0.5
     if blur_px > 0:
         acc = cv2.GaussianBlur(acc, (0, 0), blur_px)
@@ -91,7 +91,7 @@ def overlay_figure(overlay: np.ndarray, title: str, out_png, label: str = "score
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    from ..store import atomic_path
+    from ..io import save_figure
 
     h, w = overlay.shape[:2]
     fig_w = 8.0
@@ -107,6 +107,4 @@ def overlay_figure(overlay: np.ndarray, title: str, out_png, label: str = "score
         label=f"{label} (rank within slide; high = evidence for the prediction)",
     )
     fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(out_png, fig, dpi=110)

@@ -9,72 +9,23 @@ not light up as brightly as one where they agree, and scores stay comparable acr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from ..formats.scores import PatchScores
 from ..models import MILModel
 from .inversion import DEFAULTS, sparse_inversion
 
-SCORE_NAMES = ("attention", "inversion", "score")
-
 
 def rank_normalise(x: np.ndarray) -> np.ndarray:
-    x = np.nan_to_num(np.asarray(x, np.float64), nan=0.0)
+    """Ranks scaled to (0, 1] (ties averaged); non-finite input is a model fault, refused."""
+    x = np.asarray(x, np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError("the model produced non-finite instance scores")
     if len(x) == 0:
         return x
     return rankdata(x, method="average") / len(x)
-
-
-@dataclass
-class PatchScores:
-    coords: np.ndarray  # [N, 2] level-0 top-left
-    attention: np.ndarray
-    inversion: np.ndarray
-    score: np.ndarray  # combined
-    prob: np.ndarray  # [C] slide-level probability (mean over models)
-    predicted: int
-    size0: float = 256.0  # patch side in level-0 pixels
-
-    def get(self, name: str) -> np.ndarray:
-        return {
-            "attention": self.attention,
-            "inversion": self.inversion,
-            "score": self.score,
-            "combined": self.score,
-        }[name]
-
-    def save(self, path: str | Path) -> None:
-        """HDF5 (`.h5`) or CSV, atomically."""
-        from ..store import atomic_path
-
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            if path.suffix == ".csv":
-                import pandas as pd
-
-                pd.DataFrame(
-                    {
-                        "x": self.coords[:, 0],
-                        "y": self.coords[:, 1],
-                        "attention": self.attention,
-                        "inversion": self.inversion,
-                        "score": self.score,
-                    }
-                ).to_csv(tmp, index=False)
-            else:
-                import h5py
-
-                with h5py.File(tmp, "w") as f:
-                    f.create_dataset("coords", data=self.coords)
-                    for name in SCORE_NAMES:
-                        f.create_dataset(name, data=self.get(name).astype(np.float32))
-                    f.attrs["prob"] = self.prob
-                    f.attrs["predicted"] = self.predicted
-                    f.attrs["patch_size_level0"] = self.size0
 
 
 def score_bag(

@@ -1,4 +1,4 @@
-"""The interface every MIL model shares (DESIGN section 4).
+"""The interface every MIL model shares.
 
 `forward(features [N, D], coords [N, 2] | None) -> MILOutput(logits [C], instance_scores [N],
 aux_loss)`, one bag per call. `loss(output, label)` is what the trainer minimises (cross-entropy

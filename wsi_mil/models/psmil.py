@@ -1,4 +1,4 @@
-"""PSMIL: probability-space attention pooling for MIL (DESIGN section 4).
+"""PSMIL: probability-space attention pooling for MIL.
 
 Instance embeddings H = ReLU(Linear(in, 512)); class prototypes Q (512 x k buffer, columns
 L2-normalised, k = number of classes); instance class probabilities P = softmax(H Q)

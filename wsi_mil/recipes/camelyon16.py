@@ -2,7 +2,7 @@
 
 training/normal/normal_*.tif -> normal, training/tumor/tumor_*.tif -> tumor (split train);
 testing/images/test_*.tif with testing/reference.csv (`Test_001,Tumor,...` / `Test_002,Normal`)
--> split test. Tumour annotations (ASAP XML) sit in */lesion_annotations/ for localisation.
+-> split test. Tumor annotations (ASAP XML) sit in */lesion_annotations/ for localization.
 """
 
 from __future__ import annotations

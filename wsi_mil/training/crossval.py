@@ -1,105 +1,51 @@
 """k-fold cross-validation with a held-out test set and a majority-vote ensemble.
 
-Run directory (DESIGN section 3):
-  config.yaml, classes.json, splits.csv
-  <model>/fold_<k>/model.pt, threshold.json, val_metrics.json, history.csv
-  <model>/predictions.csv, metrics.json, roc.png, training_curves.png
-  report.md (one comparison table over all models run on these splits)
-Finished folds are skipped on re-run, so a killed run resumes.
+The protocol: a held-out test split (labels' `split` column, else a stratified fraction drawn
+by case), k stratified folds grouped by case over the rest, per fold the best epoch by
+validation AUC and a Youden threshold, then the fold models' majority vote on the test split.
+Results go into a run folder (formats/run.py). A run records a fingerprint of its inputs; a
+re-run resumes finished folds only when the fingerprint matches and refuses otherwise.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
+from .. import __version__
 from ..config import TrainConfig
+from ..device import resolve_device
 from ..errors import WsiMilError
+from ..formats.features import read_feature_attrs
+from ..formats.run import RunFolder, load_fold_model
+from ..io import write_json
 from ..models import create_model
-from ..store import atomic_path
 from .data import BagDataset, Cohort, load_labels, make_splits
 from .fit import predict_probs, train_fold
 from .metrics import METRICS, bootstrap_ci, compute_metrics, decide, majority_vote
+from .report import save_plots, write_report
 
 log = logging.getLogger("wsi_mil")
 
 
-def _write_json(path: Path, data) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2))
-
-
-def _device(name: str) -> torch.device:
-    from ..features.extract import resolve_device
-
-    return resolve_device(name)
-
-
-def load_fold_model(fold_dir: Path, device: torch.device | str = "cpu"):
-    ckpt = torch.load(fold_dir / "model.pt", map_location=device, weights_only=False)
-    model = create_model(ckpt["model"], ckpt["in_dim"], ckpt["n_classes"], **ckpt["kwargs"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.to(device).eval(), ckpt
-
-
-def _fold_done(fold_dir: Path) -> bool:
-    return (fold_dir / "model.pt").exists() and (fold_dir / "threshold.json").exists()
-
-
-def _ensemble(fold_probs: list[np.ndarray], thresholds: list[float | None]):
+def ensemble(fold_probs: list[np.ndarray], thresholds: list[float | None]):
+    """(mean probability, per-fold votes, majority vote) of fold models' predictions."""
     mean_prob = np.mean(fold_probs, axis=0)
     votes = np.stack([decide(p, t) for p, t in zip(fold_probs, thresholds)])
     return mean_prob, votes, majority_vote(votes, mean_prob)
 
 
-def _plots(
-    model_dir: Path,
-    y: np.ndarray | None,
-    mean_prob: np.ndarray | None,
-    histories: list[pd.DataFrame],
-    classes: list[str],
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for k, h in enumerate(histories):
-        axes[0].plot(h.epoch, h.train_loss, label=f"fold {k} train")
-        axes[0].plot(h.epoch, h.val_loss, "--", label=f"fold {k} val")
-        axes[1].plot(h.epoch, h.val_auc, label=f"fold {k}")
-    axes[0].set(xlabel="epoch", ylabel="loss", title="loss")
-    axes[1].set(xlabel="epoch", ylabel="AUC", title="validation AUC")
-    axes[0].legend(fontsize=6)
-    fig.tight_layout()
-    with atomic_path(model_dir / "training_curves.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    if y is None or len(np.unique(y)) < 2:
-        return
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    for c in range(mean_prob.shape[1]) if mean_prob.shape[1] > 2 else [1]:
-        fpr, tpr, _ = roc_curve(y == c, mean_prob[:, c])
-        ax.plot(fpr, tpr, label=classes[c])
-    ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="test ROC (ensemble)")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(model_dir / "roc.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
-def _datasets(df: pd.DataFrame, cfg: TrainConfig, training: bool) -> BagDataset:
+def datasets(df: pd.DataFrame, cfg: TrainConfig, training: bool) -> BagDataset:
     return BagDataset(
         df.path.tolist(), df.label.tolist(), cfg.preload, cfg.max_instances if training else None, cfg.seed
     )
@@ -116,16 +62,22 @@ def train_one_fold(
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Train fold k of one model and write its folder (skipped when already done)."""
+    run = RunFolder(out)
+    if run.fold_done(model_name, k):
+        return run.fold_dir(model_name, k)
     device = torch.device(device)
-    fold_dir = Path(out) / model_name / f"fold_{k}"
-    if _fold_done(fold_dir):
-        return fold_dir
     train_df = splits[splits.split == "train"]
     n_folds = train_df.fold.nunique()
     if progress:
         progress(f"{model_name} fold {k + 1}/{n_folds}")
     tr, va = train_df[train_df.fold != k], train_df[train_df.fold == k]
-    train_ds, val_ds = _datasets(tr, cfg, True), _datasets(va, cfg, False)
+    train_ds, val_ds = datasets(tr, cfg, True), datasets(va, cfg, False)
+    on_epoch = None
+    if progress:
+
+        def on_epoch(r):
+            progress(f"{model_name} fold {k + 1} epoch {r['epoch']} val AUC {r['val_auc']:.3f}")
+
     res = train_fold(
         model_name,
         cfg.model_kwargs,
@@ -135,15 +87,8 @@ def train_one_fold(
         cfg,
         cfg.seed * 100 + int(k),
         device,
-        on_epoch=(
-            lambda r: progress(f"{model_name} fold {k + 1} epoch {r['epoch']} val AUC {r['val_auc']:.3f}")
-        )
-        if progress
-        else None,
+        on_epoch=on_epoch,
     )
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(res.history).to_csv(fold_dir / "history.csv", index=False)
-    _write_json(fold_dir / "val_metrics.json", {**res.val_metrics, "best_epoch": res.best_epoch})
     ckpt = {
         "model": model_name,
         "kwargs": cfg.model_kwargs,
@@ -151,42 +96,58 @@ def train_one_fold(
         "n_classes": len(classes),
         "classes": classes,
         "state_dict": res.state_dict,
-        "threshold": res.threshold,
     }
-    with atomic_path(fold_dir / "model.pt") as tmp:
-        torch.save(ckpt, tmp)
-    _write_json(fold_dir / "threshold.json", {"threshold": res.threshold})  # marks the fold done
-    return fold_dir
+    return run.save_fold(
+        model_name,
+        k,
+        ckpt,
+        res.threshold,
+        {**res.val_metrics, "best_epoch": res.best_epoch},
+        pd.DataFrame(res.history),
+    )
+
+
+def fold_task(item: tuple[str, int], splits, classes, cfg_json: str, out: str) -> str:
+    """One (model, fold) on a cluster worker, with the worker's own thread count."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    cfg = TrainConfig.model_validate_json(cfg_json)
+    model_name, k = item
+    dev = resolve_device(cfg.device)
+    return str(train_one_fold(model_name, splits, classes, cfg, Path(out), k, dev))
 
 
 def summarise_model(
     model_name: str, splits: pd.DataFrame, cohort: Cohort, cfg: TrainConfig, out: Path, device: torch.device
 ) -> dict:
     """Test-set ensemble, metrics, predictions and plots from a model's finished folds."""
-    model_dir = out / model_name
+    run = RunFolder(out)
+    model_dir = run.model_dir(model_name)
     train_df = splits[splits.split == "train"]
     test_df = splits[splits.split == "test"]
-    test_ds = _datasets(test_df, cfg, False) if len(test_df) else None
+    test_ds = datasets(test_df, cfg, False) if len(test_df) else None
     fold_probs, thresholds, fold_val, histories = [], [], [], []
     for k in sorted(train_df.fold.unique()):
-        fold_dir = model_dir / f"fold_{k}"
-        model, ckpt = load_fold_model(fold_dir, device)
+        model, ckpt = load_fold_model(run.fold_dir(model_name, k), device)
         thresholds.append(ckpt["threshold"])
-        fold_val.append(json.loads((fold_dir / "val_metrics.json").read_text()))
-        histories.append(pd.read_csv(fold_dir / "history.csv"))
+        fold_val.append(run.read_fold_metrics(model_name, k))
+        histories.append(run.read_fold_history(model_name, k))
         if test_ds is not None:
             fold_probs.append(predict_probs(model, test_ds, device))
+
+    def stat(fn, m):
+        values = [np.nan if f[m] is None else f[m] for f in fold_val]
+        return float(fn(values)) if np.isfinite(values).any() else float("nan")
 
     result = {
         "model": model_name,
         "folds": fold_val,
-        "val_mean": {m: float(np.nanmean([f[m] for f in fold_val])) for m in METRICS},
-        "val_std": {m: float(np.nanstd([f[m] for f in fold_val])) for m in METRICS},
+        "val_mean": {m: stat(np.nanmean, m) for m in METRICS},
+        "val_std": {m: stat(np.nanstd, m) for m in METRICS},
     }
     y = mean_prob = None
     if test_ds is not None:
         y = test_df.label.values
-        mean_prob, votes, ensemble = _ensemble(fold_probs, thresholds)
+        mean_prob, votes, vote = ensemble(fold_probs, thresholds)
         pred = pd.DataFrame({"slide_id": test_df.slide_id.values, "label": test_df.label_name.values})
         for k, (p, v) in enumerate(zip(fold_probs, votes)):
             for c, name in enumerate(cohort.classes):
@@ -194,82 +155,92 @@ def summarise_model(
             pred[f"fold{k}_vote"] = [cohort.classes[i] for i in v]
         for c, name in enumerate(cohort.classes):
             pred[f"mean_p_{name}"] = mean_prob[:, c]
-        pred["ensemble"] = [cohort.classes[i] for i in ensemble]
+        pred["ensemble"] = [cohort.classes[i] for i in vote]
+        from ..io import atomic_path
+
         with atomic_path(model_dir / "predictions.csv") as tmp:
             pred.to_csv(tmp, index=False)
-        result["test"] = compute_metrics(y, mean_prob, ensemble)
-        result["test_ci"] = bootstrap_ci(y, mean_prob, ensemble, cfg.bootstrap, cfg.seed)
-    _write_json(model_dir / "metrics.json", result)
-    _plots(model_dir, y, mean_prob, histories, cohort.classes)
+        result["test"] = compute_metrics(y, mean_prob, vote)
+        result["test_ci"] = bootstrap_ci(y, mean_prob, vote, cfg.bootstrap, cfg.seed)
+    write_json(model_dir / "metrics.json", result)
+    save_plots(model_dir, model_name, y, mean_prob, histories, cohort.classes)
     return result
 
 
-def run_model(
-    model_name: str,
-    splits: pd.DataFrame,
-    cohort: Cohort,
-    cfg: TrainConfig,
-    out: Path,
-    device: torch.device,
-    progress: Callable[[str], None] | None = None,
-) -> dict:
-    """All folds of one model (resuming finished ones), then the test ensemble and metrics."""
-    for k in sorted(splits[splits.split == "train"].fold.unique()):
-        train_one_fold(model_name, splits, cohort.classes, cfg, out, int(k), device, progress)
-    return summarise_model(model_name, splits, cohort, cfg, out, device)
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _fmt(v, ci=None) -> str:
-    if v is None or not np.isfinite(v):
-        return "n/a"
-    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
+def input_fingerprint(cohort: Cohort, cfg: TrainConfig) -> dict:
+    """What a run's results depend on: labels, feature files (names, sizes, encoder), config."""
+    table = cohort.table
+    cols = [c for c in ("slide_id", "label_name", "case_id", "split") if c in table.columns]
+    labels = table[cols].sort_values("slide_id").astype(str).values.tolist()
+    files = []
+    for sid, path in sorted(zip(table.slide_id, table.path)):
+        attrs, shape = read_feature_attrs(path)
+        files.append([sid, os.path.getsize(path), attrs.get("encoder"), shape[-1]])
+    config = cfg.model_dump(exclude={"device"})
+    return {
+        "labels": _digest(labels),
+        "features": _digest(files),
+        "encoder": files[0][2] if files else None,
+        "config": config,
+        "wsi_mil_version": __version__,
+    }
 
 
-def write_report(out: Path, results: list[dict], splits: pd.DataFrame, cfg: TrainConfig) -> str:
-    n_test = int((splits.split == "test").sum())
-    n_train = int((splits.split == "train").sum())
-    lines = [
-        "# wsi-mil cross-validation report",
-        "",
-        f"{n_train} training slides in {splits[splits.split == 'train'].fold.nunique()} "
-        f"folds (grouped by case), {n_test} held-out test slides; seed {cfg.seed}.",
-        "",
+def _fingerprint_differences(old: dict, new: dict) -> list[str]:
+    diffs = [name for name in ("labels", "features", "wsi_mil_version") if old.get(name) != new.get(name)]
+    changed = [
+        f"{k} {old['config'].get(k)!r} -> {new['config'].get(k)!r}"
+        for k in sorted(set(old.get("config", {})) | set(new["config"]))
+        if old.get("config", {}).get(k) != new["config"].get(k)
     ]
-    header = ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-    if n_test:
-        lines += [
-            "## Test set: majority vote of the fold models (AUC from mean probability), 95% bootstrap CI",
-            "",
-            *header,
-        ]
-        for r in results:
-            lines.append(
-                f"| {r['model']} | " + " | ".join(_fmt(r["test"][m], r["test_ci"][m]) for m in METRICS) + " |"
+    if changed:
+        diffs.append("config (" + ", ".join(changed[:4]) + ")")
+    return diffs
+
+
+def _prepare_run(run: RunFolder, cohort: Cohort, cfg: TrainConfig, overwrite: bool) -> pd.DataFrame:
+    """Start a new run, or resume one whose fingerprint matches; return its splits."""
+    fingerprint = input_fingerprint(cohort, cfg)
+    if overwrite and not run.is_empty():
+        if not (run.is_run() or run.splits_path.exists()):
+            raise WsiMilError(f"{run.root}: not a run folder; refusing to delete it for --overwrite")
+        shutil.rmtree(run.root)
+    if run.splits_path.exists():
+        old = run.read_fingerprint()
+        if old is None:  # a run from wsi-mil 0.1: compare what it recorded
+            conf = run.read_config() if run.config_path.exists() else {}
+            old = {**fingerprint, "config": conf.get("train", {})}
+            old["config"].pop("device", None)
+            old_labels = run.read_splits().set_index("slide_id").label_name.astype(str)
+            now = cohort.table.set_index("slide_id").label_name.astype(str)
+            if not old_labels.sort_index().equals(now.sort_index()):
+                old["labels"] = "changed"
+        diffs = _fingerprint_differences(old, fingerprint)
+        if diffs:
+            raise WsiMilError(
+                f"{run.root}: this run was trained on other inputs ({'; '.join(diffs)}); pass "
+                "--overwrite to retrain from scratch, or choose a new --out"
             )
-        lines.append("")
-    lines += [
-        "## Validation folds: mean +/- std",
-        "",
-        "Validation metrics are taken at the epoch chosen on that same fold, so they are "
-        "optimistic; the held-out test set is the unbiased estimate.",
-        "",
-        *header,
-    ]
-    for r in results:
-        lines.append(
-            f"| {r['model']} | "
-            + " | ".join(f"{r['val_mean'][m]:.3f} +/- {r['val_std'][m]:.3f}" for m in METRICS)
-            + " |"
+        splits = run.read_splits()
+        splits = splits.drop(columns=["path"], errors="ignore").merge(
+            cohort.table[["slide_id", "path"]], on="slide_id"
         )
-    lines += [
-        "",
-        "Per model: `<model>/metrics.json`, `predictions.csv`, `roc.png`, "
-        "`training_curves.png`; per fold: `model.pt`, `threshold.json`, `history.csv`.",
-    ]
-    text = "\n".join(lines) + "\n"
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(text)
-    return text
+    else:
+        splits = make_splits(cohort, cfg.folds, cfg.test_frac, cfg.seed)
+        run.write_splits(splits)
+    run.write_fingerprint(fingerprint)
+    return splits
+
+
+def _feature_spec(cohort: Cohort) -> dict:
+    """Encoder and grid of the run's features: what predict and heatmap check new slides against."""
+    attrs, shape = read_feature_attrs(cohort.table.path.iloc[0])
+    keep = ("encoder", "encoder_weights", "target_mpp", "patch_size", "overlap", "min_tissue")
+    return {**{k: attrs[k] for k in keep if k in attrs}, "encoder_dim": int(shape[-1])}
 
 
 def run_crossval(
@@ -280,78 +251,58 @@ def run_crossval(
     models: list[str],
     allow_missing: bool = False,
     progress: Callable[[str], None] | None = None,
-    client=None,
+    map_fn=None,
+    *,
+    overwrite: bool = False,
 ) -> list[dict]:
     """The whole protocol for each model on the same splits; returns per-model results.
 
-    With a Dask `client`, folds (and models) train in parallel on its workers."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cohort = load_labels(labels_csv, features_dir, allow_missing)
-    splits_path = out / "splits.csv"
-    if splits_path.exists():  # resuming: keep the splits the finished folds were trained on
-        splits = pd.read_csv(splits_path, dtype={"slide_id": str, "case_id": str})
-        if set(splits.slide_id) != set(cohort.table.slide_id):
-            raise WsiMilError(f"{out}: this run was started with other slides; use a new --out")
-        splits = splits.drop(columns=["path"], errors="ignore").merge(
-            cohort.table[["slide_id", "path"]], on="slide_id"
-        )
-    else:
-        splits = make_splits(cohort, cfg.folds, cfg.test_frac, cfg.seed)
-        with atomic_path(splits_path) as tmp:
-            splits.drop(columns=["path"]).to_csv(tmp, index=False)
-    with atomic_path(out / "config.yaml") as tmp:
-        tmp.write_text(
-            yaml.safe_dump(
-                {
-                    "train": cfg.model_dump(),
-                    "models": models,
-                    "features_dir": str(Path(features_dir).resolve()),
-                    "labels": str(Path(labels_csv).resolve()),
-                }
-            )
-        )
-    _write_json(out / "classes.json", cohort.classes)
+    With a `map_fn` (cluster.dask_map) every unfinished (model, fold) trains as one task."""
+    run = RunFolder(out)
     for m in models:
-        create_model(m, 8, len(cohort.classes), **cfg.model_kwargs)  # fail fast on bad names
-    device = _device(cfg.device)
-    if client is not None:  # every (model, fold) as one task; the summary is computed here
-        from ..cluster import run_folds_on_cluster
+        create_model(m, 8, 2, **cfg.model_kwargs)  # unknown names fail before anything is written
+    cohort = load_labels(labels_csv, features_dir, allow_missing)
+    created = run.is_empty()
+    try:
+        return _run(run, cohort, cfg, models, features_dir, labels_csv, progress, map_fn, overwrite)
+    except BaseException:
+        if created and run.root.exists() and not list(run.root.glob("*/fold_*/model.pt")):
+            shutil.rmtree(run.root, ignore_errors=True)  # nothing worth keeping: leave no husk
+        raise
 
-        run_folds_on_cluster(client, models, splits, cohort.classes, cfg, out, progress)
-    results = [run_model(m, splits, cohort, cfg, out, device, progress) for m in models]
-    write_report(out, results, splits, cfg)
-    return results
 
-
-def predict_run(
-    run: str | Path, features_dir: str | Path, out_csv: str | Path | None = None, device: str = "auto"
-) -> pd.DataFrame:
-    """Apply every model's fold ensemble in `run` to all feature files in `features_dir`."""
-    run, features_dir = Path(run), Path(features_dir)
-    if not (run / "classes.json").exists():
-        raise WsiMilError(
-            f"{run}: not a crossval run folder (no classes.json); pass the --out folder of 'wsi-mil crossval'"
+def _run(run, cohort, cfg, models, features_dir, labels_csv, progress, map_fn, overwrite) -> list[dict]:
+    splits = _prepare_run(run, cohort, cfg, overwrite)
+    run.write_config(
+        {
+            "train": cfg.model_dump(),
+            "models": models,
+            "features_dir": str(Path(features_dir).resolve()),
+            "labels": str(Path(labels_csv).resolve()),
+            "features": _feature_spec(cohort),
+        }
+    )
+    run.write_classes(cohort.classes)
+    device = resolve_device(cfg.device)
+    folds = sorted(int(k) for k in splits[splits.split == "train"].fold.unique())
+    if map_fn is not None:
+        todo = [(m, k) for m in models for k in folds if not run.fold_done(m, k)]
+        task = functools.partial(
+            fold_task,
+            splits=splits,
+            classes=cohort.classes,
+            cfg_json=cfg.model_dump_json(),
+            out=str(run.root),
         )
-    classes = json.loads((run / "classes.json").read_text())
-    files = sorted(features_dir.glob("*.h5"))
-    if not files:
-        raise WsiMilError(f"{features_dir}: no .h5 feature files")
-    dev = _device(device)
-    ds = BagDataset([str(p) for p in files], [0] * len(files), preload=False)
-    rows = pd.DataFrame({"slide_id": [p.stem for p in files]})
-    for model_dir in sorted(d for d in run.iterdir() if d.is_dir() and list(d.glob("fold_*/model.pt"))):
-        probs, thresholds = [], []
-        for fold_dir in sorted(model_dir.glob("fold_*")):
-            model, ckpt = load_fold_model(fold_dir, dev)
-            probs.append(predict_probs(model, ds, dev))
-            thresholds.append(ckpt["threshold"])
-        mean_prob, votes, ensemble = _ensemble(probs, thresholds)
-        for c, name in enumerate(classes):
-            rows[f"{model_dir.name}_p_{name}"] = mean_prob[:, c]
-        rows[f"{model_dir.name}_prediction"] = [classes[i] for i in ensemble]
-        rows[f"{model_dir.name}_votes"] = [int((v == e).sum()) for v, e in zip(votes.T, ensemble)]
-    if out_csv:
-        with atomic_path(Path(out_csv)) as tmp:
-            rows.to_csv(tmp, index=False)
-    return rows
+        for (m, k), result in map_fn(task, todo):
+            if isinstance(result, Exception):
+                raise WsiMilError(f"{m} fold {k}: failed on the cluster ({type(result).__name__}: {result})")
+            if progress:
+                progress(f"{m} fold {k + 1}/{len(folds)} done on the cluster")
+    results = []
+    for m in models:
+        for k in folds:
+            train_one_fold(m, splits, cohort.classes, cfg, run.root, k, device, progress)
+        results.append(summarise_model(m, splits, cohort, cfg, run.root, device))
+    write_report(run.root, results, splits, cfg)
+    return results

@@ -18,7 +18,7 @@ import torch
 from sklearn.model_selection import StratifiedGroupKFold
 
 from ..errors import WsiMilError
-from ..store import read_features
+from ..formats.features import read_features
 
 log = logging.getLogger("wsi_mil")
 
@@ -45,7 +45,9 @@ def load_labels(labels_csv: str | Path, features_dir: str | Path, allow_missing:
         raise WsiMilError(
             f"{labels_csv}: needs columns slide_id,label (missing {', '.join(sorted(missing_cols))})"
         )
-    df = df.dropna(subset=["slide_id", "label"]).drop_duplicates("slide_id")
+    df = df.dropna(subset=["slide_id", "label"])
+    _refuse_duplicates(df, labels_csv)
+    df = df.drop_duplicates("slide_id")
     files = {p.stem: p for p in features_dir.glob("*.h5")}
     no_file = sorted(set(df.slide_id) - set(files))
     no_label = sorted(set(files) - set(df.slide_id))
@@ -90,6 +92,20 @@ def load_labels(labels_csv: str | Path, features_dir: str | Path, allow_missing:
     if len(classes) < 2:
         raise WsiMilError(f"{labels_csv}: needs at least two classes (found {classes})")
     return Cohort(df.reset_index(drop=True), classes)
+
+
+def _refuse_duplicates(df: pd.DataFrame, labels_csv: Path) -> None:
+    """A slide named twice with different labels (or splits, or cases) is an error naming both rows."""
+    cols = [c for c in ("label", "case_id", "split") if c in df.columns]
+    for sid, group in df.groupby("slide_id", sort=False):
+        distinct = group[cols].astype(str).drop_duplicates()
+        if len(distinct) > 1:
+            rows = [int(i) + 2 for i in group.index[:2]]  # CSV line numbers (header is line 1)
+            a, b = (", ".join(f"{c}={v}" for c, v in r.items()) for r in distinct.head(2).to_dict("records"))
+            raise WsiMilError(
+                f"{labels_csv}: slide {sid} appears on lines {rows[0]} and {rows[1]} with conflicting "
+                f"values ({a} vs {b}); keep one row per slide"
+            )
 
 
 def _stratified_group_folds(labels, groups, k, seed) -> np.ndarray:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from .config import TilingConfig
+from ..config import TilingConfig
 from .slide import Slide
 from .tissue import TissueMask, rasterize_polygons
 
@@ -34,16 +34,6 @@ class PatchGrid:
 
     def __len__(self) -> int:
         return len(self.coords)
-
-    @property
-    def file_attrs(self) -> dict:
-        return {
-            "patch_size": int(self.patch_size),
-            "patch_size_level0": int(self.patch_size_level0),
-            "target_mpp": float(self.target_mpp),
-            "level0_mpp": float(self.level0_mpp),
-            **self.attrs,
-        }
 
 
 def grid_geometry(slide: Slide, cfg: TilingConfig) -> tuple[int, int]:
@@ -114,14 +104,3 @@ def tile(slide: Slide, mask: TissueMask, cfg: TilingConfig | None = None) -> Pat
     grid.coords = np.stack([xs[ix], ys[iy]], axis=1).astype(np.int64)
     grid.tissue_fraction = frac[iy, ix].astype(np.float32)
     return grid
-
-
-def draw_patches(grid: PatchGrid, thumb: np.ndarray, thumb_px_level0: float) -> np.ndarray:
-    """The thumbnail with each kept patch outlined, for a quick visual check."""
-    out = thumb.copy()
-    s = grid.patch_size_level0 / thumb_px_level0
-    for x, y in grid.coords:
-        p0 = (int(x / thumb_px_level0), int(y / thumb_px_level0))
-        p1 = (int(x / thumb_px_level0 + s), int(y / thumb_px_level0 + s))
-        cv2.rectangle(out, p0, p1, (30, 30, 200), 1)
-    return out

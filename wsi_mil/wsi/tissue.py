@@ -2,23 +2,20 @@
 
 The method follows CLAM's `segmentTissue`: median-blurred HSV saturation, Otsu (or fixed)
 threshold, morphological closing, contours with holes filtered by area. Areas and kernels are
-given in microns so results do not depend on the scanner's resolution. Polygons are stored in
-level-0 pixels as a GeoJSON FeatureCollection that QuPath opens as "Tissue" annotations.
+given in microns so results do not depend on the scanner's resolution. Polygons are in level-0
+pixels; `formats/tissue_geojson.py` stores them as QuPath "Tissue" annotations.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 import shapely
-from shapely.geometry import MultiPolygon, Polygon, mapping, shape
+from shapely.geometry import MultiPolygon, Polygon
 
-from .config import TissueConfig
-from .errors import WsiMilError
+from ..config import TissueConfig
 from .slide import Slide
 
 
@@ -42,9 +39,6 @@ class TissueMask:
     def rasterize(self, width: int, height: int, px_level0: float) -> np.ndarray:
         """Binary mask [height, width] where one pixel spans `px_level0` level-0 pixels."""
         return rasterize_polygons(self.polygons, width, height, px_level0)
-
-    def to_geojson(self) -> dict:
-        return polygons_to_geojson(self.polygons, "Tissue", (20, 180, 60))
 
 
 def rasterize_polygons(
@@ -146,84 +140,3 @@ def segment_tissue(slide: Slide, cfg: TissueConfig | None = None) -> TissueMask:
         cfg.max_holes,
     )
     return TissueMask(polys, thumb, thumb_mpp, slide.mpp)
-
-
-def polygons_to_geojson(polys: MultiPolygon, class_name: str, color: tuple[int, int, int]) -> dict:
-    """QuPath-compatible FeatureCollection: one annotation Feature per polygon."""
-    features = []
-    for poly in getattr(polys, "geoms", [polys]):
-        if poly.is_empty:
-            continue
-        features.append(
-            {
-                "type": "Feature",
-                "geometry": mapping(shapely.set_precision(poly, 0.01)),
-                "properties": {
-                    "objectType": "annotation",
-                    "classification": {"name": class_name, "color": list(color)},
-                },
-            }
-        )
-    return {"type": "FeatureCollection", "features": features}
-
-
-def geojson_to_polygons(data: dict, class_name: str | None = None) -> MultiPolygon:
-    """Polygons from a FeatureCollection, Feature list or geometry (QuPath exports all three)."""
-    if isinstance(data, list):
-        features = data
-    elif data.get("type") == "FeatureCollection":
-        features = data.get("features", [])
-    elif data.get("type") == "Feature":
-        features = [data]
-    else:
-        features = [{"type": "Feature", "geometry": data, "properties": {}}]
-    polys = []
-    for feat in features:
-        props = feat.get("properties") or {}
-        cls = (props.get("classification") or {}).get("name")
-        if class_name is not None and cls not in (None, class_name):
-            continue
-        geom = feat.get("geometry")
-        if not geom:
-            continue
-        g = shape(geom)
-        if not g.is_valid:
-            g = shapely.make_valid(g)
-        polys.extend(p for p in getattr(g, "geoms", [g]) if isinstance(p, Polygon))
-    return MultiPolygon(polys)
-
-
-def save_tissue(mask: TissueMask, path: Path) -> None:
-    from .store import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(mask.to_geojson()))
-
-
-def load_tissue(path: str | Path) -> TissueMask:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise WsiMilError(
-            f"{path}: not a readable GeoJSON tissue file ({exc}); re-run "
-            "'wsi-mil segment' or export the annotation from QuPath as GeoJSON"
-        ) from exc
-    return TissueMask(geojson_to_polygons(data))
-
-
-def draw_contours(mask: TissueMask, thumb: np.ndarray, thumb_px_level0: float) -> np.ndarray:
-    """The thumbnail with tissue outlines (green) and holes (blue) drawn on it."""
-    out = thumb.copy()
-    for poly in getattr(mask.polygons, "geoms", []):
-        ext = (np.asarray(poly.exterior.coords)[:, :2] / thumb_px_level0).astype(np.int32)
-        cv2.polylines(out, [ext], True, (0, 160, 0), 2)
-        for hole in poly.interiors:
-            cv2.polylines(
-                out,
-                [(np.asarray(hole.coords)[:, :2] / thumb_px_level0).astype(np.int32)],
-                True,
-                (0, 0, 220),
-                2,
-            )
-    return out

@@ -1,0 +1,94 @@
+"""The encoder runner: uint8 patch batches -> features, at the best precision the device offers.
+
+channels-last + autocast (bf16 on CPUs with bf16 units, bf16/fp16 on CUDA) under
+`torch.inference_mode`, Conv+BN folded, optionally `torch.compile`d with freezing.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import torch
+
+from ..config import ExtractConfig
+from ..device import precision_name, resolve_device, resolve_precision
+from .encoders import Encoder, create_encoder
+
+log = logging.getLogger("wsi_mil")
+
+COMPILE_MIN_PATCHES = 2000  # torch.compile (~15 s with freezing on CPU) pays off above this
+
+
+def fold_batchnorm(encoder: Encoder) -> Encoder:
+    """A copy with every eval-mode Conv -> BatchNorm pair folded into the conv (one op instead
+    of two: ~12% faster eager resnet50_trunc on CPU). Models torch.fx cannot trace stay as is."""
+    with warnings.catch_warnings():  # the module imports deprecated torch.jit helpers
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch.fx.experimental.optimization import fuse
+    try:
+        net = fuse(encoder.net.eval())
+    except Exception as exc:  # dynamic control flow: not traceable, nothing to fold
+        log.debug("batchnorm folding skipped for %s: %s", encoder.info.name, exc)
+        return encoder
+    return Encoder(net, encoder.info)
+
+
+class EncoderRunner:
+    """Runs an encoder on uint8 NHWC batches with the best precision the device offers."""
+
+    def __init__(self, encoder: Encoder, device: str = "auto", precision: str = "auto", compile: str = "off"):
+        self.device = resolve_device(device)
+        self.amp_dtype = resolve_precision(precision, self.device)
+        encoder = fold_batchnorm(encoder.eval())
+        self.encoder = encoder.to(self.device).eval().to(memory_format=torch.channels_last)
+        self.info = encoder.info
+        self.mean = torch.tensor(self.info.mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(self.info.std, device=self.device).view(1, 3, 1, 1) * 255
+        self.compile_mode = compile
+        self._compiled = None
+
+    @property
+    def precision_name(self) -> str:
+        return precision_name(self.amp_dtype)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether batches run through the compiled graph (which wants one fixed batch shape)."""
+        return self._compiled is not None
+
+    def maybe_compile(self, n_patches: int) -> None:
+        want = self.compile_mode == "on" or (self.compile_mode == "auto" and n_patches >= COMPILE_MIN_PATCHES)
+        if want and self._compiled is None:
+            try:
+                # freezing folds weights into oneDNN-prepacked constants: ~1.5x on CPU
+                self._compiled = torch.compile(self.encoder, options={"freezing": True})
+            except Exception as exc:  # no compiler toolchain: run eager
+                log.warning("torch.compile unavailable (%s); running eager", exc)
+                self._compiled = self.encoder
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray | torch.Tensor, pad_to: int | None = None) -> np.ndarray:
+        x = torch.as_tensor(images).to(self.device, non_blocking=True)
+        n = x.shape[0]
+        if pad_to and n < pad_to:  # a fixed batch shape avoids recompiling for a short batch
+            x = torch.cat([x, x[-1:].expand(pad_to - n, *x.shape[1:])])
+        x = x.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
+        x = x.contiguous(memory_format=torch.channels_last)
+        model = self.encoder if self._compiled is None else self._compiled
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            feats = model(x)
+        return feats[:n].float().cpu().numpy()
+
+
+_RUNNERS: dict = {}
+
+
+def runner_for(cfg: ExtractConfig) -> EncoderRunner:
+    """The encoder runner for these settings, built once per process (weights load once)."""
+    key = (cfg.encoder, cfg.weights, cfg.random_weights, cfg.device, cfg.precision, cfg.compile)
+    if key not in _RUNNERS:
+        encoder = create_encoder(cfg.encoder, cfg.weights, cfg.random_weights)
+        _RUNNERS[key] = EncoderRunner(encoder, cfg.device, cfg.precision, cfg.compile)
+    return _RUNNERS[key]

@@ -1,0 +1,199 @@
+"""Feature files `features/<encoder>/<slide>.h5` (CLAM/TRIDENT layout), read and written.
+
+`features` float32/float16 [N, D] in ~1k-row chunks and `coords` int64 [N, 2] (level-0
+top-left), with the grid's attributes (formats/patches.py) plus encoder, encoder_dim,
+encoder_weights, precision and provenance. Every reader goes through `read_features`, which
+validates the file once and names the file and the problem in one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import WsiMilError
+from ..io import partial_path
+from .hdf5 import merged_attrs, set_attrs
+
+CHUNK_ROWS = 1024
+
+
+class BadFeatureFile(WsiMilError):
+    """A feature file that is unreadable, inconsistent or holds non-finite values."""
+
+
+@dataclass
+class FeatureBag:
+    """One slide's features [N, D], coords [N, 2] and file attrs."""
+
+    features: np.ndarray
+    coords: np.ndarray
+    attrs: dict
+    path: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def encoder(self) -> str | None:
+        enc = self.attrs.get("encoder")
+        return None if enc is None else str(enc)
+
+
+def _redo(path: Path) -> str:
+    return f"re-run 'wsi-mil extract' for this slide with --overwrite (or remove {path.name})"
+
+
+def validate_bag(bag: FeatureBag) -> FeatureBag:
+    """Shapes agree, dtype is floating, every value finite; else one line naming the file."""
+    path = bag.path or Path("<features>")
+    f, c = bag.features, bag.coords
+    if f.ndim != 2 or not np.issubdtype(f.dtype, np.floating):
+        raise BadFeatureFile(f"{path}: 'features' must be a float [N, D] array, found {f.dtype} {f.shape}")
+    if c.ndim != 2 or c.shape[1] != 2:
+        raise BadFeatureFile(f"{path}: 'coords' must be [N, 2], found {c.shape}; {_redo(path)}")
+    if len(c) != len(f):
+        raise BadFeatureFile(
+            f"{path}: {len(f)} feature rows but {len(c)} coords; the file is inconsistent; {_redo(path)}"
+        )
+    if len(f) == 0:
+        raise BadFeatureFile(f"{path}: holds no patches; check the slide's tissue mask and tiling")
+    finite = np.isfinite(f)
+    if not finite.all():
+        rows = int((~finite.all(axis=1)).sum())
+        raise BadFeatureFile(
+            f"{path}: {rows} of {len(f)} feature rows hold NaN or Inf (first at row "
+            f"{int(np.argmin(finite.all(axis=1)))}); {_redo(path)}"
+        )
+    return bag
+
+
+def read_features(path: str | Path, validate: bool = True) -> FeatureBag:
+    """A feature file (wsi-mil, CLAM or TRIDENT) as a FeatureBag, validated unless told not to."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            feats = f["features"][:]
+            coords = f["coords"][:] if "coords" in f else None
+            attrs = merged_attrs(f)
+    except (OSError, KeyError) as exc:
+        raise BadFeatureFile(f"{path}: not a readable feature file ({exc}); {_redo(path)}") from exc
+    if feats.ndim == 3 and feats.shape[0] == 1:  # CLAM stores [1, N, D] in some versions
+        feats = feats[0]
+    if coords is None:  # plain MIL bags without positions
+        coords = np.zeros((len(feats), 2), np.int64)
+    coords = np.asarray(coords)
+    if coords.ndim == 3 and coords.shape[0] == 1:
+        coords = coords[0]
+    bag = FeatureBag(np.asarray(feats), coords.astype(np.int64, copy=False), attrs, path)
+    return validate_bag(bag) if validate else bag
+
+
+def read_feature_attrs(path: str | Path) -> tuple[dict, tuple[int, ...]]:
+    """A feature file's attributes and the shape of `features`, without reading the rows."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            return merged_attrs(f), tuple(f["features"].shape)
+    except (OSError, KeyError) as exc:
+        raise BadFeatureFile(f"{path}: not a readable feature file ({exc}); {_redo(path)}") from exc
+
+
+def check_compatible(bag: FeatureBag, dim: int, encoder: str | None, source: str) -> None:
+    """Refuse features of another encoder or dimension than a trained run expects."""
+    path = bag.path or "<features>"
+    if bag.dim != dim:
+        raise WsiMilError(
+            f"{path}: {bag.dim}-d features, but {source} was trained on "
+            f"{encoder or 'unknown-encoder'} features ({dim}-d); extract with --encoder {encoder}"
+        )
+    if encoder and bag.encoder and bag.encoder != encoder:
+        raise WsiMilError(
+            f"{path}: features from encoder {bag.encoder}, but {source} was trained on {encoder} "
+            f"features; extract with --encoder {encoder}"
+        )
+
+
+def write_features(path: str | Path, features: np.ndarray, coords: np.ndarray, attrs: dict) -> None:
+    """Write a whole bag at once (synthetic cohorts, conversions), atomically."""
+    dtype = str(np.asarray(features).dtype)
+    writer = FeatureWriter(path, coords, features.shape[1], dtype, attrs)
+    writer.write(0, features)
+    writer.finish()
+
+
+class FeatureWriter:
+    """Streams feature rows into `<path>.partial`, resumable, renamed to `path` on close.
+
+    The file is pre-sized to N rows; `n_done` (an attribute, flushed with the data) records the
+    written prefix so an interrupted run resumes where it stopped.
+    """
+
+    def __init__(self, path: str | Path, coords: np.ndarray, dim: int, dtype: str, attrs: dict):
+        self.path = Path(path)
+        self.tmp = partial_path(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.n = len(coords)
+        self.n_done = 0
+        self._last_flush = time.monotonic()
+        if self.tmp.exists():
+            try:
+                self.f = h5py.File(self.tmp, "a")
+                same = (
+                    self.f["features"].shape == (self.n, dim)
+                    and np.array_equal(self.f["coords"][:], coords)
+                    and self.f.attrs.get("encoder") == attrs.get("encoder")
+                    and str(self.f["features"].dtype) == dtype
+                )
+                if same:
+                    self.n_done = int(self.f.attrs.get("n_done", 0))
+                    return
+                self.f.close()
+            except Exception:  # a partial file killed mid-write may be unreadable: restart
+                pass
+            self.tmp.unlink()
+        self.f = h5py.File(self.tmp, "w")
+        self.f.create_dataset("coords", data=np.asarray(coords, np.int64))
+        chunks = (min(CHUNK_ROWS, max(self.n, 1)), dim) if self.n else None
+        self.f.create_dataset("features", shape=(self.n, dim), dtype=dtype, chunks=chunks)
+        set_attrs(self.f, attrs)
+        set_attrs(self.f["coords"], attrs)
+        self.f.attrs["n_done"] = 0
+        self.f.flush()
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        if start != self.n_done:
+            raise RuntimeError(f"feature rows out of order: got {start}, expected {self.n_done}")
+        self.f["features"][start : start + len(rows)] = rows
+        self.n_done = start + len(rows)
+        if time.monotonic() - self._last_flush > 5:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        self.f.attrs["n_done"] = self.n_done
+        self.f.flush()
+        self._last_flush = time.monotonic()
+
+    def finish(self, **attrs) -> None:
+        if self.n_done != self.n:
+            raise RuntimeError(f"{self.path}: only {self.n_done}/{self.n} rows written")
+        set_attrs(self.f, attrs)
+        del self.f.attrs["n_done"]
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Keep the partial file for resuming (called on errors and interrupts)."""
+        with contextlib.suppress(Exception):
+            self.checkpoint()
+            self.f.close()

@@ -1,0 +1,91 @@
+"""Per-patch score files `<slide>_scores.h5` / `.csv` written by `wsi-mil heatmap`.
+
+HDF5: `coords` int64 [N, 2] (level-0 top-left) and one float32 [N] dataset per score
+(`attention`, `inversion`, `combined`), attrs `prob` (slide-level class probabilities),
+`predicted` (the class whose evidence is scored) and `patch_size_level0`. The CSV holds the
+same columns (x, y, attention, inversion, combined). Files from wsi-mil 0.1 that call the
+combined score `score` are read too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import WsiMilError
+from ..io import atomic_path
+
+SCORE_NAMES = ("attention", "inversion", "combined")
+
+
+@dataclass
+class PatchScores:
+    coords: np.ndarray  # [N, 2] level-0 top-left
+    attention: np.ndarray
+    inversion: np.ndarray
+    combined: np.ndarray
+    prob: np.ndarray  # [C] slide-level probability (mean over models)
+    predicted: int  # the class whose evidence the scores map
+    size0: float = 256.0  # patch side in level-0 pixels
+
+    def __post_init__(self) -> None:
+        n = len(self.coords)
+        for name in SCORE_NAMES:
+            values = np.asarray(getattr(self, name))
+            if len(values) != n:
+                raise ValueError(f"{name} has {len(values)} values for {n} patches")
+            if not np.isfinite(values).all():
+                raise ValueError(f"{name} holds non-finite values; scores must be numbers in every export")
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in SCORE_NAMES:
+            raise KeyError(f"unknown score {name!r}; one of {', '.join(SCORE_NAMES)}")
+        return getattr(self, name)
+
+
+def write_scores(path: str | Path, scores: PatchScores) -> None:
+    """HDF5 (`.h5`) or CSV (`.csv`), atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".csv":
+            import pandas as pd
+
+            table = {"x": scores.coords[:, 0], "y": scores.coords[:, 1]}
+            table.update({n: scores.get(n) for n in SCORE_NAMES})
+            pd.DataFrame(table).to_csv(tmp, index=False)
+            return
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("coords", data=np.asarray(scores.coords, np.int64))
+            for name in SCORE_NAMES:
+                f.create_dataset(name, data=scores.get(name).astype(np.float32))
+            f.attrs["prob"] = scores.prob
+            f.attrs["predicted"] = scores.predicted
+            f.attrs["patch_size_level0"] = scores.size0
+
+
+def read_scores(path: str | Path) -> PatchScores:
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            coords = f["coords"][:]
+            combined = f["combined"][:] if "combined" in f else f["score"][:]
+            size0 = float(f.attrs.get("patch_size_level0", 0)) or _patch_size_for(coords)
+            return PatchScores(
+                coords,
+                f["attention"][:],
+                f["inversion"][:],
+                combined,
+                np.asarray(f.attrs.get("prob", [])),
+                int(f.attrs.get("predicted", 0)),
+                size0,
+            )
+    except (OSError, KeyError, ValueError) as exc:
+        raise WsiMilError(f"{path}: not a readable score file ({exc}); re-run 'wsi-mil heatmap'") from exc
+
+
+def _patch_size_for(coords: np.ndarray) -> float:
+    xs = np.unique(coords[:, 0])
+    return float(np.diff(xs).min()) if len(xs) > 1 else 256.0

@@ -1,0 +1,175 @@
+"""The heatmap stage: a trained run + a slide -> per-patch scores and every review export.
+
+Writes into the heatmaps folder only: `<slide>_scores.h5` and `.csv`, `<slide>_heatmap.png`,
+`<slide>.geojson` (QuPath tiles), `<slide>_heatmap.ome.tiff` and `<slide>.html` (+ viewer
+folder). The slide's tissue, patches and features come from the work folder (by default the
+one the run's features live in) and are made there, with the run's encoder settings, when
+missing; `--features` names a feature file directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import PipelineConfig, TilingConfig
+from ..errors import WsiMilError
+from ..formats.features import check_compatible, read_features
+from ..formats.run import RunFolder, load_ensemble
+from ..formats.scores import write_scores
+from ..localization.export import write_geojson, write_ome_tiff, write_viewer
+from ..localization.render import heatmap_overlay, overlay_figure
+from ..localization.scores import score_bag
+from ..wsi.collect import SlideEntry
+from ..wsi.readers import open_slide
+from .layout import Layout
+from .runner import process_slide
+from .stages import ExtractStage
+
+log = logging.getLogger("wsi_mil")
+
+
+@dataclass
+class HeatmapRequest:
+    """What to map: which model of the run, which folds, which class, on which grid."""
+
+    model: str | None = None
+    fold: str = "all"
+    overlap: float = 0.0
+    score: str = "combined"
+    target: str | None = None
+    viewer: bool = True
+    device: str = "cpu"
+
+
+def default_work_folder(run: RunFolder, out: Path) -> Path:
+    """The work folder the run's features came from, else `work/` beside the heatmaps folder."""
+    features_dir = run.read_config().get("features_dir")
+    if features_dir and Path(features_dir).exists():
+        return Layout.of_features_dir(features_dir).out
+    return out.parent / "work"
+
+
+def extraction_stage(
+    run: RunFolder, work: Path, cfg: PipelineConfig, overlap: float, device: str
+) -> ExtractStage:
+    """An extract stage with the encoder and grid the run was trained on (finer with overlap)."""
+    spec = run.feature_spec()
+    if "encoder" not in spec or "target_mpp" not in spec:
+        raise WsiMilError(
+            f"{run.root}: the run does not record its encoder and grid (its features are gone); "
+            "pass --features with the slide's feature file"
+        )
+    weights = str(spec.get("encoder_weights", ""))
+    random_weights = weights == "random"
+    if random_weights:
+        log.warning("the run's features used random encoder weights; so will this slide's")
+    cfg = cfg.model_copy(deep=True)
+    cfg.tiling = TilingConfig(
+        target_mpp=float(spec["target_mpp"]),
+        patch_size=int(spec["patch_size"]),
+        overlap=overlap,
+        min_tissue=float(spec.get("min_tissue", cfg.tiling.min_tissue)),
+    )
+    cfg.extract.encoder = str(spec["encoder"])
+    cfg.extract.weights = weights if weights and Path(weights).exists() else None
+    cfg.extract.random_weights, cfg.extract.device = random_weights, device
+    # a finer (overlapping) grid is a different set of patches: keep it apart from the run's
+    grid_tag = f"-overlap{overlap:g}" if overlap else ""
+    layout = Layout(work if not grid_tag else work / f"grid{grid_tag}")
+    return ExtractStage(layout, cfg)
+
+
+def heatmap_slide(
+    slide_path: str | Path,
+    run: str | Path,
+    out: str | Path,
+    *,
+    features: str | Path | None = None,
+    work: str | Path | None = None,
+    request: HeatmapRequest | None = None,
+    cfg: PipelineConfig | None = None,
+    mpp: float | None = None,
+) -> dict:
+    """Score one slide with a run's fold ensemble and write every export into `out`."""
+    cfg = cfg or PipelineConfig()
+    req = request or HeatmapRequest()
+    hcfg = cfg.heatmap
+    run_folder, out = RunFolder(run).require(), Path(out)
+    entry = SlideEntry(Path(slide_path), mpp)
+    name, models, ckpts = load_ensemble(run_folder, req.model, req.fold, req.device)
+    classes = run_folder.read_classes()
+    if req.target is not None and req.target not in classes:
+        raise WsiMilError(f"--target {req.target}: not a class of this run ({', '.join(classes)})")
+    work = Path(work) if work else default_work_folder(run_folder, out)
+    stage = extraction_stage(run_folder, work, cfg, req.overlap, req.device)
+    if features is None:
+        features = stage.output(entry)
+        if not features.exists():
+            outcome = process_slide(stage, entry, blocking=True)
+            if outcome.status == "failed":
+                raise WsiMilError(outcome.error)
+    bag = read_features(features)
+    spec = run_folder.feature_spec()
+    check_compatible(bag, int(ckpts[0]["in_dim"]), spec.get("encoder"), f"run {run_folder.root}")
+    x = torch.from_numpy(bag.features).float().to(req.device)
+    c = torch.from_numpy(bag.coords).to(req.device)
+    scores = score_bag(
+        models,
+        x,
+        c,
+        hcfg.combine_weight,
+        target=classes.index(req.target) if req.target is not None else None,
+        steps=hcfg.inversion_steps,
+        lr=hcfg.inversion_lr,
+        lam=hcfg.inversion_lambda,
+        score=hcfg.inversion_score,
+    )
+    scores.size0 = size0 = float(bag.attrs.get("patch_size_level0", 256))
+    stride0 = size0 * (1 - float(bag.attrs.get("overlap", 0.0)))
+    sid = entry.name
+    paths = {
+        "scores": out / f"{sid}_scores.h5",
+        "csv": out / f"{sid}_scores.csv",
+        "geojson": out / f"{sid}.geojson",
+        "png": out / f"{sid}_heatmap.png",
+        "ome_tiff": out / f"{sid}_heatmap.ome.tiff",
+        "html": out / f"{sid}.html",
+    }
+    predicted = int(scores.prob.argmax())
+    label = classes[predicted]
+    with open_slide(entry.path, mpp) as slide:
+        tissue = stage.tissue_for(slide, entry)
+        write_scores(paths["scores"], scores)
+        write_scores(paths["csv"], scores)
+        write_geojson(paths["geojson"], scores, size0)
+        thumb, thumb_mpp = slide.thumbnail_at_mpp(hcfg.thumb_mpp)
+        thumb_px = thumb_mpp / slide.mpp
+        overlay = heatmap_overlay(
+            thumb, thumb_px, scores.coords, scores.get(req.score), size0, tissue, hcfg.blur
+        )
+        title = (
+            f"{sid}: {name} predicts {label} (p = {scores.prob[predicted]:.3f}); {req.score} "
+            f"score for {classes[scores.predicted]}"
+        )
+        overlay_figure(overlay, title, paths["png"], req.score)
+        write_ome_tiff(paths["ome_tiff"], scores, size0, stride0, slide.dimensions, slide.mpp, req.score)
+        if req.viewer:
+            view, view_mpp = slide.thumbnail_at_mpp(max(hcfg.viewer_mpp, slide.mpp))
+            view_px = view_mpp / slide.mpp
+            tmask = tissue.rasterize(view.shape[1], view.shape[0], view_px).astype(bool)
+            write_viewer(paths["html"], view, view_px, scores, size0, tmask, sid, label, hcfg.top_k)
+        else:
+            paths.pop("html")
+    return {
+        "slide": sid,
+        "model": name,
+        "folds": len(models),
+        "predicted": label,
+        "probability": float(scores.prob[predicted]),
+        "target": classes[scores.predicted],
+        **{k: str(v) for k, v in paths.items()},
+    }

@@ -1,0 +1,196 @@
+"""One loop over slides for every stage: skip what is done, lock, run, record, report.
+
+`run_stage(stage, entries, map_fn=...)` asks the stage which slides are done, runs the rest
+through `process_slide` (in this process, or on Dask workers through a map function from
+cluster.py) and returns a `StageResult`. `process_slide` is the unit of work: it takes the
+slide's lock (an `flock` on `.locks/<stage>-<slide>.lock`, released by the kernel if the
+process dies, so a crash never leaves a stale lock), re-checks that the slide is still to do
+(another process may have finished it), runs the stage and merges one row into the manifest.
+Several processes or cluster workers can therefore share one work folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from ..errors import WsiMilError
+from ..formats.manifest import Manifest
+from ..wsi.collect import SlideEntry
+from .stages import Stage
+
+log = logging.getLogger("wsi_mil")
+
+# map_fn(fn, items) -> iterator of (item, result or Exception), in completion order
+MapFn = Callable[[Callable, list], Iterator[tuple[object, object]]]
+
+
+@dataclass
+class Outcome:
+    slide: str
+    status: str  # ok, skipped, failed, busy (another process holds it)
+    patches: int | None = None
+    seconds: float | None = None
+    error: str = ""
+    attempts: int = 1
+    failed_patches: int = 0
+
+
+@dataclass
+class StageResult:
+    stage: str
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+
+    def names(self, status: str) -> list[str]:
+        return [n for n, o in self.outcomes.items() if o.status == status]
+
+    @property
+    def failed(self) -> list[str]:
+        return self.names("failed")
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> str:
+        done = len(self.names("ok")) + len(self.names("skipped"))
+        text = f"{self.stage}: {done} slide(s) done, {len(self.failed)} failed"
+        if self.failed:
+            text += f" ({', '.join(self.failed[:8])}{', ...' if len(self.failed) > 8 else ''})"
+        return text
+
+
+@contextlib.contextmanager
+def slide_lock(path, blocking: bool) -> Iterator[bool]:
+    """Hold an exclusive lock on `path` for the block; yields False if another process has it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _bump_attempts(lock_path) -> int:
+    """Attempts at this slide so far, this one included (kept in the lock file until success)."""
+    text = lock_path.read_text().strip() if lock_path.exists() else ""
+    attempt = (int(text) if text.isdigit() else 0) + 1
+    lock_path.write_text(str(attempt))
+    return attempt
+
+
+def process_slide(stage: Stage, entry: SlideEntry, blocking: bool = False, on_batch=None) -> Outcome:
+    """Run one slide of `stage` under its lock and record the outcome in the manifest.
+
+    Errors are caught and returned as a failed Outcome (one line, no traceback); with
+    `blocking=False` a slide another process is working on comes back as `busy`.
+    """
+    layout = stage.layout
+    lock_path = layout.lock(stage.name, entry.name)
+    with slide_lock(lock_path, blocking) as held:
+        if not held:
+            return Outcome(entry.name, "busy")
+        if not stage.overwrite and stage.output(entry).exists():  # finished meanwhile elsewhere
+            return Outcome(entry.name, "skipped")
+        attempt = _bump_attempts(lock_path)
+        t0 = time.perf_counter()
+        try:
+            summary = stage.run(entry, on_batch)
+        except WsiMilError as exc:
+            outcome = Outcome(entry.name, "failed", error=str(exc), attempts=attempt)
+        except Exception as exc:  # any other failure is reported for this slide; others go on
+            msg = f"{entry.path}: {type(exc).__name__}: {exc}".splitlines()[0]
+            outcome = Outcome(entry.name, "failed", error=msg, attempts=attempt)
+        else:
+            outcome = Outcome(
+                entry.name,
+                "ok",
+                summary.get("patches"),
+                time.perf_counter() - t0,
+                attempts=attempt,
+                failed_patches=int(summary.get("failed_patches") or 0),
+            )
+            lock_path.unlink(missing_ok=True)  # done: the attempt count starts afresh next time
+        Manifest(layout.manifest(stage.name)).record(
+            entry.name, outcome.status, outcome.patches, outcome.seconds, outcome.error, attempt
+        )
+        return outcome
+
+
+def in_process_map(fn: Callable, items: list) -> Iterator[tuple[object, object]]:
+    for item in items:
+        try:
+            yield item, fn(item)
+        except Exception as exc:
+            yield item, exc
+
+
+def run_stage(
+    stage: Stage,
+    entries: Iterable[SlideEntry],
+    *,
+    map_fn: MapFn | None = None,
+    fail_fast: bool = False,
+    on_start: Callable[[SlideEntry, int, int], None] | None = None,
+    on_done: Callable[[SlideEntry, Outcome], None] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> StageResult:
+    """Run `stage` over every slide not yet done; slides busy in another process are waited for.
+
+    Without `map_fn` slides run here one after another (`on_start` and `on_batch` report
+    progress); `fail_fast` stops at the first failed slide by raising its error.
+    """
+    entries = list(entries)
+    result = StageResult(stage.name)
+    manifest = Manifest(stage.layout.manifest(stage.name))
+    todo = []
+    for e in entries:
+        if stage.done(e):
+            result.outcomes[e.name] = Outcome(e.name, "skipped")
+            if e.name not in manifest.rows:
+                manifest.record(e.name, "skipped")
+        else:
+            todo.append(e)
+
+    def finish(entry: SlideEntry, outcome) -> None:
+        if isinstance(outcome, Exception):  # a task lost on every attempt (e.g. a dead worker)
+            outcome = Outcome(
+                entry.name, "failed", error=f"{entry.path}: {type(outcome).__name__}: {outcome}"
+            )
+            manifest.record(entry.name, "failed", error=outcome.error)
+        result.outcomes[entry.name] = outcome
+        if outcome.status == "failed":
+            log.error("%s", outcome.error)
+        elif outcome.failed_patches:
+            log.warning("%s: %d unreadable patches encoded as white", entry.path, outcome.failed_patches)
+        if on_done:
+            on_done(entry, outcome)
+        if fail_fast and outcome.status == "failed":
+            raise WsiMilError(f"stopped at the first failure (--fail-fast): {outcome.error}")
+
+    if map_fn is None:
+        busy = []
+        for i, entry in enumerate(todo):
+            if on_start:
+                on_start(entry, i, len(todo))
+            outcome = process_slide(stage, entry, blocking=False, on_batch=on_batch)
+            if outcome.status == "busy":
+                busy.append(entry)
+                continue
+            finish(entry, outcome)
+        for entry in busy:  # another process is on it: wait for its lock, then finish it if needed
+            log.info("%s: waiting for another process working on it", entry.name)
+            finish(entry, process_slide(stage, entry, blocking=True, on_batch=on_batch))
+    else:
+        for entry, outcome in map_fn(lambda e: process_slide(stage, e, blocking=True), todo):
+            finish(entry, outcome)
+    return result

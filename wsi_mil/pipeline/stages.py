@@ -1,0 +1,141 @@
+"""The per-slide stages: segment, tile and extract, each with its output and a `run`.
+
+One opened slide flows segment -> tile -> extract: a stage makes the earlier stages' outputs
+it needs when they are missing (or when `overwrite` asks for them anew) and reuses them
+otherwise. Whether a slide is already done is decided in one place, `Stage.done`, used by the
+runner (pipeline/runner.py); stages themselves always do their work when called.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import PipelineConfig
+from ..errors import EmptyInputError
+from ..formats.patches import read_patches, write_patches
+from ..formats.tissue_geojson import read_tissue, write_tissue
+from ..io import save_png
+from ..wsi.collect import SlideEntry
+from ..wsi.draw import draw_contours, draw_patches
+from ..wsi.readers import open_slide
+from ..wsi.slide import Slide
+from ..wsi.tiling import PatchGrid, tile
+from ..wsi.tissue import TissueMask, segment_tissue
+from .layout import Layout
+
+log = logging.getLogger("wsi_mil")
+
+
+def user_tissue_path(tissue_geojson: Path | None, name: str) -> Path | None:
+    """A user-supplied tissue annotation: a file, or `<name>.geojson` inside a folder."""
+    if tissue_geojson is None:
+        return None
+    if tissue_geojson.is_dir():
+        p = tissue_geojson / f"{name}.geojson"
+        return p if p.exists() else None
+    return tissue_geojson
+
+
+@dataclass
+class Stage:
+    """Settings shared by every slide of one run of a stage over a work folder."""
+
+    layout: Layout
+    cfg: PipelineConfig
+    overwrite: bool = False
+    tissue_geojson: Path | None = None
+    name = "stage"
+
+    def output(self, entry: SlideEntry) -> Path:  # pragma: no cover - every stage defines it
+        raise TypeError(f"{type(self).__name__} names no output")
+
+    def done(self, entry: SlideEntry) -> bool:
+        """The slide needs no work: its output exists and --overwrite was not given."""
+        return not self.overwrite and self.output(entry).exists()
+
+    def _reuse(self, path: Path) -> bool:
+        """An earlier stage's output is reused unless --overwrite redoes the whole chain."""
+        return not self.overwrite and path.exists()
+
+    # -- the chain, on one opened slide ---------------------------------------------------------
+    def tissue_for(self, slide: Slide, entry: SlideEntry) -> TissueMask:
+        """The slide's tissue mask: the saved one, the user's annotation, or a new segmentation."""
+        out = self.layout.tissue(entry.name)
+        if self._reuse(out):
+            return read_tissue(out)
+        user = user_tissue_path(self.tissue_geojson, entry.name)
+        mask = read_tissue(user) if user is not None else segment_tissue(slide, self.cfg.tissue)
+        if mask.is_empty:
+            log.warning("%s: no tissue found; the mask is empty (try --threshold or a preset)", entry.path)
+        write_tissue(out, mask)
+        thumb, thumb_mpp = slide.thumbnail_long_side(self.cfg.tissue.preview_px)
+        save_png(self.layout.tissue_png(entry.name), draw_contours(mask, thumb, thumb_mpp / slide.mpp))
+        return mask
+
+    def grid_for(self, slide: Slide, entry: SlideEntry) -> PatchGrid:
+        """The slide's patch grid: the saved one, or tiled now (segmenting first if needed)."""
+        out = self.layout.patches(entry.name)
+        if self._reuse(out):
+            return read_patches(out)
+        mask = self.tissue_for(slide, entry)
+        if mask.is_empty:
+            raise EmptyInputError(
+                f"{entry.path}: no tissue in the mask; check "
+                f"{self.layout.tissue_png(entry.name)} or supply --tissue-geojson"
+            )
+        grid = tile(slide, mask, self.cfg.tiling)
+        if len(grid) == 0:
+            raise EmptyInputError(
+                f"{entry.path}: no patch reaches --min-tissue {self.cfg.tiling.min_tissue}; "
+                "lower --min-tissue or --patch-size"
+            )
+        write_patches(out, grid, slide_path=str(entry.path))
+        thumb, thumb_mpp = slide.thumbnail_long_side(self.cfg.tissue.preview_px)
+        save_png(self.layout.patches_png(entry.name), draw_patches(grid, thumb, thumb_mpp / slide.mpp))
+        return grid
+
+
+class SegmentStage(Stage):
+    name = "segment"
+
+    def output(self, entry):
+        return self.layout.tissue(entry.name)
+
+    def run(self, entry: SlideEntry, on_batch=None) -> dict:
+        with open_slide(entry.path, entry.mpp) as slide:
+            mask = self.tissue_for(slide, entry)
+        return {"patches": None, "polygons": len(mask.polygons.geoms)}
+
+
+class TileStage(Stage):
+    name = "tile"
+
+    def output(self, entry):
+        return self.layout.patches(entry.name)
+
+    def run(self, entry: SlideEntry, on_batch=None) -> dict:
+        with open_slide(entry.path, entry.mpp) as slide:
+            grid = self.grid_for(slide, entry)
+        return {"patches": len(grid)}
+
+
+class ExtractStage(Stage):
+    name = "extract"
+
+    def output(self, entry):
+        return self.layout.features(self.cfg.extract.encoder, entry.name)
+
+    def run(self, entry: SlideEntry, on_batch=None) -> dict:
+        from ..features.extract import extract_features
+        from ..features.runner import runner_for
+
+        with open_slide(entry.path, entry.mpp) as slide:
+            grid = self.grid_for(slide, entry)
+        out = self.output(entry)  # with --overwrite the old file is replaced only when complete
+        runner = runner_for(self.cfg.extract)
+        return extract_features(entry.path, grid, runner, out, self.cfg.extract, entry.mpp, on_batch)
+
+
+STAGES: dict[str, type[Stage]] = {"segment": SegmentStage, "tile": TileStage, "extract": ExtractStage}

@@ -1,0 +1,104 @@
+"""The crossval report: `report.md` (one comparison table over the models of a run) and plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..config import TrainConfig
+from ..io import save_figure, write_text
+from .metrics import METRICS
+
+
+def save_plots(
+    model_dir: Path,
+    model_name: str,
+    y: np.ndarray | None,
+    mean_prob: np.ndarray | None,
+    histories: list[pd.DataFrame],
+    classes: list[str],
+) -> None:
+    """training_curves.png (loss and validation AUC per fold) and roc.png (test ensemble)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for k, h in enumerate(histories):
+        axes[0].plot(h.epoch, h.train_loss, label=f"fold {k} train")
+        axes[0].plot(h.epoch, h.val_loss, "--", label=f"fold {k} val")
+        axes[1].plot(h.epoch, h.val_auc, label=f"fold {k}")
+    axes[0].set(xlabel="epoch", ylabel="loss", title=f"{model_name}: loss")
+    axes[1].set(xlabel="epoch", ylabel="AUC", title=f"{model_name}: validation AUC")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    save_figure(model_dir / "training_curves.png", fig)
+    if y is None or len(np.unique(y)) < 2:
+        return
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for c in range(mean_prob.shape[1]) if mean_prob.shape[1] > 2 else [1]:
+        fpr, tpr, _ = roc_curve(y == c, mean_prob[:, c])
+        ax.plot(fpr, tpr, label=classes[c])
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(
+        xlabel="false positive rate", ylabel="true positive rate", title=f"{model_name}: test ROC (ensemble)"
+    )
+    ax.legend()
+    fig.tight_layout()
+    save_figure(model_dir / "roc.png", fig)
+
+
+def _fmt(v, ci=None) -> str:
+    if v is None or not np.isfinite(v):
+        return "n/a"
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
+
+
+def write_report(out: Path, results: list[dict], splits: pd.DataFrame, cfg: TrainConfig) -> str:
+    n_test = int((splits.split == "test").sum())
+    n_train = int((splits.split == "train").sum())
+    lines = [
+        "# wsi-mil cross-validation report",
+        "",
+        f"{n_train} training slides in {splits[splits.split == 'train'].fold.nunique()} "
+        f"folds (grouped by case), {n_test} held-out test slides; seed {cfg.seed}.",
+        "",
+    ]
+    header = ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    if n_test:
+        lines += [
+            "## Test set: majority vote of the fold models (AUC from mean probability), 95% bootstrap CI",
+            "",
+            *header,
+        ]
+        for r in results:
+            lines.append(
+                f"| {r['model']} | " + " | ".join(_fmt(r["test"][m], r["test_ci"][m]) for m in METRICS) + " |"
+            )
+        lines.append("")
+    lines += [
+        "## Validation folds: mean +/- std",
+        "",
+        "Validation metrics are taken at the epoch chosen on that same fold, so they are "
+        "optimistic; the held-out test set is the unbiased estimate.",
+        "",
+        *header,
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['model']} | "
+            + " | ".join(f"{r['val_mean'][m]:.3f} +/- {r['val_std'][m]:.3f}" for m in METRICS)
+            + " |"
+        )
+    lines += [
+        "",
+        "Per model: `<model>/metrics.json`, `predictions.csv`, `roc.png`, "
+        "`training_curves.png`; per fold: `model.pt`, `threshold.json`, `history.csv`.",
+    ]
+    text = "\n".join(lines) + "\n"
+    write_text(out / "report.md", text)
+    return text
