@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -94,7 +93,6 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # damaged files are reported per slide
     for noisy in ("distributed", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="sklearn")  # undefined metrics are reported as n/a
 
 
 def user_errors(fn):

@@ -9,6 +9,10 @@ class SlideOpenError(WsiMilError):
     """A slide file cannot be opened (unreadable, unknown format)."""
 
 
+class SlideReadError(WsiMilError):
+    """Pixels of an opened slide cannot be decoded (a corrupt tile)."""
+
+
 class MissingMPPError(WsiMilError):
     """A slide carries no microns-per-pixel and no override was given."""
 

@@ -10,6 +10,9 @@ dataset so memory does not grow with the slide.
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -101,7 +104,10 @@ class PatchBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray, int]]:
         info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        return self.worker_batches(*((info.id, info.num_workers) if info else (0, 1)))
+
+    def worker_batches(self, wid: int, nw: int) -> Iterator[tuple[int, np.ndarray, int]]:
+        """The batches wid::nw, read with this worker's own slide handle."""
         slide = open_slide(self.slide_path, self.mpp)
         level = slide.best_level_for_downsample(self.size0 / self.patch_size)
         max_px = int(MAX_REGION_PX * slide.level_downsamples[level])
@@ -127,6 +133,43 @@ class PatchBatches(IterableDataset):
                 yield b.start, out, failed
         finally:
             slide.close()
+
+
+def threaded_batches(dataset: PatchBatches, workers: int, depth: int = 4):
+    """Batches in order from `workers` reader threads (decoders and resizing release the GIL)."""
+    queues = [queue.Queue(maxsize=depth) for _ in range(workers)]
+    done = object()
+    stop = threading.Event()
+
+    def read(wid: int) -> None:
+        try:
+            for item in dataset.worker_batches(wid, workers):
+                while not stop.is_set():
+                    try:
+                        queues[wid].put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            queues[wid].put(exc)
+            return
+        queues[wid].put(done)
+
+    threads = [threading.Thread(target=read, args=(w,), daemon=True) for w in range(workers)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(len(dataset.batches)):
+            item = queues[i % workers].get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=5)
 
 
 def extract_features(
@@ -168,14 +211,18 @@ def extract_features(
             writer.n_done,
         )
         workers = max(0, min(cfg.workers, len(dataset.batches)))
-        loader = DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=workers,
-            prefetch_factor=4 if workers else None,
-            pin_memory=runner.device.type == "cuda",
-            persistent_workers=False,
-        )
+        if workers and mp.current_process().daemon:
+            # a Dask worker (daemonic) cannot start reader processes: read in threads instead
+            loader = threaded_batches(dataset, workers)
+        else:
+            loader = DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=workers,
+                prefetch_factor=4 if workers else None,
+                pin_memory=runner.device.type == "cuda",
+                persistent_workers=False,
+            )
         for start, images, failed in loader:
             images = images.numpy() if isinstance(images, torch.Tensor) else images
             feats = runner(images, pad_to=cfg.batch_size if runner.compiled else None)

@@ -105,13 +105,15 @@ def heatmap_slide(
     if req.target is not None and req.target not in classes:
         raise WsiMilError(f"--target {req.target}: not a class of this run ({', '.join(classes)})")
     work = Path(work) if work else default_work_folder(run_folder, out)
-    stage = extraction_stage(run_folder, work, cfg, req.overlap, req.device)
     if features is None:
+        stage = extraction_stage(run_folder, work, cfg, req.overlap, req.device)
         features = stage.output(entry)
         if not features.exists():
             outcome = process_slide(stage, entry, blocking=True)
             if outcome.status == "failed":
                 raise WsiMilError(outcome.error)
+    else:
+        stage = ExtractStage(Layout(work), cfg)  # for the slide's tissue mask only
     bag = read_features(features)
     spec = run_folder.feature_spec()
     check_compatible(bag, int(ckpts[0]["in_dim"]), spec.get("encoder"), f"run {run_folder.root}")

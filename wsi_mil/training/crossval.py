@@ -30,7 +30,7 @@ from ..formats.features import read_feature_attrs
 from ..formats.run import RunFolder, load_fold_model
 from ..io import write_json
 from ..models import create_model
-from .data import BagDataset, Cohort, load_labels, make_splits
+from .data import BagDataset, Cohort, load_bags, load_labels, make_splits, validate_bags
 from .fit import predict_probs, train_fold
 from .metrics import METRICS, bootstrap_ci, compute_metrics, decide, majority_vote
 from .report import save_plots, write_report
@@ -45,10 +45,10 @@ def ensemble(fold_probs: list[np.ndarray], thresholds: list[float | None]):
     return mean_prob, votes, majority_vote(votes, mean_prob)
 
 
-def datasets(df: pd.DataFrame, cfg: TrainConfig, training: bool) -> BagDataset:
-    return BagDataset(
-        df.path.tolist(), df.label.tolist(), cfg.preload, cfg.max_instances if training else None, cfg.seed
-    )
+def datasets(df: pd.DataFrame, cfg: TrainConfig, training: bool, loaded: dict | None = None) -> BagDataset:
+    """A fold's bags; with `loaded` (the cohort read once) no file is read again."""
+    max_instances = cfg.max_instances if training else None
+    return BagDataset(df.path.tolist(), df.label.tolist(), cfg.preload, max_instances, cfg.seed, loaded)
 
 
 def train_one_fold(
@@ -60,6 +60,7 @@ def train_one_fold(
     k: int,
     device: torch.device | str = "cpu",
     progress: Callable[[str], None] | None = None,
+    loaded: dict | None = None,
 ) -> Path:
     """Train fold k of one model and write its folder (skipped when already done)."""
     run = RunFolder(out)
@@ -71,7 +72,7 @@ def train_one_fold(
     if progress:
         progress(f"{model_name} fold {k + 1}/{n_folds}")
     tr, va = train_df[train_df.fold != k], train_df[train_df.fold == k]
-    train_ds, val_ds = datasets(tr, cfg, True), datasets(va, cfg, False)
+    train_ds, val_ds = datasets(tr, cfg, True, loaded), datasets(va, cfg, False, loaded)
     on_epoch = None
     if progress:
 
@@ -117,14 +118,20 @@ def fold_task(item: tuple[str, int], splits, classes, cfg_json: str, out: str) -
 
 
 def summarise_model(
-    model_name: str, splits: pd.DataFrame, cohort: Cohort, cfg: TrainConfig, out: Path, device: torch.device
+    model_name: str,
+    splits: pd.DataFrame,
+    cohort: Cohort,
+    cfg: TrainConfig,
+    out: Path,
+    device: torch.device,
+    loaded: dict | None = None,
 ) -> dict:
     """Test-set ensemble, metrics, predictions and plots from a model's finished folds."""
     run = RunFolder(out)
     model_dir = run.model_dir(model_name)
     train_df = splits[splits.split == "train"]
     test_df = splits[splits.split == "test"]
-    test_ds = datasets(test_df, cfg, False) if len(test_df) else None
+    test_ds = datasets(test_df, cfg, False, loaded) if len(test_df) else None
     fold_probs, thresholds, fold_val, histories = [], [], [], []
     for k in sorted(train_df.fold.unique()):
         model, ckpt = load_fold_model(run.fold_dir(model_name, k), device)
@@ -262,16 +269,20 @@ def run_crossval(
     for m in models:
         create_model(m, 8, 2, **cfg.model_kwargs)  # unknown names fail before anything is written
     cohort = load_labels(labels_csv, features_dir, allow_missing)
+    paths = cohort.table.path.tolist()
+    loaded = load_bags(paths) if cfg.preload else validate_bags(paths)  # bad files stop us here
     created = run.is_empty()
     try:
-        return _run(run, cohort, cfg, models, features_dir, labels_csv, progress, map_fn, overwrite)
+        return _run(run, cohort, cfg, models, features_dir, labels_csv, progress, map_fn, overwrite, loaded)
     except BaseException:
         if created and run.root.exists() and not list(run.root.glob("*/fold_*/model.pt")):
             shutil.rmtree(run.root, ignore_errors=True)  # nothing worth keeping: leave no husk
         raise
 
 
-def _run(run, cohort, cfg, models, features_dir, labels_csv, progress, map_fn, overwrite) -> list[dict]:
+def _run(
+    run, cohort, cfg, models, features_dir, labels_csv, progress, map_fn, overwrite, loaded
+) -> list[dict]:
     splits = _prepare_run(run, cohort, cfg, overwrite)
     run.write_config(
         {
@@ -302,7 +313,7 @@ def _run(run, cohort, cfg, models, features_dir, labels_csv, progress, map_fn, o
     results = []
     for m in models:
         for k in folds:
-            train_one_fold(m, splits, cohort.classes, cfg, run.root, k, device, progress)
-        results.append(summarise_model(m, splits, cohort, cfg, run.root, device))
+            train_one_fold(m, splits, cohort.classes, cfg, run.root, k, device, progress, loaded)
+        results.append(summarise_model(m, splits, cohort, cfg, run.root, device, loaded))
     write_report(run.root, results, splits, cfg)
     return results

@@ -144,6 +144,22 @@ def make_splits(cohort: Cohort, folds: int = 5, test_frac: float = 0.25, seed: i
     return df
 
 
+def load_bags(paths: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every bag read once and validated (float16 features, coords), keyed by path; a bad file
+    stops here with one line naming it, before any training output is written."""
+    out = {}
+    for p in paths:
+        bag = read_features(p)
+        out[p] = (torch.from_numpy(bag.features.astype(np.float16)), torch.from_numpy(bag.coords))
+    return out
+
+
+def validate_bags(paths: list[str]) -> None:
+    """Read and validate every bag once without keeping it (the lazy-loading path)."""
+    for p in paths:
+        read_features(p)
+
+
 class BagDataset(torch.utils.data.Dataset):
     """Bags from feature files: (features float32 [N, D], coords [N, 2], label).
 
@@ -159,18 +175,17 @@ class BagDataset(torch.utils.data.Dataset):
         preload: bool = True,
         max_instances: int | None = None,
         seed: int = 0,
+        loaded: dict | None = None,
     ):
         self.paths, self.labels = list(paths), list(labels)
         self.max_instances = max_instances
         self.rng = np.random.default_rng(seed)
         self.cache = None
         if preload:
-            self.cache = []
-            for p in self.paths:
-                bag = read_features(p)
-                self.cache.append(
-                    (torch.from_numpy(bag.features.astype(np.float16)), torch.from_numpy(bag.coords))
-                )
+            loaded = loaded if loaded is not None else {}
+            missing = [p for p in self.paths if p not in loaded]
+            loaded.update(load_bags(missing))
+            self.cache = [loaded[p] for p in self.paths]
 
     @property
     def in_dim(self) -> int:

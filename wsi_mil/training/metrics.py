@@ -6,6 +6,8 @@ Youden's J on validation. Multi-class: one-vs-rest macro AUC, macro F1, argmax d
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score, roc_curve
 
@@ -27,7 +29,15 @@ def auc_score(y: np.ndarray, prob: np.ndarray) -> float:
 
 
 def compute_metrics(y: np.ndarray, prob: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    y, pred = np.asarray(y), np.asarray(pred)
+    """Accuracy, balanced accuracy, AUC, F1. A class missing from a small split (a bootstrap
+    resample, a validation fold) makes sklearn warn once per call; the value it returns is
+    still the defined one, so those warnings are not passed on (hundreds per run otherwise)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return _metrics(np.asarray(y), prob, np.asarray(pred))
+
+
+def _metrics(y: np.ndarray, prob: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     binary = prob.shape[1] == 2
     return {
         "accuracy": float(accuracy_score(y, pred)),

@@ -9,13 +9,14 @@ first (same pixels, faster region reads: docs/benchmarks.md); every other vendor
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from ..errors import MissingMPPError, SlideOpenError
+from ..errors import MissingMPPError, SlideOpenError, SlideReadError
 from .slide import PLAIN_IMAGE_SUFFIXES, SLIDE_SUFFIXES, Slide, as_rgb
 
 BACKENDS = ("auto", "openslide", "tiffslide", "image")
@@ -52,9 +53,16 @@ class TiffSlideReader(Slide):
         return handle, list(handle.level_dimensions), list(handle.level_downsamples), props
 
     def _read(self, x, y, level, w, h):
-        with warnings.catch_warnings():  # it warns when the whole box is outside; white it is
-            warnings.simplefilter("ignore", UserWarning)
-            arr = self._handle.read_region((x, y), level, (w, h), as_array=True)
+        failure = None
+        try:
+            with warnings.catch_warnings():  # it warns when the whole box is outside; white it is
+                warnings.simplefilter("ignore", UserWarning)
+                arr = self._handle.read_region((x, y), level, (w, h), as_array=True)
+        except Exception as exc:
+            failure = f"{self.path}: {type(exc).__name__}: {exc}"
+        if failure is not None:
+            _silence_orphaned_zarr_tasks()
+            raise SlideReadError(failure)
         return self._whiten_outside(as_rgb(np.asarray(arr)), x, y, level)
 
     def _whiten_outside(self, rgb: np.ndarray, x: int, y: int, level: int) -> np.ndarray:
@@ -105,6 +113,28 @@ class ImageReader(Slide):
 
     def _close_handle(self) -> None:
         pass
+
+
+def _silence_orphaned_zarr_tasks() -> None:
+    """After a failed tile decode, zarr (under tiffslide) leaves the region's other decode tasks
+    pending on its event loop; Python reports each at exit as "Exception ignored ... Event loop
+    is closed", "coroutine was never awaited" or, through asyncio's logger, "Task was destroyed
+    but it is pending!" (hundreds of lines). The failure itself is
+    reported once by the caller, so only these orphan reports are dropped."""
+    if getattr(sys.unraisablehook, "_wsi_mil", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        text = f"{unraisable.exc_value!r} {unraisable.object!r}"
+        if "Event loop is closed" in text or "concurrent_map" in text or "zarr" in text:
+            return
+        previous(unraisable)
+
+    hook._wsi_mil = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "Task was destroyed but it is pending!"
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
 READERS: dict[str, type[Slide]] = {

@@ -1,0 +1,313 @@
+"""Fault injection: every bad input or interruption a user has hit gets one clear line (or a
+clean resume), a non-zero exit where something failed, and never a half-written output.
+docs/reliability.md lists each fault, the behaviour and the test that holds it."""
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from wsi_mil.cli import app
+from wsi_mil.synthetic import make_feature_cohort, write_synthetic_slide
+
+runner = CliRunner()
+TRAIN = ["--model", "abmil", "--folds", "3", "--epochs", "3", "--patience", "2", "--test-frac", "0.25"]
+
+
+def _one_line_error(r, *needles):
+    """Exit 2, one 'error:' line naming what went wrong, and no traceback."""
+    out = r.output
+    assert r.exit_code == 2, out
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out
+    for n in needles:
+        assert n in out, (n, out)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    d = tmp_path_factory.mktemp("faults")
+    make_feature_cohort(d, n_bags=24, dim=32, seed=4, strength=4.0)
+    r = runner.invoke(
+        app,
+        [
+            "crossval",
+            "--features",
+            str(d / "features"),
+            "--labels",
+            str(d / "labels.csv"),
+            "--out",
+            str(d / "run"),
+            *TRAIN,
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    return d
+
+
+def _copy_features(src, dst, n=4):
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in sorted(src.glob("*.h5"))[:n]:
+        shutil.copy(p, dst / p.name)
+    return dst
+
+
+def _crossval(cohort, out, labels=None, *extra):
+    labels = labels or cohort / "labels.csv"
+    args = ["crossval", "--features", str(cohort / "features"), "--labels", str(labels), "--out", str(out)]
+    return runner.invoke(app, [*args, *TRAIN, *extra])
+
+
+# -- stale run folders ----------------------------------------------------------------------
+def test_rerun_with_flipped_labels_refuses_then_overwrite_retrains(cohort, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(cohort / "run", run)
+    before = (run / "splits.csv").read_text()
+    df = pd.read_csv(cohort / "labels.csv")
+    df["label"] = 1 - df["label"]
+    df.to_csv(tmp_path / "flipped.csv", index=False)
+    r = _crossval(cohort, run, tmp_path / "flipped.csv")
+    _one_line_error(r, str(run), "labels", "--overwrite")
+    assert (run / "splits.csv").read_text() == before  # the folder still tells the truth
+    r = _crossval(cohort, run, tmp_path / "flipped.csv", "--overwrite")
+    assert r.exit_code == 0, r.output
+    new = pd.read_csv(run / "splits.csv").set_index("slide_id").label_name.astype(str)
+    assert (new == df.set_index("slide_id").label.astype(str)).all()
+
+
+def test_rerun_with_other_settings_refuses_naming_them(cohort, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(cohort / "run", run)
+    config = (run / "config.yaml").read_text()
+    r = _crossval(cohort, run, None, "--lr", "0.01")
+    _one_line_error(r, "config", "lr")
+    assert (run / "config.yaml").read_text() == config
+    r = _crossval(cohort, run)  # the same call resumes: nothing to train
+    assert r.exit_code == 0 and "fold 1/3" not in r.output, r.output
+
+
+# -- bad feature files ----------------------------------------------------------------------
+def _poison(path, kind):
+    with h5py.File(path, "r+") as f:
+        if kind == "nan":
+            x = f["features"][:]
+            x[3, 5] = np.nan
+            f["features"][:] = x
+        else:  # 5 coords fewer than feature rows
+            c = f["coords"][:-5]
+            del f["coords"]
+            f.create_dataset("coords", data=c)
+
+
+@pytest.mark.parametrize("kind, needle", [("nan", "NaN or Inf"), ("rows", "coords")])
+def test_bad_feature_file_is_named_by_predict_and_nothing_is_written(cohort, tmp_path, kind, needle):
+    feats = _copy_features(cohort / "features", tmp_path / "new")
+    bad = sorted(feats.glob("*.h5"))[1]
+    _poison(bad, kind)
+    out = tmp_path / "pred.csv"
+    r = runner.invoke(
+        app, ["predict", "--run", str(cohort / "run"), "--features", str(feats), "--out", str(out)]
+    )
+    _one_line_error(r, bad.name, needle)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["nan", "rows"])
+def test_bad_feature_file_stops_crossval_before_any_output(cohort, tmp_path, kind):
+    feats = _copy_features(cohort / "features", tmp_path / "features", n=24)
+    bad = sorted(feats.glob("*.h5"))[7]
+    _poison(bad, kind)
+    labels = tmp_path / "labels.csv"
+    shutil.copy(cohort / "labels.csv", labels)
+    out = tmp_path / "run"
+    args = ["crossval", "--features", str(feats), "--labels", str(labels), "--out", str(out), *TRAIN]
+    _one_line_error(runner.invoke(app, args), bad.name)
+    assert not out.exists()  # no husk of classes.json/config.yaml/splits.csv
+
+
+def test_heatmap_refuses_bad_and_foreign_features(cohort, tmp_path):
+    slide = write_synthetic_slide(tmp_path / "s.tif", 2000, 1500, 0.5, seed=3)
+    n = 20
+    coords = np.stack([np.arange(n) * 256 % 1792, np.arange(n) // 7 * 256], 1).astype(np.int64)
+    attrs = {"patch_size_level0": 256, "encoder": "synthetic"}
+    from wsi_mil.formats.features import write_features
+
+    foreign = tmp_path / "foreign.h5"
+    write_features(foreign, np.ones((n, 16), np.float32), coords, {**attrs, "encoder": "resnet18"})
+    out = tmp_path / "heat"
+    args = ["heatmap", str(slide.path), "--run", str(cohort / "run"), "--out", str(out), "--no-viewer"]
+    _one_line_error(runner.invoke(app, [*args, "--features", str(foreign)]), "16-d", "32-d", "synthetic")
+    bad = tmp_path / "bad.h5"
+    write_features(bad, np.ones((n, 32), np.float32), coords, attrs)
+    _poison(bad, "rows")
+    _one_line_error(runner.invoke(app, [*args, "--features", str(bad)]), "bad.h5", "coords")
+    assert not list(out.glob("*_scores.*"))
+
+
+# -- exit codes, flags, duplicates ----------------------------------------------------------
+def test_boolean_flag_given_a_value_is_one_clear_error(tmp_path, synthetic_slide):
+    r = runner.invoke(app, ["tile", str(synthetic_slide.path), "--out", str(tmp_path), "--overwrite", "true"])
+    _one_line_error(r, "--overwrite, not --overwrite true")
+
+
+def test_conflicting_duplicate_labels_name_both_lines(cohort, tmp_path):
+    df = pd.read_csv(cohort / "labels.csv")
+    dup = df.iloc[[2]].assign(label=1 - df.label.iloc[2])
+    pd.concat([df, dup]).to_csv(tmp_path / "dup.csv", index=False)
+    r = _crossval(cohort, tmp_path / "run", tmp_path / "dup.csv")
+    _one_line_error(r, "bag_002", "lines 4 and 26")
+
+
+def test_two_slides_with_one_name_are_refused(tmp_path, synthetic_slide):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(synthetic_slide.path, tmp_path / "a" / "case.tif")
+    shutil.copy(synthetic_slide.path, tmp_path / "b" / "case.tiff")
+    r = runner.invoke(app, ["tile", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "o")])
+    _one_line_error(r, "a/case.tif", "b/case.tiff", "'case'")
+
+
+def test_three_classes_train_without_a_warning_flood(tmp_path):
+    make_feature_cohort(tmp_path, n_bags=30, dim=16, seed=8)
+    df = pd.read_csv(tmp_path / "labels.csv")
+    df["label"] = [i % 3 for i in range(len(df))]
+    df.to_csv(tmp_path / "labels.csv", index=False)
+    args = [sys.executable, "-m", "wsi_mil", "crossval", "--features", str(tmp_path / "features")]
+    args += ["--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "run"), *TRAIN]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count("Warning") == 0, r.stderr[-2000:]
+
+
+# -- concurrency, clusters, interruptions ---------------------------------------------------
+EXTRACT = ["--encoder", "resnet18", "--random-weights", "--target-mpp", "1.0", "--patch-size", "128"]
+
+
+@pytest.fixture(scope="module")
+def four_slides(tmp_path_factory):
+    d = tmp_path_factory.mktemp("four")
+    for i in range(4):
+        write_synthetic_slide(d / f"s{i}.tif", 2500, 2000, 0.5, tumor_regions=i % 2, seed=20 + i)
+    return d
+
+
+def _cli(*args, env=None):
+    return [sys.executable, "-m", "wsi_mil", *args]
+
+
+def test_two_extract_processes_share_one_output_folder(tmp_path, four_slides):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = _cli("extract", str(four_slides), "--out", str(tmp_path), *EXTRACT, "--workers", "0")
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+        assert "Error" not in out and "Traceback" not in out, out[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "manifest_extract.csv")))
+    assert sorted(r["slide"] for r in rows) == [f"s{i}" for i in range(4)]
+    assert all(r["status"] in ("ok", "skipped") for r in rows), rows
+    assert len(list((tmp_path / "features" / "resnet18").glob("*.h5"))) == 4
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_cluster_extraction_with_reader_workers_on_the_real_slide(tmp_path, real_slide):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i in range(2):
+        os.symlink(real_slide, slides / f"cmu{i}.svs")
+    opts = ["--encoder", "resnet18", "--random-weights", "--workers", "2", "--batch-size", "16"]
+    local = subprocess.run(
+        _cli("extract", str(slides), "--out", str(tmp_path / "a"), *opts),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert local.returncode == 0, local.stderr[-3000:]
+    dask = subprocess.run(
+        _cli("extract", str(slides), "--out", str(tmp_path / "b"), *opts, "--cluster", "local:2"),
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert dask.returncode == 0, dask.stderr[-3000:]
+    assert "daemonic" not in dask.stderr
+    for i in range(2):
+        a = h5py.File(tmp_path / "a" / "features" / "resnet18" / f"cmu{i}.h5")["features"][:]
+        b = h5py.File(tmp_path / "b" / "features" / "resnet18" / f"cmu{i}.h5")["features"][:]
+        assert a.shape == b.shape and len(a) > 10
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_corrupt_jpeg_tile_is_one_quiet_report(tmp_path, real_slide):
+    import tifffile
+
+    bad = tmp_path / "bad.svs"
+    shutil.copy(real_slide, bad)
+    with tifffile.TiffFile(bad) as tif:
+        page = tif.pages[0]
+        offset = page.dataoffsets[len(page.dataoffsets) // 2]
+    with open(bad, "r+b") as fh:  # wipe one tile's JPEG header: the decoder refuses the tile
+        fh.seek(offset)
+        fh.write(b"\x00" * 64)
+    r = subprocess.run(
+        _cli("extract", str(bad), "--out", str(tmp_path / "o"), "--encoder", "resnet18", "--random-weights"),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    err = r.stdout + r.stderr
+    for noise in ("Event loop is closed", "was never awaited", "Traceback", "tifffile"):
+        assert noise not in err, err[-3000:]
+    assert r.returncode == 1 and err.count("ERROR") == 1 and "Not a JPEG" in err, err[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "o" / "manifest_extract.csv")))
+    assert rows[0]["status"] == "failed" and "bad.svs" in rows[0]["error"]
+    assert not list((tmp_path / "o").rglob("*.partial"))
+
+
+def test_heatmap_killed_mid_run_resumes_to_identical_scores(cohort, tmp_path, synthetic_slide):
+    from wsi_mil.formats.features import write_features
+
+    rng = np.random.default_rng(0)
+    n = 600
+    coords = np.stack([np.arange(n) % 30 * 200, np.arange(n) // 30 * 200], 1).astype(np.int64)
+    feats = tmp_path / "f.h5"
+    write_features(
+        feats,
+        rng.standard_normal((n, 32)).astype(np.float32),
+        coords,
+        {"patch_size_level0": 200, "encoder": "synthetic"},
+    )
+    base = _cli(
+        "heatmap",
+        str(synthetic_slide.path),
+        "--run",
+        str(cohort / "run"),
+        "--features",
+        str(feats),
+        "--no-viewer",
+    )
+    subprocess.run([*base, "--out", str(tmp_path / "ref")], check=True, capture_output=True, timeout=600)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*base, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.exists() and any(out.iterdir())):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = subprocess.run([*base, "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not list(out.rglob("*.partial"))
+    a, b = h5py.File(tmp_path / "ref" / "s50_scores.h5"), h5py.File(out / "s50_scores.h5")
+    for name in ("coords", "attention", "inversion", "combined"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
