@@ -24,9 +24,10 @@ EXTRACT = ["--encoder", "resnet18", "--random-weights", "--target-mpp", "1.0", "
 TRAIN = ["--models", "abmil,psmil", "--folds", "3", "--epochs", "8", "--patience", "8", "--seed", "1"]
 
 
-def timed(cmd, env) -> float:
+def timed(cmd, env, cwd) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    # cwd outside both checkouts: `python -m` puts the cwd first on sys.path
+    subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=cwd)
     return time.perf_counter() - t0
 
 
@@ -49,7 +50,7 @@ def main() -> None:
         ex, cv = [], []
         for r in range(args.runs):
             out = work / f"{label}{r}"
-            ex.append(timed([*cli, "extract", str(slides), "--out", str(out / "w"), *EXTRACT], env))
+            ex.append(timed([*cli, "extract", str(slides), "--out", str(out / "w"), *EXTRACT], env, work))
             cohort = work / "cohort"
             cv_args = [
                 "crossval",
@@ -58,8 +59,8 @@ def main() -> None:
                 "--labels",
                 str(cohort / "labels.csv"),
             ]
-            cv.append(timed([*cli, *cv_args, "--out", str(out / "run"), *TRAIN], env))
-            shutil.rmtree(out)
+            cv.append(timed([*cli, *cv_args, "--out", str(out / "run"), *TRAIN], env, work))
+            shutil.rmtree(out, ignore_errors=True)
         results[label] = e, c = float(np.median(ex)), float(np.median(cv))
         print(f"{label}: extract {e:.1f} s, crossval {c:.1f} s (median of {args.runs})", flush=True)
     (e0, c0), (e1, c1) = results["old"], results["new"]
