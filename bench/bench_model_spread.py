@@ -13,29 +13,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_models import D, toy_bags  # noqa: E402
+from test_models import D, fit_toy  # noqa: E402
 
 from wsi_mil.models import create_model, list_models  # noqa: E402
 
 
 def fit(name: str, seed: int) -> float:
     torch.manual_seed(seed)
-    model = create_model(name, D, 2)
-    bags = toy_bags()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for epoch in range(15):
-        model.train()
-        model.set_epoch(epoch)
-        for x, c, y in bags:
-            out = model(x, c)
-            loss = model.loss(out, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            model.on_train_step(out, y)
-    model.eval()
-    with torch.no_grad():
-        return float(np.mean([int(model(x, c).logits.argmax()) == int(y) for x, c, y in bags]))
+    return fit_toy(create_model(name, D, 2))
 
 
 if __name__ == "__main__":
