@@ -212,3 +212,25 @@ def test_extract_cli_end_to_end(tmp_path, synthetic_slide):
         app, ["extract", str(synthetic_slide.path), "--out", str(out), "--encoder", "resnet18"]
     )
     assert r.exit_code == 0, r.output  # done slides are skipped: no weights needed
+
+
+def test_weights_are_loaded_strictly(tmp_path):
+    """A checkpoint with one tensor removed, one unknown tensor, or one of another shape is
+    refused with the keys named; a classifier head the encoder lacks may be dropped."""
+    enc = create_encoder("timm:resnet18", random_weights=True)
+    sd = dict(enc.net.state_dict())
+    first = next(k for k in sd if k.endswith("weight"))
+    cases = {
+        "missing": {k: v for k, v in sd.items() if k != first},
+        "unexpected": {**sd, "layer1.0.ls1.gamma": torch.ones(64)},
+        "of another shape": {**sd, first: torch.zeros(1)},
+    }
+    for what, bad in cases.items():
+        torch.save(bad, tmp_path / "w.pth")
+        with pytest.raises(WsiMilError, match=f"encoder resnet18: tensors .*1 {what}"):
+            create_encoder("timm:resnet18", weights=tmp_path / "w.pth")
+    torch.save({**sd, "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}, tmp_path / "h.pth")
+    with_head = create_encoder("timm:resnet18", weights=tmp_path / "h.pth")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(with_head(x), enc(x))

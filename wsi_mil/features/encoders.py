@@ -96,17 +96,32 @@ def load_state_dict_file(path: str | Path) -> dict:
     return out
 
 
-def _load_into(net: nn.Module, sd: dict, path: str | Path) -> None:
-    """Load matching keys; every parameter of `net` must be covered (extra keys are ignored)."""
+CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.")  # heads an encoder without one may drop
+
+
+def _load_into(net: nn.Module, sd: dict, path: str | Path, encoder: str, drop_heads: bool = False) -> None:
+    """Load `sd` strictly: every tensor of `net` must come from the file with its shape, and the
+    file may hold nothing else (only a classifier head, when `drop_heads` and the encoder has
+    none). Anything else is one error listing the first keys and the encoder expected."""
     own = net.state_dict()
-    usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
-    missing = [k for k in own if k not in usable and not k.endswith("num_batches_tracked")]
-    if missing:
+    if drop_heads:
+        sd = {k: v for k, v in sd.items() if k in own or not k.startswith(CLASSIFIER_PREFIXES)}
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [k for k in sd if k in own and tuple(own[k].shape) != tuple(sd[k].shape)]
+    if missing or unexpected or wrong:
+        parts = [
+            f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong))
+            if keys
+        ]
         raise WsiMilError(
-            f"{path}: weights do not fit this encoder ({len(missing)} tensors "
-            f"missing, e.g. {missing[0]}); check --encoder matches the checkpoint"
+            f"{path}: weights do not fit encoder {encoder}: tensors {'; '.join(parts)}; check that "
+            "--encoder matches the checkpoint (prefixes module., model., backbone., encoder., net. "
+            "are stripped)"
         )
-    net.load_state_dict(usable, strict=False)
+    full = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **sd}
+    net.load_state_dict(full, strict=True)
 
 
 def _no_weights_error(name: str, exc: Exception) -> WsiMilError:
@@ -121,7 +136,7 @@ def _torchvision_resnet(arch: str, weights_enum: str, weights: str | None, rando
     tv = import_torchvision()
     resnet = getattr(tv.models, arch)(weights=None)
     if weights:
-        _load_into(resnet, load_state_dict_file(weights), weights)
+        _load_into(resnet, load_state_dict_file(weights), weights, arch)
         source = str(weights)
     elif random_weights:
         source = "random"
@@ -153,7 +168,7 @@ def _timm(model_name: str, weights=None, random_weights=False) -> Encoder:
     kwargs = {"num_classes": 0}
     if weights:
         net = timm.create_model(model_name, pretrained=False, **kwargs)
-        _load_into(net, load_state_dict_file(weights), weights)
+        _load_into(net, load_state_dict_file(weights), weights, model_name, drop_heads=True)
         source = str(weights)
     elif random_weights:
         net = timm.create_model(model_name, pretrained=False, **kwargs)

@@ -109,18 +109,17 @@ def read_feature_attrs(path: str | Path) -> tuple[dict, tuple[int, ...]]:
         raise BadFeatureFile(f"{path}: not a readable feature file ({exc}); {_redo(path)}") from exc
 
 
-def check_compatible(bag: FeatureBag, dim: int, encoder: str | None, source: str) -> None:
-    """Refuse features of another encoder or dimension than a trained run expects."""
-    path = bag.path or "<features>"
-    if bag.dim != dim:
+def check_compatible(path, dim: int, encoder: str | None, run_dim: int, run_encoder: str | None, source: str):
+    """Refuse features (of file `path`: `dim`, `encoder`) unlike those a trained run expects."""
+    if dim != run_dim:
         raise WsiMilError(
-            f"{path}: {bag.dim}-d features, but {source} was trained on "
-            f"{encoder or 'unknown-encoder'} features ({dim}-d); extract with --encoder {encoder}"
+            f"{path}: {dim}-d features, but {source} was trained on "
+            f"{run_encoder or 'unknown-encoder'} features ({run_dim}-d); extract with --encoder {run_encoder}"
         )
-    if encoder and bag.encoder and bag.encoder != encoder:
+    if run_encoder and encoder and str(encoder) != run_encoder:
         raise WsiMilError(
-            f"{path}: features from encoder {bag.encoder}, but {source} was trained on {encoder} "
-            f"features; extract with --encoder {encoder}"
+            f"{path}: features from encoder {encoder}, but {source} was trained on {run_encoder} "
+            f"features; extract with --encoder {run_encoder}"
         )
 
 

@@ -115,8 +115,10 @@ def heatmap_slide(
     else:
         stage = ExtractStage(Layout(work), cfg)  # for the slide's tissue mask only
     bag = read_features(features)
-    spec = run_folder.feature_spec()
-    check_compatible(bag, int(ckpts[0]["in_dim"]), spec.get("encoder"), f"run {run_folder.root}")
+    run_encoder = run_folder.feature_spec().get("encoder")
+    check_compatible(
+        bag.path, bag.dim, bag.encoder, int(ckpts[0]["in_dim"]), run_encoder, f"run {run_folder.root}"
+    )
     x = torch.from_numpy(bag.features).float().to(req.device)
     c = torch.from_numpy(bag.coords).to(req.device)
     scores = score_bag(

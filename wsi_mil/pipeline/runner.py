@@ -126,14 +126,6 @@ def process_slide(stage: Stage, entry: SlideEntry, blocking: bool = False, on_ba
         return outcome
 
 
-def in_process_map(fn: Callable, items: list) -> Iterator[tuple[object, object]]:
-    for item in items:
-        try:
-            yield item, fn(item)
-        except Exception as exc:
-            yield item, exc
-
-
 def run_stage(
     stage: Stage,
     entries: Iterable[SlideEntry],

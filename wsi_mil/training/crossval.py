@@ -28,7 +28,7 @@ from ..device import resolve_device
 from ..errors import WsiMilError
 from ..formats.features import read_feature_attrs
 from ..formats.run import RunFolder, load_fold_model
-from ..io import write_json
+from ..io import atomic_path, write_json
 from ..models import create_model
 from .data import BagDataset, Cohort, load_bags, load_labels, make_splits, validate_bags
 from .fit import predict_probs, train_fold
@@ -163,8 +163,6 @@ def summarise_model(
         for c, name in enumerate(cohort.classes):
             pred[f"mean_p_{name}"] = mean_prob[:, c]
         pred["ensemble"] = [cohort.classes[i] for i in vote]
-        from ..io import atomic_path
-
         with atomic_path(model_dir / "predictions.csv") as tmp:
             pred.to_csv(tmp, index=False)
         result["test"] = compute_metrics(y, mean_prob, vote)

@@ -8,11 +8,11 @@ import pandas as pd
 
 from ..device import resolve_device
 from ..errors import WsiMilError
-from ..formats.features import check_compatible, read_features
+from ..formats.features import check_compatible, read_feature_attrs
 from ..formats.run import RunFolder, load_fold_model
 from ..io import atomic_path
 from .crossval import ensemble
-from .data import BagDataset
+from .data import BagDataset, load_bags
 from .fit import predict_probs
 
 
@@ -29,13 +29,18 @@ def predict_run(
     files = sorted(features_dir.glob("*.h5"))
     if not files:
         raise WsiMilError(f"{features_dir}: no .h5 feature files")
+    paths = [str(p) for p in files]
+    loaded = load_bags(paths)  # every file read once and validated before anything is written
     spec = run_folder.feature_spec()
-    for p in files:
-        bag = read_features(p)
-        if spec.get("encoder_dim"):
-            check_compatible(bag, int(spec["encoder_dim"]), spec.get("encoder"), f"run {run_folder.root}")
+    if spec.get("encoder_dim"):
+        for p in files:
+            attrs, shape = read_feature_attrs(p)
+            source = f"run {run_folder.root}"
+            check_compatible(
+                p, shape[-1], attrs.get("encoder"), int(spec["encoder_dim"]), spec.get("encoder"), source
+            )
     dev = resolve_device(device)
-    ds = BagDataset([str(p) for p in files], [0] * len(files), preload=False)
+    ds = BagDataset(paths, [0] * len(files), preload=True, loaded=loaded)
     rows = pd.DataFrame({"slide_id": [p.stem for p in files]})
     for model_name in run_folder.trained_models():
         probs, thresholds = [], []
