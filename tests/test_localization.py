@@ -189,9 +189,9 @@ def test_html_viewer_loads_in_headless_chromium(tmp_path):
         "--window-size=1200,800",
     ]
     dom = subprocess.run(base + ["--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120)
-    assert 'id="status">loaded score<' in dom.stdout, dom.stdout[-1500:] + dom.stderr[-1500:]
+    assert 'id="status">loaded combined<' in dom.stdout, dom.stdout[-1500:] + dom.stderr[-1500:]
     assert '<pre id="errors"></pre>' in dom.stdout
-    assert dom.stdout.count('src="s_viewer/top/score_') == 6
+    assert dom.stdout.count('src="s_viewer/top/combined_') == 6
     shot = tmp_path / "shot.png"
     subprocess.run(base + [f"--screenshot={shot}", html.as_uri()], capture_output=True, timeout=120)
     import cv2
