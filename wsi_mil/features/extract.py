@@ -83,6 +83,34 @@ def row_runs(coords: np.ndarray, size0: int, max_px: int) -> list[tuple[int, int
     return runs
 
 
+def region_limit(slide: Slide, size0: int, patch_size: int) -> int:
+    """The widest region (level-0 px) read at once at the level patches are read from."""
+    level = slide.best_level_for_downsample(size0 / patch_size)
+    return int(MAX_REGION_PX * slide.level_downsamples[level])
+
+
+def read_patches(
+    slide: Slide, coords: np.ndarray, size0: int, patch_size: int, out_size: int, max_px: int
+) -> tuple[np.ndarray, int]:
+    """uint8 [n, S, S, 3] patches at `coords`, whole rows read as one region each.
+
+    A region that fails to read (a corrupt tile) is retried patch by patch; patches that still
+    fail come back white and are counted (the second value)."""
+    out = np.empty((len(coords), out_size, out_size, 3), np.uint8)
+    failed = 0
+    for s, e in row_runs(coords, size0, max_px):
+        try:
+            out[s:e] = read_patch_row(slide, coords[s:e, 0], coords[s, 1], size0, patch_size, out_size)
+        except Exception:
+            for i in range(s, e):
+                try:
+                    out[i] = read_patch(slide, *coords[i], size0, patch_size, out_size)
+                except Exception:
+                    out[i] = 255
+                    failed += 1
+    return out, failed
+
+
 @dataclass
 class _Batch:
     start: int
@@ -92,8 +120,7 @@ class _Batch:
 class PatchBatches(IterableDataset):
     """Yields (start, uint8 [B, S, S, 3]) for contiguous batches; worker k takes batches k::W.
 
-    Each worker opens its own slide handle. A region that fails to read (a corrupt tile) is
-    retried patch by patch; patches that still fail come back white and are counted.
+    Each worker opens its own slide handle; reading is `read_patches`.
     """
 
     def __init__(self, slide_path, mpp, coords, size0, patch_size, out_size, batch_size, first_row: int = 0):
@@ -109,28 +136,13 @@ class PatchBatches(IterableDataset):
     def worker_batches(self, wid: int, nw: int) -> Iterator[tuple[int, np.ndarray, int]]:
         """The batches wid::nw, read with this worker's own slide handle."""
         slide = open_slide(self.slide_path, self.mpp)
-        level = slide.best_level_for_downsample(self.size0 / self.patch_size)
-        max_px = int(MAX_REGION_PX * slide.level_downsamples[level])
+        max_px = region_limit(slide, self.size0, self.patch_size)
         try:
             for b in self.batches[wid::nw]:
-                coords = self.coords[b.start : b.end]
-                out = np.empty((len(coords), self.out_size, self.out_size, 3), np.uint8)
-                failed = 0
-                for s, e in row_runs(coords, self.size0, max_px):
-                    try:
-                        out[s:e] = read_patch_row(
-                            slide, coords[s:e, 0], coords[s, 1], self.size0, self.patch_size, self.out_size
-                        )
-                    except Exception:
-                        for i in range(s, e):
-                            try:
-                                out[i] = read_patch(
-                                    slide, *coords[i], self.size0, self.patch_size, self.out_size
-                                )
-                            except Exception:
-                                out[i] = 255
-                                failed += 1
-                yield b.start, out, failed
+                images, failed = read_patches(
+                    slide, self.coords[b.start : b.end], self.size0, self.patch_size, self.out_size, max_px
+                )
+                yield b.start, images, failed
         finally:
             slide.close()
 
@@ -172,6 +184,21 @@ def threaded_batches(dataset: PatchBatches, workers: int, depth: int = 4):
             t.join(timeout=5)
 
 
+def open_feature_writer(out_path, grid: PatchGrid, runner: EncoderRunner, cfg: ExtractConfig, slide_path):
+    """The slide's feature file, opened for streaming (resuming its `.partial` when it matches)."""
+    info = runner.info
+    attrs = {
+        **grid_attrs(grid),
+        **provenance(slide_path=str(slide_path)),
+        "encoder": info.name,
+        "encoder_dim": info.dim,
+        "encoder_weights": info.weights,
+        "encoder_input_size": info.input_size,
+        "precision": runner.precision_name,
+    }
+    return FeatureWriter(out_path, grid.coords, info.dim, cfg.dtype, attrs)
+
+
 def extract_features(
     slide_path,
     grid: PatchGrid,
@@ -187,16 +214,7 @@ def extract_features(
     """
     cfg = cfg or ExtractConfig()
     info = runner.info
-    attrs = {
-        **grid_attrs(grid),
-        **provenance(slide_path=str(slide_path)),
-        "encoder": info.name,
-        "encoder_dim": info.dim,
-        "encoder_weights": info.weights,
-        "encoder_input_size": info.input_size,
-        "precision": runner.precision_name,
-    }
-    writer = FeatureWriter(out_path, grid.coords, info.dim, cfg.dtype, attrs)
+    writer = open_feature_writer(out_path, grid, runner, cfg, slide_path)
     failed_total = 0
     try:
         runner.maybe_compile(len(grid) - writer.n_done)

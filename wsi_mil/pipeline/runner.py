@@ -88,14 +88,29 @@ def _bump_attempts(lock_path) -> int:
     return attempt
 
 
+def _failure(entry: SlideEntry, exc: BaseException, attempt: int) -> Outcome:
+    """A failed slide as one line: a WsiMilError's own message, else the file and the exception."""
+    msg = str(exc) if isinstance(exc, WsiMilError) else f"{entry.path}: {type(exc).__name__}: {exc}"
+    return Outcome(entry.name, "failed", error=msg.splitlines()[0] if msg else "", attempts=attempt)
+
+
+def _conclude(stage: Stage, entry: SlideEntry, outcome: Outcome) -> Outcome:
+    """Record the outcome in the manifest; a success also clears the slide's attempt count."""
+    if outcome.status == "ok":
+        stage.layout.lock(stage.name, entry.name).unlink(missing_ok=True)
+    Manifest(stage.layout.manifest(stage.name)).record(
+        entry.name, outcome.status, outcome.patches, outcome.seconds, outcome.error, outcome.attempts
+    )
+    return outcome
+
+
 def process_slide(stage: Stage, entry: SlideEntry, blocking: bool = False, on_batch=None) -> Outcome:
     """Run one slide of `stage` under its lock and record the outcome in the manifest.
 
     Errors are caught and returned as a failed Outcome (one line, no traceback); with
     `blocking=False` a slide another process is working on comes back as `busy`.
     """
-    layout = stage.layout
-    lock_path = layout.lock(stage.name, entry.name)
+    lock_path = stage.layout.lock(stage.name, entry.name)
     with slide_lock(lock_path, blocking) as held:
         if not held:
             return Outcome(entry.name, "busy")
@@ -105,25 +120,78 @@ def process_slide(stage: Stage, entry: SlideEntry, blocking: bool = False, on_ba
         t0 = time.perf_counter()
         try:
             summary = stage.run(entry, on_batch)
-        except WsiMilError as exc:
-            outcome = Outcome(entry.name, "failed", error=str(exc), attempts=attempt)
-        except Exception as exc:  # any other failure is reported for this slide; others go on
-            msg = f"{entry.path}: {type(exc).__name__}: {exc}".splitlines()[0]
-            outcome = Outcome(entry.name, "failed", error=msg, attempts=attempt)
-        else:
-            outcome = Outcome(
-                entry.name,
-                "ok",
-                summary.get("patches"),
-                time.perf_counter() - t0,
-                attempts=attempt,
-                failed_patches=int(summary.get("failed_patches") or 0),
-            )
-            lock_path.unlink(missing_ok=True)  # done: the attempt count starts afresh next time
-        Manifest(layout.manifest(stage.name)).record(
-            entry.name, outcome.status, outcome.patches, outcome.seconds, outcome.error, attempt
-        )
-        return outcome
+        except Exception as exc:  # any failure is reported for this slide; the others go on
+            return _conclude(stage, entry, _failure(entry, exc, attempt))
+        patches, failed = summary.get("patches"), int(summary.get("failed_patches") or 0)
+        ok = Outcome(entry.name, "ok", patches, time.perf_counter() - t0, "", attempt, failed)
+        return _conclude(stage, entry, ok)
+
+
+def _run_streamed(stage: Stage, todo: list[SlideEntry], finish, on_batch) -> list[SlideEntry]:
+    """Extract `todo` as one stream (features/stream.py), each slide under its lock; returns
+    the slides another process holds, for the caller to wait for."""
+    from ..features.runner import runner_for
+    from ..features.stream import StreamJob, run_stream
+
+    if not todo:  # a finished cohort needs no encoder (and no weights)
+        return []
+    busy: list[SlideEntry] = []
+    held: list[dict] = []
+    planned = {"slides": 0, "patches": 0}
+
+    def jobs():
+        for entry in todo:
+            lock_path = stage.layout.lock(stage.name, entry.name)
+            lock = slide_lock(lock_path, blocking=False)
+            if not lock.__enter__():
+                lock.__exit__(None, None, None)
+                busy.append(entry)
+                continue
+            ctx = {"entry": entry, "lock": lock, "attempt": 0, "t0": time.perf_counter()}
+            held.append(ctx)
+            if not stage.overwrite and stage.output(entry).exists():  # finished meanwhile elsewhere
+                yield StreamJob(entry.name, skipped=True, context=ctx)
+                continue
+            ctx["attempt"] = _bump_attempts(lock_path)
+            try:
+                job = stage.plan(entry)
+            except Exception as exc:
+                job = StreamJob(entry.name, error=exc)
+            job.context = ctx
+            planned["slides"] += 1
+            planned["patches"] += len(job.grid) if job.grid is not None else 0
+            yield job
+
+    def on_done(job: StreamJob) -> None:
+        ctx = job.context
+        entry = ctx["entry"]
+        try:
+            if job.skipped:
+                outcome = Outcome(entry.name, "skipped")
+            elif job.error is not None:
+                outcome = _conclude(stage, entry, _failure(entry, job.error, ctx["attempt"]))
+            else:
+                seconds = time.perf_counter() - ctx["t0"]
+                ok = Outcome(entry.name, "ok", len(job.grid), seconds, "", ctx["attempt"], job.failed_patches)
+                outcome = _conclude(stage, entry, ok)
+        finally:
+            ctx["lock"].__exit__(None, None, None)
+            held.remove(ctx)
+        finish(entry, outcome)
+
+    def estimate() -> int:  # cohort patches, extrapolated from the slides planned so far
+        return int(planned["patches"] * len(todo) / max(1, planned["slides"]))
+
+    def progress(done: int) -> None:
+        if on_batch:
+            on_batch(done, estimate())
+
+    try:
+        run_stream(jobs(), runner_for(stage.cfg.extract), stage.cfg.extract, on_done, progress, estimate)
+    finally:
+        for ctx in list(held):  # interrupted: unfinished slides keep their partial files
+            ctx["lock"].__exit__(None, None, None)
+    return busy
 
 
 def run_stage(
@@ -170,15 +238,18 @@ def run_stage(
             raise WsiMilError(f"stopped at the first failure (--fail-fast): {outcome.error}")
 
     if map_fn is None:
-        busy = []
-        for i, entry in enumerate(todo):
-            if on_start:
-                on_start(entry, i, len(todo))
-            outcome = process_slide(stage, entry, blocking=False, on_batch=on_batch)
-            if outcome.status == "busy":
-                busy.append(entry)
-                continue
-            finish(entry, outcome)
+        if getattr(stage, "streams", False):
+            busy = _run_streamed(stage, todo, finish, on_batch)
+        else:
+            busy = []
+            for i, entry in enumerate(todo):
+                if on_start:
+                    on_start(entry, i, len(todo))
+                outcome = process_slide(stage, entry, blocking=False, on_batch=on_batch)
+                if outcome.status == "busy":
+                    busy.append(entry)
+                else:
+                    finish(entry, outcome)
         for entry in busy:  # another process is on it: wait for its lock, then finish it if needed
             log.info("%s: waiting for another process working on it", entry.name)
             finish(entry, process_slide(stage, entry, blocking=True, on_batch=on_batch))

@@ -123,6 +123,7 @@ class TileStage(Stage):
 
 class ExtractStage(Stage):
     name = "extract"
+    streams = True  # in one process, the runner encodes the cohort as one stream (`plan`)
 
     def output(self, entry):
         return self.layout.features(self.cfg.extract.encoder, entry.name)
@@ -136,6 +137,20 @@ class ExtractStage(Stage):
         out = self.output(entry)  # with --overwrite the old file is replaced only when complete
         runner = runner_for(self.cfg.extract)
         return extract_features(entry.path, grid, runner, out, self.cfg.extract, entry.mpp, on_batch)
+
+    def plan(self, entry: SlideEntry):
+        """The slide as a job of the cohort stream (features/stream.py): tiled (segmenting
+        first if needed) and its feature file opened, resuming a partial one."""
+        from ..features.extract import open_feature_writer
+        from ..features.runner import runner_for
+        from ..features.stream import StreamJob
+
+        with open_slide(entry.path, entry.mpp) as slide:
+            grid = self.grid_for(slide, entry)
+        writer = open_feature_writer(
+            self.output(entry), grid, runner_for(self.cfg.extract), self.cfg.extract, entry.path
+        )
+        return StreamJob(entry.name, entry.path, entry.mpp, grid, writer)
 
 
 STAGES: dict[str, type[Stage]] = {"segment": SegmentStage, "tile": TileStage, "extract": ExtractStage}

@@ -1,0 +1,126 @@
+"""The cohort-wide extraction stream: full batches across slide boundaries, the same features
+as the per-slide path, and an exact resume after kill -9."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from wsi_mil.config import ExtractConfig
+from wsi_mil.features.encoders import create_encoder
+from wsi_mil.features.extract import extract_features, open_feature_writer
+from wsi_mil.features.runner import EncoderRunner
+from wsi_mil.features.stream import StreamJob, run_stream
+from wsi_mil.formats.patches import read_patches
+from wsi_mil.synthetic import write_synthetic_slide
+
+EXTRACT = ["--encoder", "resnet18", "--random-weights", "--target-mpp", "1.0", "--patch-size", "128"]
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stream_slides")
+    for i in range(4):
+        write_synthetic_slide(d / f"s{i}.tif", 2500, 2000, 0.5, tumor_regions=i % 2, seed=20 + i)
+    return d
+
+
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory, slides):
+    """The cohort extracted by the CLI (one stream), batch 16."""
+    out = tmp_path_factory.mktemp("streamed")
+    cmd = [
+        sys.executable,
+        "-m",
+        "wsi_mil",
+        "extract",
+        str(slides),
+        "--out",
+        str(out),
+        *EXTRACT,
+        "--batch-size",
+        "16",
+    ]
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+class CountingRunner:
+    """Wraps an EncoderRunner and records every batch's size."""
+
+    def __init__(self, runner):
+        self.runner, self.sizes = runner, []
+        self.info, self.compiled = runner.info, False
+
+    def maybe_compile(self, n):
+        pass
+
+    def __call__(self, images, pad_to=None):
+        self.sizes.append(len(images))
+        return self.runner(images)
+
+
+def test_batches_are_full_across_slides_and_only_the_last_is_short(tmp_path, slides, streamed):
+    runner = CountingRunner(EncoderRunner(create_encoder("resnet18", random_weights=True), "cpu", "fp32"))
+    cfg = ExtractConfig(batch_size=16, workers=2)
+    jobs, done = [], []
+    for i in range(4):
+        grid = read_patches(streamed / "patches" / f"s{i}.h5")
+        writer = open_feature_writer(tmp_path / f"s{i}.h5", grid, runner.runner, cfg, slides / f"s{i}.tif")
+        jobs.append(StreamJob(f"s{i}", slides / f"s{i}.tif", None, grid, writer))
+    run_stream(iter(jobs), runner, cfg, done.append)
+    total = sum(len(j.grid) for j in jobs)
+    assert [j.name for j in done] == [f"s{i}" for i in range(4)] and all(j.error is None for j in done)
+    assert sum(runner.sizes) == total and len(runner.sizes) == -(-total // 16)
+    assert set(runner.sizes[:-1]) == {16}  # no slide pads or shortens a batch; only the last
+    assert any(len(j.grid) % 16 for j in jobs)  # the slides do not divide into batches themselves
+
+
+def test_stream_features_equal_the_per_slide_path(tmp_path, slides, streamed):
+    runner = EncoderRunner(create_encoder("resnet18", random_weights=True), "cpu", "auto")
+    for i in range(4):
+        grid = read_patches(streamed / "patches" / f"s{i}.h5")
+        extract_features(slides / f"s{i}.tif", grid, runner, tmp_path / f"s{i}.h5", ExtractConfig(workers=0))
+        a = h5py.File(tmp_path / f"s{i}.h5")["features"][:]
+        b = h5py.File(streamed / "features" / "resnet18" / f"s{i}.h5")["features"][:]
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert a.shape == b.shape and cos.min() >= 0.9999, (i, cos.min())
+
+
+def test_stream_killed_mid_cohort_resumes_to_identical_files(tmp_path, slides, streamed):
+    out = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "wsi_mil",
+        "extract",
+        str(slides),
+        "--out",
+        str(out),
+        *EXTRACT,
+        "--batch-size",
+        "16",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    feats = out / "features" / "resnet18"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (list(feats.glob("*.h5")) and list(feats.glob("*.partial"))):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not list(out.rglob("*.partial"))
+    for i in range(4):
+        a = h5py.File(feats / f"s{i}.h5")["features"][:]
+        b = h5py.File(streamed / "features" / "resnet18" / f"s{i}.h5")["features"][:]
+        np.testing.assert_array_equal(a, b)
