@@ -70,6 +70,7 @@ class Slide(abc.ABC):
         self.objective_power = objective_power
         self.properties = properties
         self._handle = handle
+        self._thumbnail: tuple[np.ndarray, float] | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, mpp={self.mpp:.4f})"
@@ -125,9 +126,21 @@ class Slide(abc.ABC):
         return img
 
     def thumbnail_at_mpp(self, mpp: float) -> tuple[np.ndarray, float]:
-        """The whole slide resampled to about `mpp` um/px; returns (image, exact um/px along x)."""
+        """The whole slide resampled to about `mpp` um/px; returns (image, exact um/px along x).
+
+        The finest thumbnail read so far is kept: a coarser one (segmentation after a preview,
+        say) is resized from it instead of decoding the slide again."""
         w0, h0 = self.dimensions
-        img = self.read_at_mpp(0, 0, w0, h0, mpp)
+        cached = self._thumbnail
+        if cached is not None and cached[1] <= mpp * 1.01:  # rounding makes the exact mpp a hair coarser
+            img, cached_mpp = cached
+            out_w, out_h = max(1, round(w0 * self.mpp / mpp)), max(1, round(h0 * self.mpp / mpp))
+            if (out_w, out_h) != (img.shape[1], img.shape[0]):
+                img = cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_AREA)
+        else:
+            img = self.read_at_mpp(0, 0, w0, h0, mpp)
+            if cached is None or mpp < cached[1]:
+                self._thumbnail = (img, self.mpp * w0 / img.shape[1])
         return img, self.mpp * w0 / img.shape[1]
 
     def thumbnail_long_side(self, long_side: int) -> tuple[np.ndarray, float]:
