@@ -14,6 +14,7 @@ from rich.console import Console
 from . import console as opt
 from .console import (
     cluster_map,
+    print_encoders,
     print_localization,
     print_slide_info,
     run_slides,
@@ -46,6 +47,16 @@ def info(
         with open_slide(entry.path, entry.mpp, backend) as s:
             infos.append(s.info())
     print_slide_info(infos)
+
+
+@app.command()
+@user_errors
+def encoders():
+    """The registered patch encoders: embedding size, input, training resolution, weights."""
+    from .features.encoders import encoder_table
+
+    print_encoders(encoder_table())
+    say("Also: timm:<model name> and hf-hub:<repo> for any other timm model.")
 
 
 @app.command()

@@ -27,12 +27,24 @@ class TissueConfig(BaseModel):
 
 
 class TilingConfig(BaseModel):
-    """One global patch grid at a physical resolution."""
+    """One global patch grid at a physical resolution (extraction fills unset target_mpp and
+    patch_size from the encoder's training resolution; tiling alone uses 0.5 um/px, 256 px)."""
 
-    target_mpp: float = 0.5
-    patch_size: int = 256
+    defaults_from: str | None = Field(None, description="set when target_mpp/patch_size were filled in")
+
+    target_mpp: float | None = Field(None, description="um/px of the patches; None: the encoder's own")
+    patch_size: int | None = Field(None, description="patch side in px at target_mpp; None: the encoder's")
     overlap: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of patch side shared")
     min_tissue: float = Field(0.5, ge=0.0, le=1.0, description="tissue fraction a patch needs")
+
+    def with_defaults(self, target_mpp: float = 0.5, patch_size: int = 256, source: str = "default"):
+        """A copy with unset fields filled in, and `defaults_from` naming where they came from."""
+        filled = self.model_copy()
+        if filled.target_mpp is None or filled.patch_size is None:
+            filled.defaults_from = source
+        filled.target_mpp = target_mpp if filled.target_mpp is None else filled.target_mpp
+        filled.patch_size = patch_size if filled.patch_size is None else filled.patch_size
+        return filled
 
 
 class ExtractConfig(BaseModel):

@@ -210,3 +210,13 @@ def print_localization(result: dict) -> None:
         f = result["froc"][n]
         table.add_row(n, f"{auc:.3f}", f"{f['froc']:.3f}", *[f"{f['sensitivity'][r]:.3f}" for r in rates])
     Console().print(table)
+
+
+def print_encoders(rows: list[dict]) -> None:
+    table = Table("name", "dim", "input px", "mpp", "patch px", "weights", "gated")
+    for r in rows:
+        table.add_row(
+            r["name"], str(r["dim"]), str(r["input_px"]), f"{r['mpp']:g}", str(r["patch_px"]),
+            r["weights"], "yes" if r["gated"] else "no",
+        )  # fmt: skip
+    Console().print(table)

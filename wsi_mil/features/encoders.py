@@ -4,18 +4,24 @@
   ResNet50 truncated after layer3, global average pooling, 1024-d, ImageNet normalisation,
   224 px input.
 - `resnet18`: torchvision ResNet18 with the classifier removed, 512-d.
-- `timm:<name>` and `hf-hub:<repo>`: any timm model (UNI, Virchow, ... when online), pooled
-  features via `num_classes=0`, with the model's own input size and normalisation.
+- `uni_v1`, `uni_v2`, `virchow`, `virchow2`, `hoptimus0`, `hoptimus1`, `gigapath`: the
+  pathology foundation models with their authors' exact architecture, embedding rule, input
+  size and normalisation (features/foundation.py, TRIDENT's names).
+- `timm:<name>` and `hf-hub:<repo>`: any other timm model, pooled features via
+  `num_classes=0`, with the model's own input size and normalisation.
 
 Weights: `weights=PATH` (.pth/.pt/.bin/.safetensors, torchvision- or timm-style keys, with or
-without `module.`/`model.` prefixes), else the hub, else a clear error unless
-`random_weights=True` (tests, benchmarks, the offline demo).
+without `module.`/`model.`/`backbone.`/`encoder.`/`net.` prefixes) loaded strictly: every
+tensor must be there with its shape and nothing else may be (only a classifier head the
+encoder lacks is dropped). Else the hub, else one clear error (gated repositories: how to get
+access) unless `random_weights=True` (tests, benchmarks, the offline demo).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +29,7 @@ from torch import nn
 
 from ..errors import WsiMilError
 from .compat import import_timm, import_torchvision
+from .foundation import FOUNDATION_MODELS, FoundationSpec, TokenPool, build_vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,10 +39,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class EncoderInfo:
     name: str
     dim: int
-    input_size: int
+    input_size: int  # px of the images the reader hands over
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     weights: str  # where the weights came from: a path, "hub:<id>" or "random"
+    crop_size: int | None = None  # center crop the network sees (None: the whole input)
+    mpp: float | None = None  # resolution the encoder was trained at (its default --target-mpp)
+    patch_px: int | None = None  # its default --patch-size at that mpp
 
 
 class Encoder(nn.Module):
@@ -47,6 +57,10 @@ class Encoder(nn.Module):
         self.info = info
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.info.crop_size
+        if c and c < x.shape[-1]:
+            o = (x.shape[-1] - c) // 2
+            x = x[..., o : o + c, o : o + c]
         return self.net(x)
 
 
@@ -152,15 +166,17 @@ def _torchvision_resnet(arch: str, weights_enum: str, weights: str | None, rando
 
 def _resnet50_trunc(weights=None, random_weights=False) -> Encoder:
     resnet, source = _torchvision_resnet("resnet50", "ResNet50_Weights", weights, random_weights)
-    return Encoder(
-        ResNetTrunc(resnet), EncoderInfo("resnet50_trunc", 1024, 224, IMAGENET_MEAN, IMAGENET_STD, source)
-    )
+    # CLAM's default: 256 px patches at 20x, resized to 224
+    info = EncoderInfo("resnet50_trunc", 1024, 224, IMAGENET_MEAN, IMAGENET_STD, source, None, 0.5, 256)
+    return Encoder(ResNetTrunc(resnet), info)
 
 
 def _resnet18(weights=None, random_weights=False) -> Encoder:
     resnet, source = _torchvision_resnet("resnet18", "ResNet18_Weights", weights, random_weights)
     resnet.fc = nn.Identity()
-    return Encoder(resnet, EncoderInfo("resnet18", 512, 224, IMAGENET_MEAN, IMAGENET_STD, source))
+    return Encoder(
+        resnet, EncoderInfo("resnet18", 512, 224, IMAGENET_MEAN, IMAGENET_STD, source, None, 0.5, 224)
+    )
 
 
 def _timm(model_name: str, weights=None, random_weights=False) -> Encoder:
@@ -194,9 +210,42 @@ def _timm(model_name: str, weights=None, random_weights=False) -> Encoder:
     )
 
 
+def _gated_error(spec: FoundationSpec, exc: Exception) -> WsiMilError:
+    text = f"{type(exc).__name__}: {exc}"
+    if spec.gated and any(k in text for k in ("401", "403", "Gated", "gated", "Unauthorized", "access")):
+        return WsiMilError(
+            f"encoder {spec.name}: the weights at huggingface.co/{spec.hub} are gated; request access "
+            "on that page, then log in (`hf auth login` or HF_TOKEN), or download the checkpoint "
+            "and pass --weights FILE"
+        )
+    return _no_weights_error(spec.name, exc)
+
+
+def _foundation(spec: FoundationSpec, weights=None, random_weights=False, **overrides) -> Encoder:
+    if weights:
+        net = build_vit(spec, pretrained=False, **overrides)
+        vit = net.net if isinstance(net, TokenPool) else net
+        _load_into(vit, load_state_dict_file(weights), weights, spec.name)
+        source = str(weights)
+    elif random_weights:
+        net, source = build_vit(spec, pretrained=False, **overrides), "random"
+    else:
+        try:
+            net = build_vit(spec, pretrained=True, **overrides)
+        except Exception as exc:
+            raise _gated_error(spec, exc) from exc
+        source = f"hub:{spec.hub}"
+    mean, std = spec.mean_std
+    resize = spec.resize_px or spec.input_size
+    crop = spec.input_size if resize != spec.input_size else None
+    info = EncoderInfo(spec.name, spec.dim, resize, mean, std, source, crop, spec.mpp, spec.patch_px)
+    return Encoder(net, info)
+
+
 ENCODERS: dict[str, Callable[..., Encoder]] = {
     "resnet50_trunc": _resnet50_trunc,
     "resnet18": _resnet18,
+    **{name: partial(_foundation, spec) for name, spec in FOUNDATION_MODELS.items()},
 }
 
 
@@ -204,10 +253,37 @@ def list_encoders() -> list[str]:
     return sorted(ENCODERS) + ["timm:<model name>", "hf-hub:<repo>"]
 
 
-def create_encoder(name: str, weights: str | Path | None = None, random_weights: bool = False) -> Encoder:
-    """Build an encoder by registry name, `timm:<name>` or `hf-hub:<repo>`, in eval mode."""
+def encoder_table() -> list[dict]:
+    """One row per registered encoder: what `wsi-mil encoders` prints (no model is built)."""
+    rows = [
+        {"name": "resnet50_trunc", "dim": 1024, "input_px": 224, "mpp": 0.5, "patch_px": 256,
+         "weights": "torchvision IMAGENET1K_V1", "gated": False},
+        {"name": "resnet18", "dim": 512, "input_px": 224, "mpp": 0.5, "patch_px": 224,
+         "weights": "torchvision IMAGENET1K_V1", "gated": False},
+    ]  # fmt: skip
+    for s in FOUNDATION_MODELS.values():
+        px = f"{s.resize_px}->{s.input_size}" if s.resize_px else str(s.input_size)
+        rows.append(
+            {"name": s.name, "dim": s.dim, "input_px": px, "mpp": s.mpp, "patch_px": s.patch_px,
+             "weights": f"hf:{s.hub}", "gated": s.gated}
+        )  # fmt: skip
+    return rows
+
+
+def recommended_tiling(name: str) -> tuple[float, int] | None:
+    """(mpp, patch px) the encoder was trained with, without building it; None if unknown."""
+    row = next((r for r in encoder_table() if r["name"] == name), None)
+    return (row["mpp"], row["patch_px"]) if row else None
+
+
+def create_encoder(
+    name: str, weights: str | Path | None = None, random_weights: bool = False, **arch_overrides
+) -> Encoder:
+    """Build an encoder by registry name, `timm:<name>` or `hf-hub:<repo>`, in eval mode.
+
+    `arch_overrides` (e.g. `depth=1`) change a foundation model's architecture: for tests."""
     if name in ENCODERS:
-        build = ENCODERS[name]
+        build = partial(ENCODERS[name], **arch_overrides) if arch_overrides else ENCODERS[name]
     elif name.startswith("timm:"):
 
         def build(**kw):

@@ -55,6 +55,10 @@ class Stage:
         """The slide needs no work: its output exists and --overwrite was not given."""
         return not self.overwrite and self.output(entry).exists()
 
+    def tiling(self):
+        """The tiling settings for this stage (unset size and mpp: 0.5 um/px, 256 px)."""
+        return self.cfg.tiling.with_defaults()
+
     def _reuse(self, path: Path) -> bool:
         """An earlier stage's output is reused unless --overwrite redoes the whole chain."""
         return not self.overwrite and path.exists()
@@ -86,7 +90,7 @@ class Stage:
                 f"{entry.path}: no tissue in the mask; check "
                 f"{self.layout.tissue_png(entry.name)} or supply --tissue-geojson"
             )
-        grid = tile(slide, mask, self.cfg.tiling)
+        grid = tile(slide, mask, self.tiling())
         if len(grid) == 0:
             raise EmptyInputError(
                 f"{entry.path}: no patch reaches --min-tissue {self.cfg.tiling.min_tissue}; "
@@ -128,6 +132,14 @@ class ExtractStage(Stage):
 
     def output(self, entry):
         return self.layout.features(self.cfg.extract.encoder, entry.name)
+
+    def tiling(self):
+        """Unset --target-mpp / --patch-size come from the encoder's training resolution."""
+        from ..features.encoders import recommended_tiling
+
+        name = self.cfg.extract.encoder
+        mpp, px = recommended_tiling(name) or (0.5, 256)
+        return self.cfg.tiling.with_defaults(mpp, px, f"encoder {name}")
 
     def run(self, entry: SlideEntry, on_batch=None) -> dict:
         from ..features.extract import extract_features

@@ -73,7 +73,7 @@ def tile(slide: Slide, mask: TissueMask, cfg: TilingConfig | None = None) -> Pat
     Only patches that lie wholly inside the slide are kept. Coordinates are row-major (y, then x),
     which lets extraction read whole rows of patches as one region.
     """
-    cfg = cfg or TilingConfig()
+    cfg = (cfg or TilingConfig()).with_defaults()
     size0, stride0 = grid_geometry(slide, cfg)
     width, height = slide.dimensions
     empty = np.zeros((0, 2), np.int64)
@@ -84,7 +84,11 @@ def tile(slide: Slide, mask: TissueMask, cfg: TilingConfig | None = None) -> Pat
         cfg.target_mpp,
         slide.mpp,
         np.zeros(0),
-        {"overlap": float(cfg.overlap), "min_tissue": float(cfg.min_tissue)},
+        {
+            "overlap": float(cfg.overlap),
+            "min_tissue": float(cfg.min_tissue),
+            "tiling_defaults": cfg.defaults_from,
+        },
     )
     if mask.is_empty or width < size0 or height < size0:
         return grid

@@ -1,0 +1,141 @@
+"""Pathology foundation models, built exactly as their authors publish them (timm ViTs).
+
+Each entry gives the architecture arguments, the embedding rule, the input size (and crop),
+the normalisation, the resolution the model was trained at, the Hugging Face repository and
+whether access is gated. The facts are taken from the models' own cards and configs as
+gathered in TRIDENT's `trident/patch_encoder_models/load.py` (mahmoodlab/TRIDENT, read
+2026-11-22), which is cited per model below; names are TRIDENT's so users can switch.
+
+Embedding rules:
+- "cls": the class token after the final norm (timm `global_pool="token"`), UNI, UNI2-h,
+  H-optimus, Prov-GigaPath;
+- "cls+mean": the class token concatenated with the mean of the patch tokens, skipping the
+  class and register tokens (Virchow: `output[:, 1:]`, Virchow2: `output[:, 5:]`).
+
+Not built here: CONCH v1.5 (its own iBOT ViT with an attentional pooler, not a timm model)
+and Phikon-v2 (a `transformers` Dinov2Model, a dependency this package does not take); use
+`hf-hub:`/`timm:` names or their authors' code for those.
+Resizing differs deliberately from torchvision's transforms: patches are read at the model's
+own resolution and size by default, so no resize happens; when it must (another
+--target-mpp or --patch-size), OpenCV area (down) or bilinear (up) interpolation is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+HOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))  # H-optimus card
+
+
+@dataclass(frozen=True)
+class FoundationSpec:
+    name: str
+    arch: str  # timm architecture the weights were saved from
+    kwargs: dict  # exact architecture arguments (TRIDENT load.py)
+    dim: int
+    embedding: str  # "cls" or "cls+mean"
+    prefix_tokens: int  # class + register tokens before the patch tokens
+    hub: str  # Hugging Face repository
+    gated: bool
+    mpp: float = 0.5  # trained at 20x
+    patch_px: int = 224  # patch side read at `mpp`
+    input_size: int = 224  # network input
+    resize_px: int | None = None  # resized to this before a center crop to input_size (GigaPath)
+    mean_std: tuple = IMAGENET
+    interpolation: str = "bilinear"  # the authors' transform when resizing is needed
+    source: str = ""
+    act_layer: str | None = None  # "silu" with SwiGLU MLPs
+    mlp_layer: str | None = None  # "swiglu_packed"
+    extra: dict = field(default_factory=dict)
+
+
+def _vit_kwargs(spec: FoundationSpec, overrides: dict) -> dict:
+    import timm
+
+    kw = {**spec.kwargs, "num_classes": 0, **overrides}
+    if spec.mlp_layer == "swiglu_packed":
+        kw["mlp_layer"] = timm.layers.SwiGLUPacked
+    if spec.act_layer == "silu":
+        kw["act_layer"] = nn.SiLU
+    if spec.embedding == "cls+mean":
+        kw["global_pool"] = ""  # all tokens out; the rule below pools them
+    return kw
+
+
+class TokenPool(nn.Module):
+    """Class token ++ mean of the patch tokens (Virchow's embedding)."""
+
+    def __init__(self, net: nn.Module, prefix_tokens: int):
+        super().__init__()
+        self.net, self.prefix_tokens = net, prefix_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.net(x)
+        return torch.cat([tokens[:, 0], tokens[:, self.prefix_tokens :].mean(1)], dim=-1)
+
+
+def build_vit(spec: FoundationSpec, pretrained: bool, **overrides) -> nn.Module:
+    """The network with the embedding rule applied; `pretrained` loads from the hub."""
+    from .compat import import_timm
+
+    timm = import_timm()
+    kw = _vit_kwargs(spec, overrides)
+    net = timm.create_model(f"hf-hub:{spec.hub}" if pretrained else spec.arch, pretrained=pretrained, **kw)
+    return TokenPool(net, spec.prefix_tokens) if spec.embedding == "cls+mean" else net
+
+
+_SRC = "TRIDENT load.py "
+FOUNDATION_MODELS: dict[str, FoundationSpec] = {
+    s.name: s
+    for s in [
+        FoundationSpec(
+            "uni_v1", "vit_large_patch16_224",
+            {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
+            1024, "cls", 1, "MahmoodLab/UNI", True, source=_SRC + "UNIInferenceEncoder",
+        ),
+        FoundationSpec(
+            "uni_v2", "vit_giant_patch14_224",
+            {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
+             "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "no_embed_class": True, "reg_tokens": 8,
+             "dynamic_img_size": True},
+            1536, "cls", 9, "MahmoodLab/UNI2-h", True, source=_SRC + "UNIv2InferenceEncoder",
+            act_layer="silu", mlp_layer="swiglu_packed",
+        ),
+        FoundationSpec(
+            "virchow", "vit_huge_patch14_224",
+            {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "dynamic_img_size": True},
+            2560, "cls+mean", 1, "paige-ai/Virchow", True, interpolation="bicubic",
+            source=_SRC + "VirchowInferenceEncoder", act_layer="silu", mlp_layer="swiglu_packed",
+        ),
+        FoundationSpec(
+            "virchow2", "vit_huge_patch14_224",
+            {"img_size": 224, "init_values": 1e-5, "reg_tokens": 4, "mlp_ratio": 5.3375,
+             "dynamic_img_size": True},
+            2560, "cls+mean", 5, "paige-ai/Virchow2", True, interpolation="bicubic",
+            source=_SRC + "Virchow2InferenceEncoder", act_layer="silu", mlp_layer="swiglu_packed",
+        ),
+        FoundationSpec(
+            "hoptimus0", "vit_giant_patch14_reg4_dinov2",
+            {"img_size": 224, "global_pool": "token", "init_values": 1e-5, "dynamic_img_size": True},
+            1536, "cls", 5, "bioptimus/H-optimus-0", True, mean_std=HOPTIMUS,
+            source=_SRC + "HOptimus0InferenceEncoder",
+        ),
+        FoundationSpec(
+            "hoptimus1", "vit_giant_patch14_reg4_dinov2",
+            {"img_size": 224, "global_pool": "token", "init_values": 1e-5, "dynamic_img_size": True},
+            1536, "cls", 5, "bioptimus/H-optimus-1", True, mean_std=HOPTIMUS,
+            source=_SRC + "HOptimus1InferenceEncoder",
+        ),
+        FoundationSpec(
+            "gigapath", "vit_giant_patch14_dinov2",
+            {"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40,
+             "num_heads": 24, "mlp_ratio": 5.33334, "dynamic_img_size": True},
+            1536, "cls", 1, "prov-gigapath/prov-gigapath", True, patch_px=256, resize_px=256,
+            interpolation="bicubic", source=_SRC + "GigaPathInferenceEncoder (Resize 256, CenterCrop 224)",
+        ),
+    ]
+}  # fmt: skip
