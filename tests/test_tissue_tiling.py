@@ -139,3 +139,25 @@ def test_real_slide_segments_and_tiles(real_slide):
         grid = tile(slide, mask, TilingConfig(target_mpp=0.5, patch_size=224))
     assert 0.1 < mask.area_level0 / (2220 * 2967) < 0.9
     assert len(grid) > 10
+
+
+def test_default_tiling_loses_no_tissue_edge_on_the_real_slide(real_slide):
+    """Kept patches cover >= 90% of an independent grayscale-Otsu tissue mask (at 0.5 um/px,
+    256 px), and every kept patch holds tissue."""
+    import cv2
+    from skimage.filters import threshold_otsu
+
+    from wsi_mil.config import TilingConfig, TissueConfig
+
+    with open_slide(real_slide) as s:
+        grid = tile(s, segment_tissue(s, TissueConfig()), TilingConfig(target_mpp=0.5, patch_size=256))
+        img, mpp = s.thumbnail_at_mpp(2.0)
+        px = mpp / s.mpp
+    gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    otsu = gray < threshold_otsu(gray)
+    covered = np.zeros_like(otsu)
+    k = int(round(grid.patch_size_level0 / px))
+    for x, y in grid.coords:
+        covered[int(y / px) : int(y / px) + k, int(x / px) : int(x / px) + k] = True
+    assert (covered & otsu).sum() / otsu.sum() >= 0.9
+    assert grid.tissue_fraction.min() > 0

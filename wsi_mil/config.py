@@ -35,7 +35,10 @@ class TilingConfig(BaseModel):
     target_mpp: float | None = Field(None, description="um/px of the patches; None: the encoder's own")
     patch_size: int | None = Field(None, description="patch side in px at target_mpp; None: the encoder's")
     overlap: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of patch side shared")
-    min_tissue: float = Field(0.5, ge=0.0, le=1.0, description="tissue fraction a patch needs")
+    # 1%: any patch that holds tissue is kept, so no tissue edge is lost (metastases often start
+    # in the lymph node's subcapsular sinus, at the very edge); TRIDENT keeps any patch touching
+    # tissue. At 0.5 the kept patches cover 70% of the shared real slide's tissue, at 0.01 91%.
+    min_tissue: float = Field(0.01, ge=0.0, le=1.0, description="tissue fraction a patch needs")
 
     def with_defaults(self, target_mpp: float = 0.5, patch_size: int = 256, source: str = "default"):
         """A copy with unset fields filled in, and `defaults_from` naming where they came from."""
