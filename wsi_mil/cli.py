@@ -121,6 +121,7 @@ def extract(
     dtype: opt.FeatureDtype = None,
     compile: opt.Compile = None,
     tissue_geojson: opt.TissueGeo = None,
+    patches: opt.PatchesDir = None,
     overwrite: opt.Overwrite = False,
     fail_fast: opt.FailFast = False,
     cluster: opt.Cluster = None,
@@ -135,7 +136,7 @@ def extract(
     cfg = load_config(
         config, tiling=tiling_options(target_mpp, patch_size, overlap, min_tissue), extract=extract_opts
     )
-    run_slides("extract", slides, mpp, out, cfg, overwrite, tissue_geojson, fail_fast, cluster)
+    run_slides("extract", slides, mpp, out, cfg, overwrite, tissue_geojson, fail_fast, cluster, patches)
 
 
 @app.command()

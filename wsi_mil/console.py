@@ -34,6 +34,10 @@ Overwrite = Annotated[
 Config = Annotated[
     Optional[str], typer.Option("--config", "-c", help="YAML config or preset name (biopsy, resection, ...)")
 ]
+PatchesDir = Annotated[
+    Optional[Path],
+    typer.Option("--patches", help="Folder of coords files from CLAM or TRIDENT to use as the grid"),
+]
 TissueGeo = Annotated[
     Optional[Path],
     typer.Option("--tissue-geojson", help="GeoJSON tissue annotation (file, or folder of <slide>.geojson)"),
@@ -171,7 +175,16 @@ def cluster_map(spec: str | None):
 
 
 def run_slides(
-    stage_name: str, slides, mpp, out, cfg, overwrite, tissue_geojson, fail_fast=False, cluster=None
+    stage_name: str,
+    slides,
+    mpp,
+    out,
+    cfg,
+    overwrite,
+    tissue_geojson,
+    fail_fast=False,
+    cluster=None,
+    patches=None,
 ):
     """A per-slide command: collect the slides, build the stage, run it with progress, report."""
     from .pipeline.layout import Layout
@@ -179,7 +192,7 @@ def run_slides(
     from .wsi.collect import collect_slides
 
     entries = collect_slides(slides, mpp)
-    stage = STAGES[stage_name](Layout(out), cfg, overwrite, tissue_geojson)
+    stage = STAGES[stage_name](Layout(out), cfg, overwrite, tissue_geojson, patches)
     if stage_name == "extract" and not all(stage.done(e) for e in entries) and not cluster:
         from .features.runner import runner_for  # build the encoder now: a bad one fails early
 

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import WsiMilError
 from ..io import partial_path
 from .hdf5 import merged_attrs, set_attrs
+from .patches import coords_attrs
 
 CHUNK_ROWS = 1024
 
@@ -166,7 +167,7 @@ class FeatureWriter:
         chunks = (min(CHUNK_ROWS, max(self.n, 1)), dim) if self.n else None
         self.f.create_dataset("features", shape=(self.n, dim), dtype=dtype, chunks=chunks)
         set_attrs(self.f, attrs)
-        set_attrs(self.f["coords"], attrs)
+        set_attrs(self.f["coords"], coords_attrs(attrs))
         self.f.attrs["n_done"] = 0
         self.f.flush()
 

@@ -1,8 +1,16 @@
-"""Patch-coordinate files `patches/<slide>.h5` (CLAM/TRIDENT layout).
+"""Patch-coordinate files `patches/<slide>.h5`, readable by CLAM's and TRIDENT's tools.
 
-`coords` int64 [N, 2] holds level-0 top-left (x, y); attrs patch_size (px at the target mpp),
-patch_size_level0, target_mpp, level0_mpp, overlap, min_tissue plus provenance, on the root
-and on `coords`. Reading also accepts CLAM's files (`patch_level` + `downsample`).
+`coords` int64 [N, 2] holds level-0 top-left (x, y). Attributes, on the root and on `coords`:
+ours (patch_size = px at the target mpp, patch_size_level0, target_mpp, level0_mpp, overlap as
+a fraction, min_tissue, provenance) plus what the other readers require:
+- TRIDENT (`WSI.read_coords` users, trident/wsi_objects/WSI.py): `coords` attrs `patch_size`,
+  `level0_magnification`, `target_magnification` (10 / mpp, so their ratio is the resampling
+  factor), `patch_size_level0`, `overlap` in pixels, `name`, `level0_width/height`;
+- CLAM (`Whole_Slide_Bag_FP`: reads `patch_size` px at pyramid level `patch_level`):
+  `patch_level`, written only when a pyramid level has exactly the target resolution, since
+  CLAM has no notion of a resampled grid; with other target resolutions CLAM cannot read the
+  grid and the attribute is left out rather than written wrong.
+Reading accepts all three: ours, TRIDENT's (`overlap` in pixels) and CLAM's (`downsample`).
 """
 
 from __future__ import annotations
@@ -22,13 +30,26 @@ GRID_ATTRS = ("patch_size", "patch_size_level0", "target_mpp", "level0_mpp")
 
 def grid_attrs(grid: PatchGrid) -> dict:
     """The attributes that describe a patch grid in every file that carries its coords."""
+    mags = {}
+    if grid.level0_mpp and grid.target_mpp:  # TRIDENT's frame: magnification = 10 / mpp
+        mags = {
+            "level0_magnification": round(10.0 / grid.level0_mpp, 4),
+            "target_magnification": round(10.0 / grid.target_mpp, 4),
+        }
     return {
         "patch_size": int(grid.patch_size),
         "patch_size_level0": int(grid.patch_size_level0),
         "target_mpp": float(grid.target_mpp),
         "level0_mpp": float(grid.level0_mpp),
+        **mags,
         **grid.attrs,
     }
+
+
+def coords_attrs(attrs: dict) -> dict:
+    """The attributes for the `coords` dataset: TRIDENT reads `overlap` there in pixels."""
+    frac = float(attrs.get("overlap") or 0.0)
+    return {**attrs, "overlap": int(round(frac * int(attrs.get("patch_size", 0))))}
 
 
 def write_patches(path: str | Path, grid: PatchGrid, **extra_attrs) -> None:
@@ -39,7 +60,7 @@ def write_patches(path: str | Path, grid: PatchGrid, **extra_attrs) -> None:
         if grid.tissue_fraction is not None and len(grid.tissue_fraction) == len(grid.coords):
             f.create_dataset("tissue_fraction", data=grid.tissue_fraction.astype(np.float32))
         set_attrs(f, attrs)
-        set_attrs(ds, attrs)
+        set_attrs(ds, coords_attrs(attrs))
 
 
 def grid_from_attrs(coords: np.ndarray, attrs: dict, level0_mpp: float | None = None, frac=None) -> PatchGrid:
@@ -52,6 +73,9 @@ def grid_from_attrs(coords: np.ndarray, attrs: dict, level0_mpp: float | None = 
         size0 = int(round(size * ds))
     else:
         size0 = size
+    overlap = float(attrs.get("overlap") or 0.0)
+    if overlap >= 1:  # TRIDENT writes overlap in pixels
+        attrs = {**attrs, "overlap": overlap / size}
     l0 = attrs.get("level0_mpp", level0_mpp)
     target = attrs.get("target_mpp", (l0 * size0 / size) if l0 else None)
     return PatchGrid(

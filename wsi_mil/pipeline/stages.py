@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import PipelineConfig
-from ..errors import EmptyInputError
+from ..errors import EmptyInputError, WsiMilError
 from ..formats.patches import read_patches, write_patches
 from ..formats.tissue_geojson import read_tissue, write_tissue
 from ..io import save_png
@@ -26,6 +26,18 @@ from ..wsi.tissue import TissueMask, segment_tissue
 from .layout import Layout
 
 log = logging.getLogger("wsi_mil")
+
+
+def user_patches_path(patches_dir: Path | None, name: str) -> Path | None:
+    """A coords file for slide `name` in a CLAM (`<name>.h5`, also under `patches/`) or TRIDENT
+    (`<name>_patches.h5`) output folder."""
+    if patches_dir is None:
+        return None
+    for folder in (patches_dir, patches_dir / "patches"):
+        for candidate in (folder / f"{name}.h5", folder / f"{name}_patches.h5"):
+            if candidate.exists():
+                return candidate
+    return None
 
 
 def user_tissue_path(tissue_geojson: Path | None, name: str) -> Path | None:
@@ -46,6 +58,7 @@ class Stage:
     cfg: PipelineConfig
     overwrite: bool = False
     tissue_geojson: Path | None = None
+    patches_dir: Path | None = None  # coords files written by CLAM or TRIDENT, used as they are
     name = "stage"
 
     def output(self, entry: SlideEntry) -> Path:  # pragma: no cover - every stage defines it
@@ -81,6 +94,14 @@ class Stage:
 
     def grid_for(self, slide: Slide, entry: SlideEntry) -> PatchGrid:
         """The slide's patch grid: the saved one, or tiled now (segmenting first if needed)."""
+        theirs = user_patches_path(self.patches_dir, entry.name)
+        if theirs is not None:
+            return read_patches(theirs, slide.mpp)
+        if self.patches_dir is not None:
+            raise WsiMilError(
+                f"{entry.path}: no coords file for {entry.name} in {self.patches_dir} (looked for "
+                f"{entry.name}.h5 and {entry.name}_patches.h5, also under patches/)"
+            )
         out = self.layout.patches(entry.name)
         if self._reuse(out):
             return read_patches(out)

@@ -43,6 +43,15 @@ def grid_geometry(slide: Slide, cfg: TilingConfig) -> tuple[int, int]:
     return size0, stride0
 
 
+def matching_level(slide: Slide, patch_size: int, size0: int) -> int | None:
+    """The pyramid level at which `patch_size` px span exactly `size0` level-0 px (within 1%),
+    if any: the level CLAM's reader must read the grid's patches from."""
+    for level, ds in enumerate(slide.level_downsamples):
+        if abs(ds * patch_size - size0) <= 0.01 * size0:
+            return level
+    return None
+
+
 def box_fractions(coverage: np.ndarray, x0, y0, x1, y1) -> np.ndarray:
     """Mean of `coverage` over boxes [y0:y1, x0:x1] (raster pixel bounds, broadcastable arrays),
     by one integral image: the vectorised replacement for per-patch geometry."""
@@ -88,6 +97,9 @@ def tile(slide: Slide, mask: TissueMask, cfg: TilingConfig | None = None) -> Pat
             "overlap": float(cfg.overlap),
             "min_tissue": float(cfg.min_tissue),
             "tiling_defaults": cfg.defaults_from,
+            "level0_width": int(width),
+            "level0_height": int(height),
+            "patch_level": matching_level(slide, cfg.patch_size, size0),
         },
     )
     if mask.is_empty or width < size0 or height < size0:
