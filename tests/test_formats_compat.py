@@ -109,3 +109,37 @@ def test_missing_coords_file_is_one_clear_error(tmp_path, synthetic_slide):
         ],
     )
     assert r.exit_code == 1 and f"no coords file for {synthetic_slide.path.stem}" in r.output
+
+
+def test_qupath_exports_follow_the_slides_bounds_offset(tmp_path):
+    """MRXS-style `openslide.bounds-x/y`: QuPath shows the slide cropped to the bounds, so every
+    QuPath GeoJSON we write is shifted by the offset, and every one we read is shifted back."""
+    from shapely.geometry import MultiPolygon, box
+
+    from wsi_mil.formats.scores import PatchScores, read_scores, write_scores
+    from wsi_mil.formats.tissue_geojson import read_tissue, write_tissue
+    from wsi_mil.localization.evaluate import read_annotation
+    from wsi_mil.localization.export import qupath_geojson
+    from wsi_mil.wsi.readers import ImageReader
+    from wsi_mil.wsi.tissue import TissueMask
+
+    slide = ImageReader(
+        tmp_path / "x.mrxs", [(4000, 3000)], [1.0], 0.25, "properties", None,
+        {"openslide.bounds-x": "1200", "openslide.bounds-y": "800"}, [np.zeros((1, 1, 3), np.uint8)],
+    )  # fmt: skip
+    assert slide.qupath_offset == (1200, 800)
+    mask = TissueMask(MultiPolygon([box(1500, 1000, 2500, 2000)]))
+    write_tissue(tmp_path / "t.geojson", mask, slide.qupath_offset)
+    import json
+
+    ring = json.loads((tmp_path / "t.geojson").read_text())["features"][0]["geometry"]["coordinates"][0]
+    assert min(x for x, _ in ring) == 300 and min(y for _, y in ring) == 200  # QuPath's frame
+    assert read_tissue(tmp_path / "t.geojson", slide.qupath_offset).polygons.equals(mask.polygons)
+    v = np.array([0.2, 0.9])
+    scores = PatchScores(np.array([[1500, 1000], [1756, 1000]]), v, v, v, np.array([0.1, 0.9]), 1, 256.0)
+    tile0 = qupath_geojson(scores, 256.0, slide.qupath_offset)["features"][0]["geometry"]["coordinates"][0][0]
+    assert tile0 == [300, 200]
+    scores.qupath_offset = slide.qupath_offset
+    write_scores(tmp_path / "s_scores.h5", scores)
+    back = read_annotation(tmp_path / "t.geojson", read_scores(tmp_path / "s_scores.h5").qupath_offset)
+    assert back.equals(mask.polygons)

@@ -106,3 +106,15 @@ def test_collect_slides_from_csv_with_mpp(tmp_path, synthetic_slide):
     csv.write_text(f"path,mpp\n{synthetic_slide.path},0.3\n")
     entries = collect_slides([csv])
     assert entries[0].path == synthetic_slide.path and entries[0].mpp == 0.3
+
+
+def test_dicom_slides_are_found_in_folders_and_named_by_their_series_folder(tmp_path):
+    """A DICOM WSI is a folder of .dcm instances (OpenSlide 4 opens it from any one of them)."""
+    for name in ("caseA", "caseB"):
+        (tmp_path / "cohort" / name).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "cohort" / name / f"level{i}.dcm").write_bytes(b"")
+    entries = collect_slides([tmp_path / "cohort"])
+    assert [e.name for e in entries] == ["caseA", "caseB"]
+    assert [e.path.suffix for e in entries] == [".dcm", ".dcm"]
+    assert [e.name for e in collect_slides([tmp_path / "cohort" / "caseA"])] == ["caseA"]

@@ -2,7 +2,8 @@
 
 HDF5: `coords` int64 [N, 2] (level-0 top-left) and one float32 [N] dataset per score
 (`attention`, `inversion`, `combined`), attrs `prob` (slide-level class probabilities),
-`predicted` (the class whose evidence is scored) and `patch_size_level0`. The CSV holds the
+`predicted` (the class whose evidence is scored), `patch_size_level0` and `qupath_offset`
+(what QuPath-frame annotations must be shifted by to meet these coords). The CSV holds the
 same columns (x, y, attention, inversion, combined). Files from wsi-mil 0.1 that call the
 combined score `score` are read too.
 """
@@ -30,6 +31,7 @@ class PatchScores:
     prob: np.ndarray  # [C] slide-level probability (mean over models)
     predicted: int  # the class whose evidence the scores map
     size0: float = 256.0  # patch side in level-0 pixels
+    qupath_offset: tuple[int, int] = (0, 0)  # our level-0 minus QuPath's (Slide.qupath_offset)
 
     def __post_init__(self) -> None:
         n = len(self.coords)
@@ -64,6 +66,7 @@ def write_scores(path: str | Path, scores: PatchScores) -> None:
             f.attrs["prob"] = scores.prob
             f.attrs["predicted"] = scores.predicted
             f.attrs["patch_size_level0"] = scores.size0
+            f.attrs["qupath_offset"] = np.asarray(scores.qupath_offset, np.int64)
 
 
 def read_scores(path: str | Path) -> PatchScores:
@@ -81,6 +84,7 @@ def read_scores(path: str | Path) -> PatchScores:
                 np.asarray(f.attrs.get("prob", [])),
                 int(f.attrs.get("predicted", 0)),
                 size0,
+                tuple(int(v) for v in f.attrs.get("qupath_offset", (0, 0))),
             )
     except (OSError, KeyError, ValueError) as exc:
         raise WsiMilError(f"{path}: not a readable score file ({exc}); re-run 'wsi-mil heatmap'") from exc

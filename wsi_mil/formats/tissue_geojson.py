@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import shapely
+import shapely.affinity
 from shapely.geometry import MultiPolygon, Polygon, mapping, shape
 
 from ..errors import WsiMilError
@@ -93,9 +94,21 @@ def read_geojson_polygons(path: str | Path, class_name: str | None = None) -> Mu
     return geojson_to_polygons(data, class_name)
 
 
-def write_tissue(path: str | Path, mask: TissueMask) -> None:
-    write_text(path, json.dumps(polygons_to_geojson(mask.polygons, TISSUE_CLASS, TISSUE_COLOR)))
+def shift(polys: MultiPolygon, offset: tuple[float, float], sign: int) -> MultiPolygon:
+    """Polygons moved by `sign * offset` (between our level-0 frame and QuPath's, see
+    `Slide.qupath_offset`)."""
+    if not any(offset):
+        return polys
+    return shapely.affinity.translate(polys, sign * offset[0], sign * offset[1])
 
 
-def read_tissue(path: str | Path) -> TissueMask:
-    return TissueMask(read_geojson_polygons(path))
+def write_tissue(path: str | Path, mask: TissueMask, offset: tuple[float, float] = (0, 0)) -> None:
+    """Tissue as QuPath annotations, in QuPath's frame (our level-0 minus `offset`)."""
+    polys = shift(mask.polygons, offset, -1)
+    write_text(path, json.dumps(polygons_to_geojson(polys, TISSUE_CLASS, TISSUE_COLOR)))
+
+
+def read_tissue(path: str | Path, offset: tuple[float, float] = (0, 0)) -> TissueMask:
+    """Tissue from QuPath GeoJSON (ours or a user's export), back in our level-0 frame."""
+    polys = shift(read_geojson_polygons(path), offset, +1)
+    return TissueMask(polys if isinstance(polys, MultiPolygon) else MultiPolygon([polys]))

@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 
 from ..errors import WsiMilError
 from ..formats.scores import SCORE_NAMES, read_scores
-from ..formats.tissue_geojson import read_geojson_polygons
+from ..formats.tissue_geojson import read_geojson_polygons, shift
 
 FP_RATES = (0.25, 0.5, 1, 2, 4, 8)
 EXCLUSION_GROUPS = {"_2", "exclusion", "Exclusion"}
@@ -57,11 +57,13 @@ def _as_multipolygon(geom) -> MultiPolygon:
     return MultiPolygon(polys)
 
 
-def read_annotation(path: str | Path) -> MultiPolygon:
+def read_annotation(path: str | Path, qupath_offset: tuple[int, int] = (0, 0)) -> MultiPolygon:
+    """Tumor polygons in level-0 pixels: ASAP XML as is (Camelyon16's frame), GeoJSON from
+    QuPath moved back by the slide's `qupath_offset`."""
     path = Path(path)
     if path.suffix.lower() == ".xml":
         return read_asap_xml(path)
-    return read_geojson_polygons(path)
+    return _as_multipolygon(shift(read_geojson_polygons(path), qupath_offset, +1))
 
 
 def patch_tumor_fraction(coords: np.ndarray, size0: float, tumor: MultiPolygon) -> np.ndarray:
@@ -165,7 +167,7 @@ def evaluate_folder(scores_dir: str | Path, annotations_dir: str | Path, pos_fra
             (p for p in (annotations_dir / f"{sid}.xml", annotations_dir / f"{sid}.geojson") if p.exists()),
             None,
         )
-        tumor = read_annotation(ann) if ann else MultiPolygon()
         ps = read_scores(f)
+        tumor = read_annotation(ann, ps.qupath_offset) if ann else MultiPolygon()
         slides.append(SlideLocalization(sid, ps.coords, ps.size0, {n: ps.get(n) for n in SCORE_NAMES}, tumor))
     return evaluate(slides, pos_frac)

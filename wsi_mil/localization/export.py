@@ -25,21 +25,27 @@ from .render import colourise, score_raster
 STATIC = Path(__file__).parent / "static"
 
 
-def qupath_geojson(scores: PatchScores, size0: float) -> dict:
-    """FeatureCollection of locked square patch tiles with numeric measurements."""
+def qupath_geojson(scores: PatchScores, size0: float, offset: tuple[int, int] = (0, 0)) -> dict:
+    """FeatureCollection of locked square patch tiles with numeric measurements, in QuPath's
+    frame (our level-0 minus `offset`, `Slide.qupath_offset`)."""
     values = {n: scores.get(n).astype(float).tolist() for n in SCORE_NAMES}
     feats = [
         qupath_feature(
-            square(x, y, size0), "tile", measurements={n: values[n][i] for n in SCORE_NAMES}, locked=True
+            square(x - offset[0], y - offset[1], size0),
+            "tile",
+            measurements={n: values[n][i] for n in SCORE_NAMES},
+            locked=True,
         )
         for i, (x, y) in enumerate(scores.coords.tolist())
     ]
     return {"type": "FeatureCollection", "features": feats}
 
 
-def write_geojson(path: str | Path, scores: PatchScores, size0: float) -> None:
+def write_geojson(
+    path: str | Path, scores: PatchScores, size0: float, offset: tuple[int, int] = (0, 0)
+) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(qupath_geojson(scores, size0)))
+        tmp.write_text(json.dumps(qupath_geojson(scores, size0, offset)))
 
 
 def write_ome_tiff(

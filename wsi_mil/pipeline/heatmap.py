@@ -146,10 +146,11 @@ def heatmap_slide(
     predicted = int(scores.prob.argmax())
     label = classes[predicted]
     with open_slide(entry.path, mpp) as slide:
+        scores.qupath_offset = slide.qupath_offset
         tissue = stage.tissue_for(slide, entry)
         write_scores(paths["scores"], scores)
         write_scores(paths["csv"], scores)
-        write_geojson(paths["geojson"], scores, size0)
+        write_geojson(paths["geojson"], scores, size0, slide.qupath_offset)
         thumb, thumb_mpp = slide.thumbnail_at_mpp(hcfg.thumb_mpp)
         thumb_px = thumb_mpp / slide.mpp
         overlay = heatmap_overlay(

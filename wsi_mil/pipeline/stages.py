@@ -81,14 +81,18 @@ class Stage:
         """The slide's tissue mask: the saved one, the user's annotation, or a new segmentation."""
         out = self.layout.tissue(entry.name)
         if self._reuse(out):
-            return read_tissue(out)
+            return read_tissue(out, slide.qupath_offset)
         # the preview first: when it is the finer image, segmentation resizes it (one decode)
         thumb, thumb_mpp = slide.thumbnail_long_side(self.cfg.tissue.preview_px)
         user = user_tissue_path(self.tissue_geojson, entry.name)
-        mask = read_tissue(user) if user is not None else segment_tissue(slide, self.cfg.tissue)
+        mask = (
+            read_tissue(user, slide.qupath_offset)
+            if user is not None
+            else segment_tissue(slide, self.cfg.tissue)
+        )
         if mask.is_empty:
             log.warning("%s: no tissue found; the mask is empty (try --threshold or a preset)", entry.path)
-        write_tissue(out, mask)
+        write_tissue(out, mask, slide.qupath_offset)
         save_png(self.layout.tissue_png(entry.name), draw_contours(mask, thumb, thumb_mpp / slide.mpp))
         return mask
 

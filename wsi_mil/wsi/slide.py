@@ -97,6 +97,13 @@ class Slide(abc.ABC):
     def level_count(self) -> int:
         return len(self.level_dimensions)
 
+    @property
+    def qupath_offset(self) -> tuple[int, int]:
+        """Level-0 origin of the image QuPath shows: its OpenSlide server crops slides that record
+        `openslide.bounds-x/y` (MRXS, some NDPI) to those bounds, so QuPath's coordinates are
+        ours minus this offset."""
+        return tuple(int(float(self.properties.get(f"openslide.bounds-{a}") or 0)) for a in "xy")
+
     def level_mpp(self, level: int) -> float:
         return self.mpp * self.level_downsamples[level]
 
