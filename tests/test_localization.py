@@ -10,8 +10,6 @@ from shapely.geometry import box
 
 from wsi_mil.formats.scores import PatchScores
 from wsi_mil.localization.evaluate import (
-    SlideLocalization,
-    evaluate,
     patch_auc,
     patch_tumor_fraction,
     read_asap_xml,
@@ -123,17 +121,20 @@ def test_geojson_is_valid_qupath_tiles():
     json.dumps(data, allow_nan=False)
 
 
-def test_ome_tiff_has_slide_size_and_mpp(tmp_path):
+def test_ome_tiff_is_a_transparent_rgba_overlay_with_slide_size_and_mpp(tmp_path):
     write_ome_tiff(tmp_path / "h.ome.tiff", _scores(), 256, 256, (5000, 3000), 0.5)
     with tifffile.TiffFile(tmp_path / "h.ome.tiff") as tif:
         assert tif.is_ome
-        level0 = tif.series[0].levels[0]
-        assert level0.shape == (3000, 5000, 3)
-        assert len(tif.series[0].levels) >= 2
+        levels = tif.series[0].levels
+        assert levels[0].shape == (3000, 5000, 4)
+        assert len(levels) >= 2 and levels[1].shape[2] == 4
         assert 'PhysicalSizeX="0.5"' in tif.ome_metadata
-        img = level0.asarray()
-    assert img[10, 256 * 5 + 10].tolist() != [0, 0, 0]  # top-scored patch is coloured
-    assert img[2000, 4000].tolist() == [0, 0, 0]  # no patch there
+        assert tif.pages[0].extrasamples == (2,)  # unassociated alpha
+        img = levels[0].asarray()
+    top = img[10, 256 * 5 + 10]
+    assert top[3] == 255 and top[:3].tolist() != [0, 0, 0]  # top-scored patch: opaque colour
+    assert img[2000, 4000].tolist() == [0, 0, 0, 0]  # no patch there: fully transparent
+    assert (img[..., 3] == 0).mean() > 0.9  # only the scored strip hides the slide
 
 
 ASAP = """<?xml version="1.0"?><ASAP_Annotations><Annotations>
@@ -149,7 +150,10 @@ ASAP = """<?xml version="1.0"?><ASAP_Annotations><Annotations>
 </Annotations><AnnotationGroups/></ASAP_Annotations>"""
 
 
-def test_asap_xml_exclusion_groups_and_froc(tmp_path):
+def test_asap_xml_exclusion_groups_patch_auc_and_folder_evaluation(tmp_path):
+    from wsi_mil.formats.scores import write_scores
+    from wsi_mil.localization.evaluate import evaluate_folder
+
     (tmp_path / "t.xml").write_text(ASAP)
     tumor = read_asap_xml(tmp_path / "t.xml")
     assert tumor.area == pytest.approx(1000 * 1000 - 200 * 200 + 500 * 500 / 2)
@@ -158,10 +162,43 @@ def test_asap_xml_exclusion_groups_and_froc(tmp_path):
     frac = patch_tumor_fraction(coords, 200, tumor)
     assert frac[0] == 1 and frac[1] == 0 and frac[2] == 0
     assert patch_auc(np.array([0.9, 0.1, 0.2, 0.5]), frac) == 1.0
-    loc = SlideLocalization("s", coords, 200.0, {"combined": np.array([0.9, 0.1, 0.2, 0.05])}, tumor)
-    res = evaluate([loc])
-    assert res["froc"]["combined"]["lesions"] == 2
-    assert res["froc"]["combined"]["sensitivity"]["0.25"] == 0.5  # one lesion before any FP
+    # a folder: the tumour slide (ASAP XML), a normal slide (no annotation) and one with a mask
+    ann, heat = tmp_path / "ann", tmp_path / "heat"
+    ann.mkdir()
+    heat.mkdir()
+    (ann / "t.xml").write_text(ASAP)
+    grid = np.array([[x, y] for y in range(0, 4000, 200) for x in range(0, 4000, 200)], np.int64)
+    inside = patch_tumor_fraction(grid, 200, tumor) >= 0.5
+    v = np.where(inside, 0.9, 0.05)
+    common = dict(size0=200.0, mpp=0.25, slide_size=(4000, 4000))
+    write_scores(heat / "t_scores.h5", PatchScores(grid, v, v, v, np.array([0.1, 0.9]), 1, **common))
+    low = np.full(len(grid), 0.02)
+    write_scores(heat / "n_scores.h5", PatchScores(grid, low, low, low, np.array([0.95, 0.05]), 1, **common))
+    mask = np.zeros((125, 125), np.uint8)  # 4000 / 32 cells: the first lesion as a mask
+    mask[:31, :31] = 255
+    np.save(ann / "m.npy", mask)
+    vm = np.where((grid < 1000).all(1), 0.9, 0.05)
+    write_scores(heat / "m_scores.h5", PatchScores(grid, vm, vm, vm, np.array([0.2, 0.8]), 1, **common))
+    res = evaluate_folder(heat, ann)
+    assert res["slide_auc"] == 1.0
+    assert res["per_slide"]["t"]["combined"] == 1.0 and res["per_slide"]["n"]["combined"] is None
+    assert res["pooled_patch_auc"]["combined"] > 0.95
+    f = res["froc"]["combined"]
+    # the XML's square (250 um) and the mask's lesion count; the XML's triangle (125 um across at
+    # 0.25 um/px) is an isolated-tumour-cell region, neither hit nor false positive
+    assert f["lesions"] == 2
+    assert f["froc"] == pytest.approx(1.0)  # every lesion found at 0.9, no false positive above 0.05
+    json.dumps(res, allow_nan=False)
+
+
+def test_rank_scores_from_old_files_are_refused_for_cross_slide_metrics(tmp_path):
+    from wsi_mil.localization.evaluate import SlideLocalization, evaluate
+
+    coords = np.array([[0, 0], [256, 0]], np.int64)
+    v = np.array([0.5, 1.0])
+    old = PatchScores(coords, v, v, v, np.array([0.5, 0.5]), 1, scale="rank")
+    with pytest.raises(Exception, match="within-slide ranks"):
+        evaluate([SlideLocalization("s", old, box(0, 0, 10, 10).buffer(0))])
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")

@@ -15,7 +15,6 @@ from . import console as opt
 from .console import (
     cluster_map,
     print_encoders,
-    print_localization,
     print_slide_info,
     run_slides,
     say,
@@ -204,78 +203,6 @@ def predict(
 
 @app.command()
 @user_errors
-def heatmap(
-    slide: Annotated[Path, typer.Argument(help="The slide file")],
-    run: opt.RunDir,
-    out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Output folder (default heatmaps/)")
-    ] = None,
-    features: Annotated[
-        Optional[Path], typer.Option(help="The slide's feature .h5 (else from the work folder)")
-    ] = None,
-    work: Annotated[
-        Optional[Path],
-        typer.Option(help="Work folder for the slide's tissue, patches and features (default: the run's)"),
-    ] = None,
-    model: Annotated[Optional[str], typer.Option(help="Which model of the run (default: its first)")] = None,
-    score: Annotated[
-        str, typer.Option(help="combined, attention or inversion (PNG and OME-TIFF)")
-    ] = "combined",
-    overlap: Annotated[float, typer.Option(help="Patch overlap when extracting (0.5 for a finer map)")] = 0.0,
-    fold: Annotated[str, typer.Option(help="'all' (ensemble) or a fold number")] = "all",
-    target: Annotated[
-        Optional[str], typer.Option(help="Class whose evidence is mapped (default: the prediction)")
-    ] = None,
-    mpp: opt.Mpp = None,
-    config: opt.Config = None,
-    device: opt.DeviceAuto = "auto",
-    no_viewer: Annotated[bool, typer.Option("--no-viewer", help="Skip the HTML viewer")] = False,
-):
-    """Per-patch attention + sparse-inversion scores -> PNG, QuPath GeoJSON, OME-TIFF, HTML."""
-    from .config import load_config
-    from .device import resolve_device
-    from .formats.scores import SCORE_NAMES
-    from .pipeline.heatmap import HeatmapRequest, heatmap_slide
-
-    if score not in SCORE_NAMES:
-        raise WsiMilError(f"--score {score}: choose {', '.join(SCORE_NAMES)}")
-    request = HeatmapRequest(model, fold, overlap, score, target, not no_viewer, str(resolve_device(device)))
-    summary = heatmap_slide(
-        slide, run, out or Path("heatmaps"), features=features, work=work, request=request,
-        cfg=load_config(config), mpp=mpp,
-    )  # fmt: skip
-    say(
-        f"{summary['slide']}: {summary['model']} ({summary['folds']} fold(s)) predicts "
-        f"{summary['predicted']} (p = {summary['probability']:.3f})"
-    )
-    for key in ("png", "geojson", "ome_tiff", "html", "scores"):
-        if key in summary:
-            say(f"  {key:8s} {summary[key]}")
-
-
-@app.command("evaluate-localization")
-@user_errors
-def evaluate_localization(
-    scores: Annotated[Path, typer.Option(help="Folder of <slide>_scores.h5 from 'wsi-mil heatmap'")],
-    annotations: Annotated[
-        Path, typer.Option(help="Folder of <slide>.xml (ASAP) or <slide>.geojson tumor annotations")
-    ],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="JSON file for the results")] = None,
-    pos_frac: Annotated[float, typer.Option(help="Tumor fraction that makes a patch positive")] = 0.5,
-):
-    """Patch-level AUC of each score and Camelyon16-style FROC against annotations."""
-    from .io import write_json
-    from .localization.evaluate import evaluate_folder
-
-    result = evaluate_folder(scores, annotations, pos_frac)
-    print_localization(result)
-    out = out or scores / "localization.json"
-    write_json(out, result)
-    say(f"-> {out}")
-
-
-@app.command()
-@user_errors
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder")] = Path("wsi_mil_demo"),
     slides: Annotated[int, typer.Option(help="Synthetic slides in the cohort")] = 24,
@@ -291,3 +218,8 @@ def demo(
     say(f"test AUC: {aucs}; patch AUC (combined): {summary['patch_auc']['combined']:.3f}")
     say(f"timings (s): {summary['timings_s']}")
     say(f"report: {out / 'report.html'}")
+
+
+from . import cli_review  # noqa: E402  registers heatmap, view and evaluate-localization on `app`
+
+cli_review.register(app)

@@ -219,10 +219,13 @@ def print_slide_info(infos: list[dict]) -> None:
 def print_localization(result: dict) -> None:
     rates = ("0.25", "1", "8")
     table = Table("score", "pooled patch AUC", "FROC", *[f"sens@{r}" for r in rates])
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     for n, auc in result["pooled_patch_auc"].items():
         f = result["froc"][n]
-        table.add_row(n, f"{auc:.3f}", f"{f['froc']:.3f}", *[f"{f['sensitivity'][r]:.3f}" for r in rates])
+        table.add_row(n, fmt(auc), fmt(f["froc"]), *[fmt(f["sensitivity"][r]) for r in rates])
     Console().print(table)
+    lesions = next(iter(result["froc"].values()))["lesions"]
+    say(f"slide AUC {fmt(result.get('slide_auc'))}; {lesions} lesion(s), isolated tumour cells excluded")
 
 
 def print_encoders(rows: list[dict]) -> None:

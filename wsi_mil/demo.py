@@ -26,9 +26,14 @@ from .io import write_json, write_text
 from .pipeline.layout import Layout
 from .pipeline.runner import run_stage
 from .pipeline.stages import ExtractStage
+from .training.report import markdown_html
 from .wsi.collect import SlideEntry
 
 DEMO_TILING = TilingConfig(target_mpp=1.0, patch_size=128, min_tissue=0.5)
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 def _img_tag(path: Path, width: int = 360) -> str:
@@ -130,6 +135,7 @@ def run_demo(
         "test_auc": {r["model"]: r["test"]["auc"] for r in results},
         "patch_auc": loc["pooled_patch_auc"],
         "froc": {k: v["froc"] for k, v in loc["froc"].items()},
+        "slide_auc": loc["slide_auc"],
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     _write_report(out, run_dir, heat_dir, truth_dir, slides_dir, shown, summary, encoder)
@@ -167,7 +173,7 @@ def _write_report(out, run_dir, heat_dir, truth_dir, slides_dir, shown, summary,
             f"<td>{_img_tag(truth_png)}</td><td>{_img_tag(heat_dir / f'{sid}_heatmap.png', 460)}</td></tr>"
         )
     loc_rows = "".join(
-        f"<tr><td>{n}</td><td>{summary['patch_auc'][n]:.3f}</td><td>{summary['froc'][n]:.3f}</td></tr>"
+        f"<tr><td>{n}</td><td>{_num(summary['patch_auc'][n])}</td><td>{_num(summary['froc'][n])}</td></tr>"
         for n in summary["patch_auc"]
     )
     timing_rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in summary["timings_s"].items())
@@ -180,9 +186,11 @@ segmentation, tiling, feature extraction ({html.escape(encoder)}, <b>random weig
 download is possible offline, so features are random convolutional features), 5-fold
 cross-validation of PSMIL and ABMIL with a held-out test set, heatmaps (PSMIL attention +
 sparse network inversion) and localization against the ground truth.</p>
-<h2>Slide-level classification</h2><pre>{html.escape(report_md)}</pre>
+<h2>Slide-level classification</h2>{markdown_html(report_md)}
 <p>{_img_tag(run_dir / "psmil" / "roc.png", 320)} {_img_tag(run_dir / "abmil" / "roc.png", 320)}</p>
-<h2>Localization (patch level, pooled over test slides)</h2>
+<h2>Localization (test slides)</h2>
+<p>Patch AUC pooled over the test slides (scores on one absolute scale) and Camelyon16's
+lesion-level FROC (its Evaluation_FROC.py protocol); slide AUC {_num(summary.get("slide_auc"))}.</p>
 <table><tr><th>score</th><th>patch AUC</th><th>FROC</th></tr>{loc_rows}</table>
 <h2>Heatmaps next to ground truth</h2>
 <table><tr><th>slide</th><th>ground truth (black outline)</th><th>PSMIL combined score</th></tr>{"".join(rows)}</table>

@@ -49,6 +49,14 @@ class RunFolder:
     def report_path(self) -> Path:
         return self.root / "report.md"
 
+    def read_calibration(self, model: str):
+        """The model's Platt scaling (calibration.json, written by crossval), or None for runs
+        made before it existed."""
+        from ..calibration import PlattScaling
+
+        path = self.model_dir(model) / "calibration.json"
+        return PlattScaling.from_dict(read_json(path)) if path.exists() else None
+
     def model_dir(self, model: str) -> Path:
         return self.root / model
 

@@ -2,10 +2,13 @@
 
 HDF5: `coords` int64 [N, 2] (level-0 top-left) and one float32 [N] dataset per score
 (`attention`, `inversion`, `combined`), attrs `prob` (slide-level class probabilities),
-`predicted` (the class whose evidence is scored), `patch_size_level0` and `qupath_offset`
-(what QuPath-frame annotations must be shifted by to meet these coords). The CSV holds the
-same columns (x, y, attention, inversion, combined). Files from wsi-mil 0.1 that call the
-combined score `score` are read too.
+`predicted` (the index of the class whose evidence is scored), `target` (its name), `scale`
+("absolute": P(class) x relative evidence, the same [0, 1] scale on every slide, see
+localization/scores.py), `patch_size_level0`, `mpp` (level-0 um/px), `slide_size` (level-0
+width, height) and `qupath_offset` (what QuPath-frame annotations must be shifted by to meet
+these coords). The CSV holds the same
+columns (x, y, attention, inversion, combined). Files from wsi-mil 0.1 (within-slide ranks,
+`scale` read as "rank"; the combined score called `score`) are read too.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ class PatchScores:
     predicted: int  # the class whose evidence the scores map
     size0: float = 256.0  # patch side in level-0 pixels
     qupath_offset: tuple[int, int] = (0, 0)  # our level-0 minus QuPath's (Slide.qupath_offset)
+    scale: str = "absolute"  # "absolute" (same meaning on every slide) or "rank" (wsi-mil 0.1 files)
+    target: str = ""  # name of the class whose evidence is scored
+    mpp: float = 0.0  # level-0 um/px of the slide (0: unknown)
+    slide_size: tuple[int, int] = (0, 0)  # level-0 width, height (0: unknown)
 
     def __post_init__(self) -> None:
         n = len(self.coords)
@@ -67,6 +74,10 @@ def write_scores(path: str | Path, scores: PatchScores) -> None:
             f.attrs["predicted"] = scores.predicted
             f.attrs["patch_size_level0"] = scores.size0
             f.attrs["qupath_offset"] = np.asarray(scores.qupath_offset, np.int64)
+            f.attrs["scale"] = scores.scale
+            f.attrs["target"] = scores.target
+            f.attrs["mpp"] = float(scores.mpp)
+            f.attrs["slide_size"] = np.asarray(scores.slide_size, np.int64)
 
 
 def read_scores(path: str | Path) -> PatchScores:
@@ -85,6 +96,10 @@ def read_scores(path: str | Path) -> PatchScores:
                 int(f.attrs.get("predicted", 0)),
                 size0,
                 tuple(int(v) for v in f.attrs.get("qupath_offset", (0, 0))),
+                str(f.attrs.get("scale", "rank")),
+                str(f.attrs.get("target", "")),
+                float(f.attrs.get("mpp", 0.0)),
+                tuple(int(v) for v in f.attrs.get("slide_size", (0, 0))),
             )
     except (OSError, KeyError, ValueError) as exc:
         raise WsiMilError(f"{path}: not a readable score file ({exc}); re-run 'wsi-mil heatmap'") from exc

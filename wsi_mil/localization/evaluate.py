@@ -1,31 +1,38 @@
-"""Localization against ground-truth tumor annotations: patch AUC and Camelyon16-style FROC.
+"""Localization against ground-truth tumor annotations: patch AUC, Camelyon16 FROC, slide AUC.
 
-Annotations: ASAP XML as distributed with Camelyon16 (groups `_0`/`_1`/`Tumor` are tumor,
-`_2` marks exclusion regions inside tumor) or GeoJSON polygons (any classification, or the
-one named). A patch is positive when at least `pos_frac` of it is tumor, negative when none of
-it is; patches in between are left out of the AUC.
-FROC follows Camelyon16's lesion-level protocol in patch form: detections are score-ordered
-patches kept by non-maximum suppression; a detection inside a lesion is a true positive for
-that lesion (each lesion counted once), otherwise a false positive; sensitivity is read at
-1/4, 1/2, 1, 2, 4 and 8 average false positives per slide, and the FROC score is their mean.
+Annotations, per slide, in the annotations folder: `<slide>.xml` (ASAP XML as distributed
+with Camelyon16: groups `_0`/`_1`/`Tumor` are tumor, `_2` marks exclusion regions inside
+tumor), `<slide>.geojson` (QuPath polygons) or a mask `<slide>_mask.tif` / `<slide>.tif`
+(Camelyon16's pyramidal masks, nonzero = tumor) or `.png` / `.npy` (any size; scaled to the
+slide). A slide without any annotation counts as tumor-free (Camelyon16 normals have none).
+- Patch AUC: a patch is positive when at least `pos_frac` of it is tumor, negative when none
+  of it is; patches in between are left out. Per slide and pooled over slides.
+- FROC: froc.py, Camelyon16's Evaluation_FROC.py on the scores' probability map.
+- Slide AUC: each slide's probability of the mapped class against tumor / no tumor.
+Scores must be on the absolute scale (`scale` attr): within-slide ranks from wsi-mil 0.1 are
+refused for FROC and pooled AUC, which compare values across slides.
 """
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, box
 from sklearn.metrics import roc_auc_score
 
 from ..errors import WsiMilError
-from ..formats.scores import SCORE_NAMES, read_scores
+from ..formats.scores import SCORE_NAMES, PatchScores, read_scores
 from ..formats.tissue_geojson import read_geojson_polygons, shift
+from . import froc as camelyon
+from .render import score_raster
 
-FP_RATES = (0.25, 0.5, 1, 2, 4, 8)
+MASK_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
 EXCLUSION_GROUPS = {"_2", "exclusion", "Exclusion"}
 
 
@@ -67,6 +74,7 @@ def read_annotation(path: str | Path, qupath_offset: tuple[int, int] = (0, 0)) -
 
 
 def patch_tumor_fraction(coords: np.ndarray, size0: float, tumor: MultiPolygon) -> np.ndarray:
+    """Fraction of each patch box inside the tumour polygons."""
     if tumor.is_empty:
         return np.zeros(len(coords))
     boxes = [box(x, y, x + size0, y + size0) for x, y in coords.tolist()]
@@ -77,85 +85,170 @@ def patch_tumor_fraction(coords: np.ndarray, size0: float, tumor: MultiPolygon) 
     return frac
 
 
-def patch_auc(scores: np.ndarray, frac: np.ndarray, pos_frac: float = 0.5) -> float:
+def patch_auc(scores: np.ndarray, frac: np.ndarray, pos_frac: float = 0.5) -> float | None:
+    """ROC AUC of positive (>= pos_frac tumor) against tumor-free patches; None if undefined."""
     pos, neg = frac >= pos_frac, frac <= 0
     keep = pos | neg
     if pos[keep].all() or not pos[keep].any():
-        return float("nan")
+        return None
     return float(roc_auc_score(pos[keep], scores[keep]))
 
 
 @dataclass
 class SlideLocalization:
+    """One slide's scores and ground truth: the tumour as polygons (level-0 pixels) and as a
+    mask at the evaluation level (downsample 2^level), both empty for a tumor-free slide."""
+
     slide: str
-    coords: np.ndarray
-    size0: float
-    scores: dict[str, np.ndarray]
+    scores: PatchScores
     tumor: MultiPolygon
+    mask: np.ndarray | None = None  # bool at downsample 2^level; None: rasterised from `tumor`
+    resolution: float = camelyon.CAMELYON_MPP  # level-0 um/px
+
+    @property
+    def is_tumor(self) -> bool:
+        return not self.tumor.is_empty or (self.mask is not None and bool(self.mask.any()))
+
+    def grid_shape(self, level: int) -> tuple[int, int]:
+        ds = 2**level
+        w, h = self.scores.slide_size
+        far = self.scores.coords.max(0) + self.scores.size0 if len(self.scores.coords) else np.zeros(2)
+        if not self.tumor.is_empty:
+            far = np.maximum(far, self.tumor.bounds[2:])
+        w, h = max(w, far[0]), max(h, far[1])
+        return int(math.ceil(h / ds)), int(math.ceil(w / ds))
+
+    def tumor_mask(self, level: int) -> np.ndarray:
+        if self.mask is not None:
+            return self.mask
+        shape = self.grid_shape(level)
+        mask = np.zeros(shape, np.uint8)
+        for poly in getattr(self.tumor, "geoms", []):
+            rings = [np.round(np.asarray(poly.exterior.coords)[:, :2] / 2**level).astype(np.int32)]
+            cv2.fillPoly(mask, rings, 1)
+            for hole in poly.interiors:
+                cv2.fillPoly(mask, [np.round(np.asarray(hole.coords)[:, :2] / 2**level).astype(np.int32)], 0)
+        return mask.astype(bool)
+
+    def patch_fraction(self, level: int) -> np.ndarray:
+        if self.mask is None:
+            return patch_tumor_fraction(self.scores.coords, self.scores.size0, self.tumor)
+        acc, cnt = _box_means(self.scores.coords, self.scores.size0, self.mask, 2**level)
+        return acc / np.maximum(cnt, 1)
 
 
-def _detections(loc: SlideLocalization, name: str, radius_patches: float = 2.0):
-    """(score, lesion index or -1) of NMS-kept detections, best first."""
-    s = loc.scores[name]
-    order = np.argsort(-s)
-    centres = loc.coords + loc.size0 / 2
-    suppressed = np.zeros(len(s), bool)
-    lesions = list(getattr(loc.tumor, "geoms", []))
-    out = []
-    r2 = (radius_patches * loc.size0) ** 2
-    for i in order:
-        if suppressed[i]:
-            continue
-        d2 = ((centres - centres[i]) ** 2).sum(1)
-        suppressed |= d2 <= r2
-        pt = shapely.Point(*centres[i])
-        hit = next((j for j, les in enumerate(lesions) if les.contains(pt)), -1)
-        out.append((float(s[i]), hit))
-    return out
+def _box_means(
+    coords: np.ndarray, size0: float, mask: np.ndarray, cell: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(tumour cells, cells) inside each patch box, from an integral image of the mask."""
+    integral = np.pad(mask.astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    h, w = mask.shape
+    x0 = np.clip(np.floor(coords[:, 0] / cell).astype(int), 0, w)
+    y0 = np.clip(np.floor(coords[:, 1] / cell).astype(int), 0, h)
+    x1 = np.clip(np.ceil((coords[:, 0] + size0) / cell).astype(int), 0, w)
+    y1 = np.clip(np.ceil((coords[:, 1] + size0) / cell).astype(int), 0, h)
+    acc = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return acc, (x1 - x0) * (y1 - y0).astype(np.float64)
 
 
-def froc(slides: list[SlideLocalization], name: str) -> dict:
-    """Sensitivity at FP_RATES average false positives per slide, and their mean."""
-    dets = []
-    n_lesions = 0
-    for k, loc in enumerate(slides):
-        n_lesions += len(getattr(loc.tumor, "geoms", []))
-        dets.extend((score, k, lesion) for score, lesion in _detections(loc, name))
-    dets.sort(key=lambda t: -t[0])
-    found, fps, curve = set(), 0, []
-    for _score, k, lesion in dets:
-        if lesion >= 0:
-            found.add((k, lesion))
+def slide_detections(
+    loc: SlideLocalization, name: str, level: int, min_prob: float
+) -> list[tuple[float, int, int]]:
+    """(p, x, y) local maxima of the slide's `name` score map at the evaluation level."""
+    cell = 2**level
+    prob_map, _ = score_raster(
+        loc.scores.coords, loc.scores.get(name), loc.scores.size0, loc.grid_shape(level), cell
+    )
+    return camelyon.detections(prob_map, cell, camelyon.nms_radius_cells(loc.resolution, level), min_prob)
+
+
+def froc(
+    slides: list[SlideLocalization], name: str, level: int = camelyon.EVALUATION_LEVEL, min_prob: float = 0.05
+) -> dict:
+    """Camelyon16 FROC of one score over the slides (froc.py)."""
+    per_slide = []
+    for loc in slides:
+        dets = slide_detections(loc, name, level, min_prob)
+        if loc.is_tumor:
+            lesions = camelyon.evaluation_mask(loc.tumor_mask(level), loc.resolution, level)
+            itc = camelyon.itc_labels(lesions, loc.resolution, level)
+            per_slide.append(camelyon.hits(dets, lesions, itc, level))
         else:
-            fps += 1
-        curve.append((fps / len(slides), len(found) / max(n_lesions, 1)))
-    sens = {}
-    for rate in FP_RATES:
-        ok = [s for f, s in curve if f <= rate]
-        sens[str(rate)] = float(max(ok)) if ok else 0.0
-    return {"sensitivity": sens, "froc": float(np.mean(list(sens.values()))), "lesions": n_lesions}
+            per_slide.append(camelyon.hits(dets, None, set(), level))
+    avg_fp, sensitivity = camelyon.froc_curve(per_slide)
+    return {**camelyon.froc_score(avg_fp, sensitivity), "lesions": int(sum(n for *_, n in per_slide))}
 
 
-def evaluate(slides: list[SlideLocalization], pos_frac: float = 0.5) -> dict:
-    """Patch AUC per slide and pooled, and FROC, for each score."""
-    names = list(slides[0].scores)
-    out = {"per_slide": {}, "pooled_patch_auc": {}, "froc": {}}
-    fracs = [patch_tumor_fraction(s.coords, s.size0, s.tumor) for s in slides]
-    for s, f in zip(slides, fracs):
-        out["per_slide"][s.slide] = {n: patch_auc(s.scores[n], f, pos_frac) for n in names}
-    for n in names:
-        out["pooled_patch_auc"][n] = patch_auc(
-            np.concatenate([s.scores[n] for s in slides]), np.concatenate(fracs), pos_frac
+def slide_auc(slides: list[SlideLocalization]) -> float | None:
+    """AUC of the slides' probability of the mapped class against tumor / tumor-free."""
+    y = [s.is_tumor for s in slides]
+    if all(y) or not any(y):
+        return None
+    return float(roc_auc_score(y, [float(s.scores.prob[s.scores.predicted]) for s in slides]))
+
+
+def evaluate(
+    slides: list[SlideLocalization], pos_frac: float = 0.5, level: int = camelyon.EVALUATION_LEVEL
+) -> dict:
+    """Patch AUC per slide and pooled, FROC for each score, and slide AUC."""
+    ranked = [s.slide for s in slides if s.scores.scale != "absolute"]
+    if ranked:
+        raise WsiMilError(
+            f"{', '.join(ranked[:3])}: scores are within-slide ranks (wsi-mil 0.1), not comparable "
+            "across slides; re-run 'wsi-mil heatmap' for absolute scores"
         )
-        out["froc"][n] = froc(slides, n)
+    out = {"per_slide": {}, "pooled_patch_auc": {}, "froc": {}, "slide_auc": slide_auc(slides)}
+    fracs = [s.patch_fraction(level) for s in slides]
+    for s, f in zip(slides, fracs):
+        out["per_slide"][s.slide] = {n: patch_auc(s.scores.get(n), f, pos_frac) for n in SCORE_NAMES}
+    for n in SCORE_NAMES:
+        out["pooled_patch_auc"][n] = patch_auc(
+            np.concatenate([s.scores.get(n) for s in slides]), np.concatenate(fracs), pos_frac
+        )
+        out["froc"][n] = froc(slides, n, level)
     return out
 
 
-def evaluate_folder(scores_dir: str | Path, annotations_dir: str | Path, pos_frac: float = 0.5) -> dict:
-    """Evaluate every `<slide>_scores.h5` that has `<slide>.xml` or `<slide>.geojson`.
+def read_mask(path: Path, grid: tuple[int, int], level: int) -> np.ndarray:
+    """A tumour mask file as a bool array on the evaluation grid (nonzero = tumor)."""
+    try:
+        if path.suffix == ".npy":
+            img = np.load(path)
+        elif path.suffix == ".png":
+            img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if img is None:
+                raise OSError("unreadable image")
+        else:
+            from ..wsi.readers import open_slide
 
-    A scored slide without an annotation counts as tumor-free (Camelyon16 normals have none).
-    """
+            with open_slide(path, mpp=1.0) as m:  # Camelyon16 masks: a pyramid at level-0 size
+                ds = 2**level
+                img = m.read_at_mpp(0, 0, *m.dimensions, m.mpp * ds)
+    except (OSError, ValueError) as exc:
+        raise WsiMilError(
+            f"{path}: not a readable tumor mask ({exc}); give a TIFF, PNG or .npy mask"
+        ) from exc
+    img = np.asarray(img)
+    if img.ndim == 3:
+        img = img[..., 0]
+    if img.shape != grid:
+        img = cv2.resize(img.astype(np.uint8), (grid[1], grid[0]), interpolation=cv2.INTER_NEAREST)
+    return img > 0
+
+
+def find_annotation(annotations_dir: Path, sid: str) -> Path | None:
+    names = [f"{sid}.xml", f"{sid}.geojson"] + [f"{sid}_mask{x}" for x in MASK_SUFFIXES]
+    names += [f"{sid}{x}" for x in MASK_SUFFIXES]
+    return next((annotations_dir / n for n in names if (annotations_dir / n).exists()), None)
+
+
+def evaluate_folder(
+    scores_dir: str | Path,
+    annotations_dir: str | Path,
+    pos_frac: float = 0.5,
+    level: int = camelyon.EVALUATION_LEVEL,
+) -> dict:
+    """Evaluate every `<slide>_scores.h5` against its annotation (none: tumor-free)."""
     scores_dir, annotations_dir = Path(scores_dir), Path(annotations_dir)
     files = sorted(scores_dir.glob("*_scores.h5"))
     if not files:
@@ -163,11 +256,12 @@ def evaluate_folder(scores_dir: str | Path, annotations_dir: str | Path, pos_fra
     slides = []
     for f in files:
         sid = f.name[: -len("_scores.h5")]
-        ann = next(
-            (p for p in (annotations_dir / f"{sid}.xml", annotations_dir / f"{sid}.geojson") if p.exists()),
-            None,
-        )
         ps = read_scores(f)
-        tumor = read_annotation(ann, ps.qupath_offset) if ann else MultiPolygon()
-        slides.append(SlideLocalization(sid, ps.coords, ps.size0, {n: ps.get(n) for n in SCORE_NAMES}, tumor))
-    return evaluate(slides, pos_frac)
+        loc = SlideLocalization(sid, ps, MultiPolygon(), resolution=ps.mpp or camelyon.CAMELYON_MPP)
+        ann = find_annotation(annotations_dir, sid)
+        if ann is not None and ann.suffix.lower() in (".xml", ".geojson", ".json"):
+            loc.tumor = read_annotation(ann, ps.qupath_offset)
+        elif ann is not None:
+            loc.mask = read_mask(ann, loc.grid_shape(level), level)
+        slides.append(loc)
+    return evaluate(slides, pos_frac, level)

@@ -2,7 +2,9 @@
 
 - QuPath GeoJSON: one `tile` object per patch (locked), measurements attention / inversion /
   combined, which QuPath imports and colours by measurement.
-- Pyramidal OME-TIFF of the coloured heatmap with the slide's size and mpp (tifffile, SubIFDs).
+- Pyramidal OME-TIFF of the coloured heatmap, RGBA (transparent wherever no patch was scored,
+  so laid over the slide in QuPath it hides nothing else), with the slide's size and physical
+  pixel size (tifffile, SubIFDs).
 - Self-contained HTML viewer: Deep Zoom tiles of the slide and of each score overlay, shown
   with a vendored OpenSeadragon (no network), opacity slider, score selector, top-k gallery.
 """
@@ -13,6 +15,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from urllib.parse import quote
 
 import cv2
 import numpy as np
@@ -21,6 +24,7 @@ from ..formats.scores import SCORE_NAMES, PatchScores
 from ..formats.tissue_geojson import qupath_feature, square
 from ..io import atomic_path
 from .render import colourise, score_raster
+from .scores import SCALE_LEGEND, display_values
 
 STATIC = Path(__file__).parent / "static"
 
@@ -56,17 +60,19 @@ def write_ome_tiff(
     slide_size: tuple[int, int],
     mpp: float,
     name: str = "combined",
+    scale: str = "absolute",
     tile: int = 512,
 ) -> None:
-    """Pyramidal RGB OME-TIFF of the heatmap at the slide's level-0 size and mpp."""
+    """Pyramidal RGBA OME-TIFF of the heatmap at the slide's level-0 size and mpp; alpha 0
+    wherever no patch was scored."""
     import tifffile
 
     width, height = slide_size
     cell = max(1.0, float(stride0))
     shape = (int(math.ceil(height / cell)), int(math.ceil(width / cell)))
-    mean, covered = score_raster(scores.coords, scores.get(name), size0, shape, cell)
-    rgb_cells = colourise(mean, covered)[..., :3].copy()
-    rgb_cells[~covered] = 0
+    mean, covered = score_raster(scores.coords, display_values(scores, name, scale), size0, shape, cell)
+    rgba_cells = colourise(mean, covered)
+    rgba_cells[~covered] = 0
     levels = [1]
     while max(width, height) / levels[-1] > 2048:
         levels.append(levels[-1] * 4)
@@ -77,21 +83,29 @@ def write_ome_tiff(
             rows = np.clip(((np.arange(ty, ty + tile) + 0.5) * ds / cell).astype(int), 0, shape[0] - 1)
             for tx in range(0, lw, tile):
                 cols = np.clip(((np.arange(tx, tx + tile) + 0.5) * ds / cell).astype(int), 0, shape[1] - 1)
-                yield rgb_cells[np.ix_(rows, cols)]
+                yield rgba_cells[np.ix_(rows, cols)]
 
+    legend = SCALE_LEGEND[scale].format(target=scores.target or "the mapped class")
     meta = {
         "axes": "YXS",
+        "Channel": {"Name": ["red", "green", "blue", "alpha"]},
         "PhysicalSizeX": mpp,
         "PhysicalSizeXUnit": "µm",
         "PhysicalSizeY": mpp,
         "PhysicalSizeYUnit": "µm",
-        "Name": f"wsi-mil {name} heatmap",
+        "Name": f"wsi-mil {name} heatmap ({legend})",
     }
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=width * height > 2**31, ome=True) as tif:
-        opts = dict(tile=(tile, tile), photometric="rgb", compression="zlib", dtype=np.uint8)
+        opts = dict(
+            tile=(tile, tile),
+            photometric="rgb",
+            extrasamples=["unassalpha"],
+            compression="zlib",
+            dtype=np.uint8,
+        )
         tif.write(
             tiles(1),
-            shape=(height, width, 3),
+            shape=(height, width, 4),
             subifds=len(levels) - 1,
             metadata=meta,
             resolution=(1e4 / mpp, 1e4 / mpp),
@@ -101,7 +115,7 @@ def write_ome_tiff(
         for ds in levels[1:]:
             tif.write(
                 tiles(ds),
-                shape=(max(1, height // ds), max(1, width // ds), 3),
+                shape=(max(1, height // ds), max(1, width // ds), 4),
                 subfiletype=1,
                 resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)),
                 resolutionunit="CENTIMETER",
@@ -163,7 +177,8 @@ body {{ margin: 0; font-family: system-ui, sans-serif; display: flex; height: 10
 <p>Prediction: <b>{prediction}</b> (p = {probability:.3f})</p>
 <label>Score <select id="score">{options}</select></label><br><br>
 <label>Overlay opacity <input id="opacity" type="range" min="0" max="1" step="0.05" value="0.5"></label>
-<div class="bar"></div><div style="display:flex;justify-content:space-between"><span>low</span><span>high</span></div>
+<div class="bar"></div><div style="display:flex;justify-content:space-between"><span>0</span><span>0.5</span><span>1</span></div>
+<p id="legend">{legend}</p>
 <p>Top {k} patches by the selected score (click to zoom):</p><div id="gallery"></div>
 <p id="status">loading</p><pre id="errors"></pre></div>
 <script>
@@ -205,8 +220,12 @@ def write_viewer(
     title: str,
     prediction: str,
     k: int = 12,
+    scale: str = "absolute",
 ) -> Path:
-    """The HTML viewer plus its tile folder `<name>_viewer/` next to it."""
+    """The HTML viewer plus its tile folder `<name>_viewer/` next to it (URLs percent-encoded,
+    so slide names with `#`, `%` or `?` work)."""
+    import html as html_lib
+
     html_path = Path(html_path)
     folder = html_path.with_name(html_path.stem + "_viewer")
     tmp_folder = folder.with_name(folder.name + ".partial")
@@ -215,14 +234,16 @@ def write_viewer(
     shutil.copy(STATIC / "openseadragon.min.js", tmp_folder)
     shutil.copy(STATIC / "OPENSEADRAGON_LICENSE.txt", tmp_folder)
     h, w = slide_rgb.shape[:2]
+    url = quote(folder.name)
     slide_src = write_dzi(slide_rgb, tmp_folder / "slide_files")
     overlays, top = {}, {}
     (tmp_folder / "top").mkdir()
     for name in SCORE_NAMES:
-        mean, covered = score_raster(scores.coords, scores.get(name), size0, (h, w), view_px_level0)
+        values = display_values(scores, name, scale)
+        mean, covered = score_raster(scores.coords, values, size0, (h, w), view_px_level0)
         show = covered if tissue_mask is None else covered & tissue_mask
         overlays[name] = write_dzi(colourise(mean, show), tmp_folder / f"{name}_files", fmt="png")
-        order = np.argsort(-scores.get(name))[:k]
+        order = np.argsort(-values)[:k]
         items = []
         for rank, i in enumerate(order):
             x, y = scores.coords[i]
@@ -234,28 +255,31 @@ def write_viewer(
             cv2.imwrite(str(tmp_folder / fname), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
             items.append(
                 {
-                    "src": f"{folder.name}/{fname}",
+                    "src": f"{url}/{fname}",
                     "x": float(x / view_px_level0 / w),
                     "y": float(y / view_px_level0 / w),
                     "w": float(size0 / view_px_level0 / w),
-                    "value": float(scores.get(name)[i]),
+                    "value": float(values[i]),
                 }
             )
         top[name] = items
     for src in [slide_src, *overlays.values()]:  # URLs relative to the HTML file
-        src["Image"]["Url"] = f"{folder.name}/{src['Image']['Url']}"
+        src["Image"]["Url"] = f"{url}/{quote(src['Image']['Url'])}"
     data = {"slide": slide_src, "overlays": overlays, "top": top}
     options = "".join(
         f'<option value="{n}"{" selected" if n == "combined" else ""}>{n}</option>' for n in SCORE_NAMES
     )
+    esc = html_lib.escape
+    legend = SCALE_LEGEND[scale].format(target=scores.target or "the mapped class")
     html = VIEWER_HTML.format(
-        title=title,
-        prediction=prediction,
+        title=esc(title),
+        prediction=esc(prediction),
         probability=float(scores.prob.max()),
         options=options,
         k=k,
-        folder=folder.name,
-        data=json.dumps(data),
+        folder=esc(url),
+        legend=esc(legend),
+        data=json.dumps(data).replace("</", "<\\/"),
     )
     shutil.rmtree(folder, ignore_errors=True)
     tmp_folder.rename(folder)

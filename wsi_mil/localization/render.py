@@ -82,8 +82,8 @@ def heatmap_overlay(
     return (thumb.astype(np.float32) * (1 - a) + rgba[..., :3].astype(np.float32) * a).astype(np.uint8)
 
 
-def overlay_figure(overlay: np.ndarray, title: str, out_png, label: str = "score") -> None:
-    """Save the overlay with a colour bar and a title (predicted label and probability)."""
+def overlay_figure(overlay: np.ndarray, title: str, out_png, legend: str = "score") -> None:
+    """Save the overlay with a colour bar (`legend` says what the number means) and a title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,7 +104,7 @@ def overlay_figure(overlay: np.ndarray, title: str, out_png, label: str = "score
         ax=ax,
         fraction=0.03,
         pad=0.01,
-        label=f"{label} (rank within slide; high = evidence for the prediction)",
+        label=legend,
     )
     fig.tight_layout()
     save_figure(out_png, fig, dpi=110)

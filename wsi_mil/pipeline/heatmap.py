@@ -22,7 +22,7 @@ from ..formats.run import RunFolder, load_ensemble
 from ..formats.scores import write_scores
 from ..localization.export import write_geojson, write_ome_tiff, write_viewer
 from ..localization.render import heatmap_overlay, overlay_figure
-from ..localization.scores import score_bag
+from ..localization.scores import SCALE_LEGEND, SCALES, display_values, score_bag
 from ..wsi.collect import SlideEntry
 from ..wsi.readers import open_slide
 from .layout import Layout
@@ -40,7 +40,8 @@ class HeatmapRequest:
     fold: str = "all"
     overlap: float = 0.0
     score: str = "combined"
-    target: str | None = None
+    scale: str = "absolute"  # or "rank": within-slide ranks, for display only
+    target: str | None = None  # None: localization.scores.mapped_class
     viewer: bool = True
     device: str = "cpu"
 
@@ -104,6 +105,16 @@ def heatmap_slide(
     classes = run_folder.read_classes()
     if req.target is not None and req.target not in classes:
         raise WsiMilError(f"--target {req.target}: not a class of this run ({', '.join(classes)})")
+    if req.scale not in SCALES:
+        raise WsiMilError(f"--scale {req.scale}: use one of {', '.join(SCALES)}")
+    calibration = run_folder.read_calibration(name)
+    if calibration is None:
+        log.warning(
+            "%s: no calibration.json for %s (a run from before wsi-mil 0.2); heatmap scores use "
+            "raw slide probabilities; re-run 'wsi-mil crossval' to calibrate",
+            run_folder.root,
+            name,
+        )
     work = Path(work) if work else default_work_folder(run_folder, out)
     if features is None:
         stage = extraction_stage(run_folder, work, cfg, req.overlap, req.device)
@@ -127,12 +138,15 @@ def heatmap_slide(
         c,
         hcfg.combine_weight,
         target=classes.index(req.target) if req.target is not None else None,
+        classes=classes,
+        calibration=calibration,
         steps=hcfg.inversion_steps,
         lr=hcfg.inversion_lr,
         lam=hcfg.inversion_lambda,
         score=hcfg.inversion_score,
     )
     scores.size0 = size0 = float(bag.attrs.get("patch_size_level0", 256))
+    scores.target = target = classes[scores.predicted]
     stride0 = size0 * (1 - float(bag.attrs.get("overlap", 0.0)))
     sid = entry.name
     paths = {
@@ -146,27 +160,32 @@ def heatmap_slide(
     predicted = int(scores.prob.argmax())
     label = classes[predicted]
     with open_slide(entry.path, mpp) as slide:
-        scores.qupath_offset = slide.qupath_offset
+        scores.qupath_offset, scores.mpp = slide.qupath_offset, slide.mpp
+        scores.slide_size = tuple(int(v) for v in slide.dimensions)
         tissue = stage.tissue_for(slide, entry)
         write_scores(paths["scores"], scores)
         write_scores(paths["csv"], scores)
         write_geojson(paths["geojson"], scores, size0, slide.qupath_offset)
         thumb, thumb_mpp = slide.thumbnail_at_mpp(hcfg.thumb_mpp)
         thumb_px = thumb_mpp / slide.mpp
-        overlay = heatmap_overlay(
-            thumb, thumb_px, scores.coords, scores.get(req.score), size0, tissue, hcfg.blur
-        )
+        values = display_values(scores, req.score, req.scale)
+        overlay = heatmap_overlay(thumb, thumb_px, scores.coords, values, size0, tissue, hcfg.blur)
         title = (
-            f"{sid}: {name} predicts {label} (p = {scores.prob[predicted]:.3f}); {req.score} "
-            f"score for {classes[scores.predicted]}"
+            f"{sid}: {name} predicts {label} (p = {scores.prob[predicted]:.3f}); "
+            f"{req.score} evidence for {target}"
         )
-        overlay_figure(overlay, title, paths["png"], req.score)
-        write_ome_tiff(paths["ome_tiff"], scores, size0, stride0, slide.dimensions, slide.mpp, req.score)
+        legend = f"{req.score}: " + SCALE_LEGEND[req.scale].format(target=target)
+        overlay_figure(overlay, title, paths["png"], legend)
+        write_ome_tiff(
+            paths["ome_tiff"], scores, size0, stride0, slide.dimensions, slide.mpp, req.score, req.scale
+        )
         if req.viewer:
             view, view_mpp = slide.thumbnail_at_mpp(max(hcfg.viewer_mpp, slide.mpp))
             view_px = view_mpp / slide.mpp
             tmask = tissue.rasterize(view.shape[1], view.shape[0], view_px).astype(bool)
-            write_viewer(paths["html"], view, view_px, scores, size0, tmask, sid, label, hcfg.top_k)
+            write_viewer(
+                paths["html"], view, view_px, scores, size0, tmask, sid, label, hcfg.top_k, req.scale
+            )
         else:
             paths.pop("html")
     return {
@@ -175,6 +194,7 @@ def heatmap_slide(
         "folds": len(models),
         "predicted": label,
         "probability": float(scores.prob[predicted]),
-        "target": classes[scores.predicted],
+        "target": target,
+        "scale": req.scale,
         **{k: str(v) for k, v in paths.items()},
     }

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from .. import __version__
+from ..calibration import PlattScaling
 from ..config import TrainConfig
 from ..device import resolve_device
 from ..errors import WsiMilError
@@ -133,9 +134,13 @@ def summarise_model(
     test_df = splits[splits.split == "test"]
     test_ds = datasets(test_df, cfg, False, loaded) if len(test_df) else None
     fold_probs, thresholds, fold_val, histories = [], [], [], []
+    oof_probs, oof_labels = [], []  # out-of-fold validation predictions, for calibration
     for k in sorted(train_df.fold.unique()):
         model, ckpt = load_fold_model(run.fold_dir(model_name, k), device)
         thresholds.append(ckpt["threshold"])
+        val_df = train_df[train_df.fold == k]
+        oof_probs.append(predict_probs(model, datasets(val_df, cfg, False, loaded), device))
+        oof_labels.append(val_df.label.values)
         fold_val.append(run.read_fold_metrics(model_name, k))
         histories.append(run.read_fold_history(model_name, k))
         if test_ds is not None:
@@ -167,6 +172,8 @@ def summarise_model(
             pred.to_csv(tmp, index=False)
         result["test"] = compute_metrics(y, mean_prob, vote)
         result["test_ci"] = bootstrap_ci(y, mean_prob, vote, cfg.bootstrap, cfg.seed)
+    calibration = PlattScaling.fit(np.concatenate(oof_probs), np.concatenate(oof_labels))
+    write_json(model_dir / "calibration.json", calibration.to_dict())
     write_json(model_dir / "metrics.json", result)
     save_plots(model_dir, model_name, y, mean_prob, histories, cohort.classes)
     return result

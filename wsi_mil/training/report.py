@@ -101,4 +101,46 @@ def write_report(out: Path, results: list[dict], splits: pd.DataFrame, cfg: Trai
     ]
     text = "\n".join(lines) + "\n"
     write_text(out / "report.md", text)
+    write_text(out / "report.html", f"<!DOCTYPE html><html><body>{markdown_html(text)}</body></html>\n")
     return text
+
+
+def markdown_html(text: str) -> str:
+    """HTML of the Markdown this module writes: headings, pipe tables, paragraphs, `code`."""
+    import html
+    import re
+
+    def inline(t: str) -> str:
+        return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(t))
+
+    out, para, rows = [], [], []
+
+    def flush():
+        if para:
+            out.append(f"<p>{inline(' '.join(para))}</p>")
+            para.clear()
+        if rows:
+            cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
+            body = [r for r in cells[1:] if not all(set(c) <= set("-: ") for c in r)]
+            head = "".join(f"<th>{inline(c)}</th>" for c in cells[0])
+            trs = "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in body)
+            out.append(f"<table><tr>{head}</tr>{trs}</table>")
+            rows.clear()
+
+    for line in text.splitlines():
+        heading = re.match(r"(#+) (.*)", line)
+        if line.startswith("|"):
+            if para:
+                flush()
+            rows.append(line)
+        elif heading or not line.strip():
+            flush()
+            if heading:
+                level = len(heading.group(1)) + 1  # the page's own title is the h1
+                out.append(f"<h{level}>{inline(heading.group(2))}</h{level}>")
+        else:
+            if rows:
+                flush()
+            para.append(line.strip())
+    flush()
+    return "\n".join(out)

@@ -1,0 +1,151 @@
+"""`wsi-mil` review commands: heatmap, view (the local review server), evaluate-localization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import console as opt
+from .console import print_localization, say, user_errors
+from .errors import WsiMilError
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @user_errors
+    def heatmap(
+        slide: Annotated[Path, typer.Argument(help="The slide file")],
+        run: opt.RunDir,
+        out: Annotated[
+            Optional[Path], typer.Option("--out", "-o", help="Output folder (default heatmaps/)")
+        ] = None,
+        features: Annotated[
+            Optional[Path], typer.Option(help="The slide's feature .h5 (else from the work folder)")
+        ] = None,
+        work: Annotated[
+            Optional[Path],
+            typer.Option(
+                help="Work folder for the slide's tissue, patches and features (default: the run's)"
+            ),
+        ] = None,
+        model: Annotated[
+            Optional[str], typer.Option(help="Which model of the run (default: its first)")
+        ] = None,
+        score: Annotated[
+            str, typer.Option(help="combined, attention or inversion (PNG and OME-TIFF)")
+        ] = "combined",
+        overlap: Annotated[
+            float, typer.Option(help="Patch overlap when extracting (0.5 for a finer map)")
+        ] = 0.0,
+        fold: Annotated[str, typer.Option(help="'all' (ensemble) or a fold number")] = "all",
+        target: Annotated[
+            Optional[str], typer.Option(help="Class whose evidence is mapped (default: the positive class)")
+        ] = None,
+        scale: Annotated[
+            str,
+            typer.Option(help="Map colours: absolute (same 0-1 scale on every slide) or rank (within slide)"),
+        ] = "absolute",
+        mpp: opt.Mpp = None,
+        config: opt.Config = None,
+        device: opt.DeviceAuto = "auto",
+        no_viewer: Annotated[bool, typer.Option("--no-viewer", help="Skip the HTML viewer")] = False,
+    ):
+        """Per-patch attention + sparse-inversion scores -> PNG, QuPath GeoJSON, OME-TIFF, HTML."""
+        from .config import load_config
+        from .device import resolve_device
+        from .formats.scores import SCORE_NAMES
+        from .pipeline.heatmap import HeatmapRequest, heatmap_slide
+
+        if score not in SCORE_NAMES:
+            raise WsiMilError(f"--score {score}: choose {', '.join(SCORE_NAMES)}")
+        request = HeatmapRequest(
+            model, fold, overlap, score, scale, target, not no_viewer, str(resolve_device(device))
+        )
+        summary = heatmap_slide(
+            slide, run, out or Path("heatmaps"), features=features, work=work, request=request,
+            cfg=load_config(config), mpp=mpp,
+        )  # fmt: skip
+        say(
+            f"{summary['slide']}: {summary['model']} ({summary['folds']} fold(s)) predicts "
+            f"{summary['predicted']} (p = {summary['probability']:.3f})"
+        )
+        for key in ("png", "geojson", "ome_tiff", "html", "scores"):
+            if key in summary:
+                say(f"  {key:8s} {summary[key]}")
+
+    @app.command("evaluate-localization")
+    @user_errors
+    def evaluate_localization(
+        scores: Annotated[Path, typer.Option(help="Folder of <slide>_scores.h5 from 'wsi-mil heatmap'")],
+        annotations: Annotated[
+            Path,
+            typer.Option(
+                help="Folder of <slide>.xml (ASAP), <slide>.geojson or <slide>_mask.tif tumor annotations"
+            ),
+        ],
+        out: Annotated[Optional[Path], typer.Option("--out", "-o", help="JSON file for the results")] = None,
+        pos_frac: Annotated[float, typer.Option(help="Tumor fraction that makes a patch positive")] = 0.5,
+    ):
+        """Patch AUC, Camelyon16 FROC (its Evaluation_FROC.py) and slide AUC against annotations."""
+        from .io import write_json
+        from .localization.evaluate import evaluate_folder
+
+        result = evaluate_folder(scores, annotations, pos_frac)
+        print_localization(result)
+        out = out or scores / "localization.json"
+        write_json(out, result)
+        say(f"-> {out}")
+
+    @app.command()
+    @user_errors
+    def view(
+        slide: Annotated[Path, typer.Argument(help="The slide file")],
+        run: Annotated[
+            Optional[Path], typer.Option(help="A crossval run: score the slide with it first")
+        ] = None,
+        scores: Annotated[
+            Optional[Path], typer.Option(help="A <slide>_scores.h5 from 'wsi-mil heatmap' (instead of --run)")
+        ] = None,
+        out: Annotated[Path, typer.Option("--out", "-o", help="Where --run writes the scores")] = Path(
+            "heatmaps"
+        ),
+        model: Annotated[Optional[str], typer.Option(help="Which model of the run")] = None,
+        target: Annotated[Optional[str], typer.Option(help="Class whose evidence is mapped")] = None,
+        scale: Annotated[str, typer.Option(help="absolute or rank (within slide)")] = "absolute",
+        host: Annotated[
+            str, typer.Option(help="Address to bind (keep 127.0.0.1 for patient data)")
+        ] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="Port (0: any free one)")] = 8000,
+        mpp: opt.Mpp = None,
+        device: opt.DeviceAuto = "auto",
+    ):
+        """Review a slide with its scores in the browser: Deep Zoom to level-0 pixels, score layers."""
+        from .device import resolve_device
+        from .formats.scores import read_scores
+        from .localization.scores import SCALES
+        from .localization.server import Review, make_server
+        from .wsi.readers import open_slide
+
+        if (run is None) == (scores is None):
+            raise WsiMilError("give --run RUN (score the slide now) or --scores FILE (scored before)")
+        if scale not in SCALES:
+            raise WsiMilError(f"--scale {scale}: use one of {', '.join(SCALES)}")
+        if run is not None:
+            from .pipeline.heatmap import HeatmapRequest, heatmap_slide
+
+            request = HeatmapRequest(model, target=target, viewer=False, device=str(resolve_device(device)))
+            summary = heatmap_slide(slide, run, out, request=request, mpp=mpp)
+            scores = Path(summary["scores"])
+        patch_scores = read_scores(scores)
+        with open_slide(slide, mpp) as s:
+            title = f"{slide.name}: evidence for {patch_scores.target or 'the mapped class'}"
+            server = make_server(Review(s, patch_scores, title, scale), host, port)
+            say(f"serving {slide.name} at http://{host}:{server.server_address[1]}/  (Ctrl-C to stop)")
+            try:
+                server.serve_forever()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                server.server_close()
