@@ -17,7 +17,8 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     report = (out / "report.html").read_text()
-    assert "Slide-level classification" in report and "| psmil |" in report
+    assert "Slide-level classification" in report and "<td>psmil</td>" in report  # Markdown rendered
+    assert "| psmil |" not in report and "slide AUC" in report
     assert "patch AUC" in report and report.count("data:image/png;base64") >= 4
     assert "random weights" in report
     summary = json.loads((out / "summary.json").read_text())

@@ -240,3 +240,56 @@ def test_html_viewer_loads_in_headless_chromium(tmp_path):
         viewer[..., 0].astype(int) - viewer[..., 2] > 120
     )
     assert strong.mean() > 0.05
+
+
+def test_platt_scaling_spreads_uncalibrated_probabilities_and_stays_finite_when_separable():
+    from wsi_mil.calibration import PlattScaling
+
+    # a briefly trained model: every slide near 0.5, yet perfectly separated
+    p_pos = np.array([0.62, 0.66, 0.7, 0.64])
+    p_neg = np.array([0.44, 0.47, 0.45, 0.5])
+    prob = np.stack([1 - np.r_[p_pos, p_neg], np.r_[p_pos, p_neg]], 1)
+    labels = np.r_[np.ones(4, int), np.zeros(4, int)]
+    cal = PlattScaling.fit(prob, labels)
+    assert np.isfinite(cal.a).all() and cal.a[1] > 1
+    out = cal.apply(prob, 1)
+    assert out[:4].min() > 0.7 and out[4:].max() < 0.3  # Platt's targets: 5/6 and 1/6
+    assert PlattScaling.from_dict(cal.to_dict()).apply(prob, 1) == pytest.approx(out)
+
+
+def test_scores_are_gated_by_the_slide_probability_and_mapped_to_the_positive_class():
+    from wsi_mil.calibration import PlattScaling
+    from wsi_mil.localization.scores import display_values, mapped_class, score_bag
+
+    assert mapped_class(["normal", "tumor"], np.array([0.9, 0.1])) == 1
+    assert mapped_class(["Tumor", "Normal"], np.array([0.9, 0.1])) == 0
+    assert mapped_class(["LUAD", "LUSC"], np.array([0.3, 0.7])) == 1  # subtyping: the prediction
+    model = MeanLinear()
+    coords = torch.zeros(4, 2, dtype=torch.long)
+    negative = torch.tensor([[-3.0, 1.0], [-2.0, 1.0], [-2.5, 1.0], [-1.0, 1.0]])  # P(class 1) ~ 0.1
+    s = score_bag([model], negative, coords, classes=["normal", "tumor"], steps=3)
+    assert s.predicted == 1 and s.prob[1] < 0.15
+    assert s.combined.max() <= s.prob[1] + 1e-6  # a slide called negative stays cold
+    assert display_values(s, "combined", "rank").max() == 1.0  # ranks: an explicit display option
+    cal = PlattScaling([1.0, 3.0], [0.0, -1.0])  # sharper: P -> sigmoid(3 logit(P) - 1)
+    s2 = score_bag([model], negative, coords, classes=["normal", "tumor"], calibration=cal, steps=3)
+    assert s2.combined.max() < s.combined.max()
+
+
+def test_static_viewer_urls_are_percent_encoded(tmp_path):
+    slide = np.full((200, 300, 3), 230, np.uint8)
+    coords = np.array([[0, 0], [200, 0]], np.int64)
+    v = np.array([0.2, 0.9])
+    scores = PatchScores(coords, v, v, v, np.array([0.1, 0.9]), 1, 200.0, target="tumor")
+    html = write_viewer(tmp_path / "a#1 50%?.html", slide, 2.0, scores, 200.0, None, "a#1", "tumor", 2)
+    text = html.read_text()
+    assert 'src="a%231%2050%25%3F_viewer/openseadragon.min.js"' in text
+    assert "a%231%2050%25%3F_viewer/slide_files/" in text and "same 0-1 scale" in text
+
+
+def test_report_markdown_renders_as_html_tables():
+    from wsi_mil.training.report import markdown_html
+
+    out = markdown_html("# Title\n\ntext with `code`\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    assert "<h2>Title</h2>" in out and "<code>code</code>" in out
+    assert "<table><tr><th>a</th><th>b</th></tr><tr><td>1</td><td>2</td></tr></table>" in out

@@ -204,3 +204,15 @@ def test_matches_torchmil_abmil_and_dsmil():
     torch.testing.assert_close(out.logits[0], y_t[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.extras["attention"][:, 0], a_t[0].view(-1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.extras["max_logits"][0], inst_t[0].max(), atol=1e-5, rtol=1e-5)
+
+
+def test_dtfd_makes_exactly_n_groups_pseudo_bags_as_array_split():
+    """The authors split with np.array_split: 9 instances in 4 groups give 4 pseudo-bags
+    (3, 2, 2, 2); torch.chunk would give 3."""
+    from wsi_mil.models import create_model
+
+    model = create_model("dtfd", 8, 2, n_groups=4).eval()
+    groups = model._split(torch.randn(9, 8))
+    assert [len(g) for g in groups] == [3, 2, 2, 2]
+    assert sorted(torch.cat(groups).tolist()) == list(range(9))
+    assert len(model._split(torch.randn(2, 8))) == 2

@@ -163,21 +163,26 @@ def write_dzi(image: np.ndarray, folder: Path, fmt: str = "jpg", tile: int = 254
     }
 
 
+VIEWER_STYLE = """<style>
+body { margin: 0; font-family: system-ui, sans-serif; display: flex; height: 100vh; }
+#viewer { flex: 1; background: #222; }
+#side { width: 290px; padding: 10px; overflow-y: auto; background: #f6f6f6; font-size: 13px; }
+#side img { width: 80px; height: 80px; margin: 2px; cursor: pointer; border: 2px solid #ccc; }
+.bar { height: 12px; background: linear-gradient(to right, #00008f, #00f, #0ff, #ff0, #f00, #800000); }
+</style>
+"""  # shared by the static export and `wsi-mil view`
+OPACITY_AND_COLOUR_BAR = """<label>Overlay opacity <input id="opacity" type="range" min="0" max="1" step="0.05" value="0.5"></label>
+<div class="bar"></div><div style="display:flex;justify-content:space-between"><span>0</span><span>0.5</span><span>1</span></div>"""
+
+
 VIEWER_HTML = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>wsi-mil: {title}</title>
-<style>
-body {{ margin: 0; font-family: system-ui, sans-serif; display: flex; height: 100vh; }}
-#viewer {{ flex: 1; background: #222; }}
-#side {{ width: 280px; padding: 10px; overflow-y: auto; background: #f6f6f6; font-size: 13px; }}
-#side img {{ width: 80px; height: 80px; margin: 2px; cursor: pointer; border: 2px solid #ccc; }}
-.bar {{ height: 12px; background: linear-gradient(to right, #00008f, #00f, #0ff, #ff0, #f00, #800000); }}
-</style></head>
+{style}</head>
 <body><div id="viewer"></div><div id="side">
 <h3 style="margin-top:0">{title}</h3>
 <p>Prediction: <b>{prediction}</b> (p = {probability:.3f})</p>
 <label>Score <select id="score">{options}</select></label><br><br>
-<label>Overlay opacity <input id="opacity" type="range" min="0" max="1" step="0.05" value="0.5"></label>
-<div class="bar"></div><div style="display:flex;justify-content:space-between"><span>0</span><span>0.5</span><span>1</span></div>
+{colour_bar}
 <p id="legend">{legend}</p>
 <p>Top {k} patches by the selected score (click to zoom):</p><div id="gallery"></div>
 <p id="status">loading</p><pre id="errors"></pre></div>
@@ -272,6 +277,8 @@ def write_viewer(
     esc = html_lib.escape
     legend = SCALE_LEGEND[scale].format(target=scores.target or "the mapped class")
     html = VIEWER_HTML.format(
+        style=VIEWER_STYLE,
+        colour_bar=OPACITY_AND_COLOUR_BAR,
         title=esc(title),
         prediction=esc(prediction),
         probability=float(scores.prob.max()),

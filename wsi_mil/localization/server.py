@@ -18,7 +18,6 @@ import threading
 from functools import lru_cache
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import cv2
@@ -27,10 +26,9 @@ import numpy as np
 from ..formats.scores import SCORE_NAMES, PatchScores
 from ..wsi.deepzoom import DeepZoom, SlideDeepZoom
 from ..wsi.slide import Slide
+from .export import OPACITY_AND_COLOUR_BAR, STATIC, VIEWER_STYLE
 from .render import colourise, score_raster
 from .scores import SCALE_LEGEND, display_values
-
-STATIC = Path(__file__).parent / "static"
 
 
 def patch_stride(coords: np.ndarray, size0: float) -> float:
@@ -135,18 +133,11 @@ class Review:
 
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>wsi-mil: {title}</title>
-<style>
-body {{ margin: 0; font-family: system-ui, sans-serif; display: flex; height: 100vh; }}
-#viewer {{ flex: 1; background: #222; }}
-#side {{ width: 290px; padding: 10px; overflow-y: auto; background: #f6f6f6; font-size: 13px; }}
-#side img {{ width: 80px; height: 80px; margin: 2px; cursor: pointer; border: 2px solid #ccc; }}
-.bar {{ height: 12px; background: linear-gradient(to right, #00008f, #00f, #0ff, #ff0, #f00, #800000); }}
-</style></head>
+{style}</head>
 <body><div id="viewer"></div><div id="side">
 <h3 style="margin-top:0">{title}</h3>
 <label>Score <select id="score"></select></label><br><br>
-<label>Overlay opacity <input id="opacity" type="range" min="0" max="1" step="0.05" value="0.5"></label>
-<div class="bar"></div><div style="display:flex;justify-content:space-between"><span>0</span><span>0.5</span><span>1</span></div>
+{colour_bar}
 <p id="legend"></p>
 <p>Click a patch for its scores.</p><pre id="patch"></pre>
 <p>Top patches by the selected score (click to zoom):</p><div id="gallery"></div>
@@ -204,7 +195,9 @@ document.getElementById('opacity').oninput = function (e) {{ if (overlay) overla
 
 
 def make_handler(review: Review) -> type[BaseHTTPRequestHandler]:
-    page = PAGE.format(title=html.escape(review.title)).encode()
+    page = PAGE.format(
+        style=VIEWER_STYLE, colour_bar=OPACITY_AND_COLOUR_BAR, title=html.escape(review.title)
+    ).encode()
     info = json.dumps(review.info()).encode()
 
     class Handler(BaseHTTPRequestHandler):

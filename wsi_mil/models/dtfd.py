@@ -56,7 +56,9 @@ class DTFDMIL(MILModel):
             proj = torch.randn(features.shape[1], generator=g).to(features)
             order = torch.argsort(features.detach() @ proj, stable=True)
             perm = order[torch.randperm(n, generator=g).to(features.device)]
-        return [c for c in torch.chunk(perm, min(self.n_groups, n)) if len(c)]
+        # np.array_split in the authors' code: exactly min(n_groups, n) pseudo-bags (torch.chunk
+        # would give 3 for 9 instances and 4 groups)
+        return list(torch.tensor_split(perm, min(self.n_groups, n)))
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
         h_all = self.reduce(features)
@@ -70,8 +72,10 @@ class DTFDMIL(MILModel):
             if self.distill == "AFS":
                 distilled.append(z.unsqueeze(0))
             else:
-                # instance probabilities: classifier on attention-weighted features
-                probs = torch.softmax(self.classifier(h * a.unsqueeze(1) * len(h)), dim=1)
+                # instance probabilities as the authors' get_cam_1d: the classifier's weights
+                # (no bias) on each attention-weighted instance feature a_i h_i
+                cam = (h * a.unsqueeze(1)) @ self.classifier[1].weight.T
+                probs = torch.softmax(cam, dim=1)
                 pos = probs[:, -1]
                 picks = [pos.argmax()] + ([pos.argmin()] if self.distill == "MaxMinS" else [])
                 distilled.append(h[torch.stack(picks)])
