@@ -86,7 +86,7 @@ def read_scores(path: str | Path) -> PatchScores:
         with h5py.File(path, "r") as f:
             coords = f["coords"][:]
             combined = f["combined"][:] if "combined" in f else f["score"][:]
-            size0 = float(f.attrs.get("patch_size_level0", 0)) or _patch_size_for(coords)
+            size0 = float(f.attrs.get("patch_size_level0", 0)) or grid_step(coords)
             return PatchScores(
                 coords,
                 f["attention"][:],
@@ -105,6 +105,8 @@ def read_scores(path: str | Path) -> PatchScores:
         raise WsiMilError(f"{path}: not a readable score file ({exc}); re-run 'wsi-mil heatmap'") from exc
 
 
-def _patch_size_for(coords: np.ndarray) -> float:
-    xs = np.unique(coords[:, 0])
-    return float(np.diff(xs).min()) if len(xs) > 1 else 256.0
+def grid_step(coords: np.ndarray, default: float = 256.0) -> float:
+    """The patches' grid step along x (their size without overlap; `default` if undecidable)."""
+    xs = np.unique(coords[:, 0]) if len(coords) else np.zeros(0)
+    steps = np.diff(xs)
+    return float(steps[steps > 0].min()) if (steps > 0).any() else float(default)

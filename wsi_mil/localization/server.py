@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlparse
 import cv2
 import numpy as np
 
-from ..formats.scores import SCORE_NAMES, PatchScores
+from ..formats.scores import SCORE_NAMES, PatchScores, grid_step
 from ..wsi.deepzoom import DeepZoom, SlideDeepZoom
 from ..wsi.slide import Slide
 from .export import OPACITY_AND_COLOUR_BAR, STATIC, VIEWER_STYLE
@@ -31,19 +31,12 @@ from .render import colourise, score_raster
 from .scores import SCALE_LEGEND, display_values
 
 
-def patch_stride(coords: np.ndarray, size0: float) -> float:
-    """The grid step of the patches (smaller than their size when they overlap)."""
-    xs = np.unique(coords[:, 0]) if len(coords) else np.zeros(0)
-    steps = np.diff(xs)
-    return float(min(steps[steps > 0].min(), size0)) if (steps > 0).any() else float(size0)
-
-
 class ScoreLayer:
     """A score as Deep Zoom RGBA tiles over the slide's level-0 frame (one cell per patch step)."""
 
     def __init__(self, dz: DeepZoom, scores: PatchScores, values: np.ndarray):
         self.dz = dz
-        self.cell = max(1.0, patch_stride(scores.coords, scores.size0))
+        self.cell = max(1.0, min(grid_step(scores.coords, scores.size0), scores.size0))
         shape = (int(np.ceil(dz.height / self.cell)), int(np.ceil(dz.width / self.cell)))
         self.mean, self.covered = score_raster(scores.coords, values, scores.size0, shape, self.cell)
 
