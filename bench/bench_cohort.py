@@ -25,13 +25,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_extract import REAL, clam_baseline, grid_for  # noqa: E402
+from bench_extract import REAL, clam_baseline, clam_loader_baseline, grid_for  # noqa: E402
 from common import large_slide  # noqa: E402
 
 from wsi_mil.config import ExtractConfig, PipelineConfig, TilingConfig  # noqa: E402
 from wsi_mil.features.encoders import create_encoder  # noqa: E402
-from wsi_mil.features.extract import extract_features  # noqa: E402
+from wsi_mil.features.extract import extract_features, open_feature_writer  # noqa: E402
 from wsi_mil.features.runner import EncoderRunner, runner_for  # noqa: E402
+from wsi_mil.features.stream import StreamJob, run_stream  # noqa: E402
 from wsi_mil.formats.patches import read_patches  # noqa: E402
 from wsi_mil.pipeline.layout import Layout  # noqa: E402
 from wsi_mil.pipeline.runner import run_stage  # noqa: E402
@@ -48,10 +49,71 @@ def median(fn, runs):
     return statistics.median(times)
 
 
-def bf16_matmul_gflops(runs=5, n=4096) -> float:
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+def bf16_matmul_gflops(runs=5, n=4096, device="cpu") -> float:
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        n, reps = 8192, 10
+        a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+        b = torch.randn_like(a)
+    else:
+        reps = 1
     a @ b
-    return 2 * n**3 / median(lambda: a @ b, runs) / 1e9
+    sync()
+
+    def product():
+        for _ in range(reps):
+            a @ b
+        sync()
+
+    return reps * 2 * n**3 / median(product, runs) / 1e9
+
+
+def encoder_alone(runner, batch, runs, batches=20) -> float:
+    """patches/s of the runner on one uint8 batch, `batches` queued back to back."""
+
+    def go():
+        pending = [runner.submit(batch) for _ in range(batches)]
+        for p in pending:
+            p.result()
+
+    go()
+    return batches * len(batch) / median(go, runs)
+
+
+def decode_rate(entries, grids, workers: int, processes: bool) -> float:
+    """Patches/s of reading alone (the stream's reader), `workers` threads or processes."""
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    pieces = [(str(e.path), g.coords[s : s + 64], g.patch_size_level0, g.patch_size)
+              for e, g in zip(entries, grids) for s in range(0, len(g), 64)]  # fmt: skip
+    pool = (ProcessPoolExecutor if processes else ThreadPoolExecutor)(workers)
+    list(pool.map(read_piece, pieces[:workers]))  # start-up outside the timing
+    t = median(lambda: list(pool.map(read_piece, pieces, chunksize=1)), 3)
+    pool.shutdown()
+    return sum(len(p[1]) for p in pieces) / t
+
+
+_HANDLES: dict = {}
+
+
+def read_piece(piece) -> int:
+    import threading
+
+    from wsi_mil.features.reading import read_patches as read_region_patches
+    from wsi_mil.features.reading import region_limit
+    from wsi_mil.wsi.readers import open_slide
+
+    path, coords, size0, patch_size = piece
+    key = (path, threading.get_ident())
+    if key not in _HANDLES:
+        _HANDLES[key] = open_slide(path)
+    slide = _HANDLES[key]
+    images, _ = read_region_patches(
+        slide, coords, size0, patch_size, 224, region_limit(slide, size0, patch_size)
+    )
+    return len(images)
 
 
 def gflop_per_patch(encoder, size) -> float:
@@ -70,21 +132,25 @@ def main():
     ap.add_argument("--n-large", type=int, default=512)
     ap.add_argument("--encoder", default="resnet50_trunc")
     ap.add_argument("--skip-large", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--decode-scaling", default="", help="reader counts to time, e.g. 1,4,8,15")
     args = ap.parse_args()
+    dev = args.device
     tmp = Path(tempfile.mkdtemp())
     cfg = PipelineConfig(tiling=TilingConfig(target_mpp=0.5, patch_size=256))
     cfg.extract.encoder, cfg.extract.random_weights, cfg.extract.batch_size = args.encoder, True, 64
+    cfg.extract.device = dev
     enc = create_encoder(args.encoder, random_weights=True)
     gflop = gflop_per_patch(enc, enc.info.input_size)
-    gflops = bf16_matmul_gflops()
+    gflops = bf16_matmul_gflops(device=dev)
     roof = gflops / gflop
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.encoder}: {gflop:.2f} GFLOP")
+    where = torch.cuda.get_device_name() if dev == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {os.cpu_count()} CPUs, {args.encoder}: {gflop:.2f} GFLOP")
     print(f"bf16 matmul {gflops:.0f} GFLOP/s -> roof {roof:.1f} patches/s")
 
     runner = runner_for(cfg.extract)
     batch = np.random.default_rng(0).integers(0, 255, (64, 224, 224, 3), dtype=np.uint8)
-    runner(batch)
-    eager = 64 / median(lambda: runner(batch), args.runs)
+    eager = encoder_alone(runner, batch, args.runs)
     print(f"encoder alone, {runner.precision_name} eager: {eager:.1f} patches/s ({eager / roof:.2f} of roof)")
 
     # -- cohort of small real slides ----------------------------------------------------------
@@ -94,19 +160,35 @@ def main():
         os.symlink(REAL, slides / f"cmu{i:02d}.svs")
     entries = [SlideEntry(p) for p in sorted(slides.iterdir())]
     work = tmp / "tiles"
+    t0 = time.perf_counter()
     run_stage(TileStage(Layout(work), cfg), entries)
+    plan_s = time.perf_counter() - t0
     grids = [read_patches(Layout(work).patches(e.name)) for e in entries]
     n = sum(len(g) for g in grids)
     print(f"-- {args.copies} copies of CMU-1-Small-Region.svs: {n} patches ({len(grids[0])} per slide)")
+    print(f"segmentation + tiling alone, one thread: {plan_s / args.copies * 1000:.0f} ms per slide")
+
+    for w in [int(c) for c in args.decode_scaling.split(",") if c]:
+        th, pr = decode_rate(entries, grids, w, False), decode_rate(entries, grids, w, True)
+        print(f"reading alone, {w:2d} readers: threads {th:7.1f}, processes {pr:7.1f} patches/s", flush=True)
 
     k = max(1, args.copies // 6)
     n_clam = sum(len(g) for g in grids[:k])
-    t = median(lambda: [clam_baseline(e.path, g, enc) for e, g in zip(entries[:k], grids[:k])], args.runs)
+    t = median(
+        lambda: [clam_baseline(e.path, g, enc, device=dev) for e, g in zip(entries[:k], grids[:k])], args.runs
+    )
     clam = n_clam / t
-    print(f"CLAM-style loop ({k} slides, fp32)             {clam:6.1f} patches/s")
+    print(f"CLAM-style loop ({k} slides, fp32)             {clam:6.1f} patches/s", flush=True)
+    if dev == "cuda":
+        t = median(
+            lambda: [clam_loader_baseline(e.path, g, enc, dev) for e, g in zip(entries, grids)], args.runs
+        )
+        print(
+            f"CLAM extract_features_fp.py (8 loader workers, pinned, fp32) {n / t:6.1f} patches/s", flush=True
+        )
 
     ecfg = ExtractConfig(**{**cfg.extract.model_dump(), "workers": 1})
-    per_runner = EncoderRunner(enc, "cpu", "auto", "off")
+    per_runner = EncoderRunner(enc, dev, "auto", "off")
 
     def per_slide():
         out = tmp / "per"
@@ -114,36 +196,44 @@ def main():
             (out / f"{e.name}.h5").unlink(missing_ok=True)
             extract_features(e.path, g, per_runner, out / f"{e.name}.h5", ecfg)
 
-    per = n / median(per_slide, args.runs)
-    print(f"per-slide path (reader process per slide)     {per:6.1f} patches/s")
+    if dev == "cuda":  # one reader process per slide starves a GPU; CLAM's loader stands for it
+        per = float("nan")
+    else:
+        per = n / median(per_slide, args.runs)
+        print(f"per-slide path (reader process per slide)     {per:6.1f} patches/s", flush=True)
 
     fresh = iter(range(10**6))
+    readers = [None] + ([1, 15] if dev == "cuda" else [])
+    for w in readers:
+        scfg = cfg.model_copy(deep=True)
+        scfg.extract.workers = w
 
-    def stream():
-        result = run_stage(ExtractStage(Layout(tmp / f"stream{next(fresh)}"), cfg), entries)
-        assert result.ok, result.summary()
+        def stream():
+            result = run_stage(ExtractStage(Layout(tmp / f"stream{next(fresh)}"), scfg), entries)
+            assert result.ok, result.summary()
 
-    st = n / median(stream, args.runs)
-    print(f"stream (segment + tile + encode, 1 reader)    {st:6.1f} patches/s")
-    print(
-        f"stream / CLAM {st / clam:.2f}x, stream / per-slide {st / per:.2f}x, stream / roof {st / roof:.2f}"
-    )
+        st = n / median(stream, args.runs)
+        label = "default readers" if w is None else f"{w} readers"
+        print(f"stream (segment + tile + encode, {label:15s}) {st:6.1f} patches/s", flush=True)
+        print(f"  stream / CLAM {st / clam:.2f}x, / per-slide {st / per:.2f}x, / roof {st / roof:.3f}, "
+              f"/ encoder alone {st / eager:.2f}", flush=True)  # fmt: skip
 
     # -- one large slide ----------------------------------------------------------------------
     if args.skip_large:
         return
     path = large_slide()
     g = grid_for(path, args.n_large)
-    compiled = EncoderRunner(enc, "cpu", "auto", "on")
+    compiled = EncoderRunner(enc, dev, "auto", "on")
     compiled.maybe_compile(10**6)
     compiled(batch)
-    enc_c = 64 / median(lambda: compiled(batch), args.runs)
-    lcfg = ExtractConfig(batch_size=64, workers=1)
+    enc_c = encoder_alone(compiled, batch, args.runs)
+    lcfg = ExtractConfig(batch_size=64, workers=None if dev == "cuda" else 1)
 
-    def large():
+    def large():  # the stream's path with one slide
         out = tmp / "large.h5"
         out.unlink(missing_ok=True)
-        extract_features(path, g, compiled, out, lcfg)
+        job = StreamJob("large", path, None, g, open_feature_writer(out, g, compiled, lcfg, path))
+        run_stream(iter([job]), compiled, lcfg, lambda j: None)
 
     e2e = len(g) / median(large, args.runs)
     print(f"-- synthetic 40k x 30k, {len(g)} patches, compiled {compiled.precision_name}")

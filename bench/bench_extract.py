@@ -9,6 +9,7 @@ Usage: python bench/bench_extract.py [--runs 3] [--encoder resnet50_trunc] [--n-
 """
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -24,24 +25,23 @@ from common import large_slide  # noqa: E402
 
 from wsi_mil.config import ExtractConfig, TilingConfig  # noqa: E402
 from wsi_mil.features.encoders import create_encoder  # noqa: E402
-from wsi_mil.features.extract import (  # noqa: E402
-    MAX_REGION_PX,
-    extract_features,
-    read_patch_row,
-    row_runs,
-)
+from wsi_mil.features.extract import extract_features  # noqa: E402
+from wsi_mil.features.reading import MAX_REGION_PX, read_patch_row, row_runs  # noqa: E402
 from wsi_mil.features.runner import EncoderRunner  # noqa: E402
 from wsi_mil.wsi.readers import open_slide  # noqa: E402
 from wsi_mil.wsi.tiling import PatchGrid, tile  # noqa: E402
 from wsi_mil.wsi.tissue import segment_tissue  # noqa: E402
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "CMU-1-Small-Region.svs"
+REAL = Path(
+    os.environ.get("WSI_MIL_REAL_SLIDE")
+    or Path(__file__).resolve().parents[2] / "shared" / "data" / "CMU-1-Small-Region.svs"
+)
 
 
-def clam_baseline(path, grid: PatchGrid, encoder, batch_size=64) -> np.ndarray:
-    model = encoder.float().eval()
-    mean = torch.tensor(encoder.info.mean).view(1, 3, 1, 1)
-    std = torch.tensor(encoder.info.std).view(1, 3, 1, 1)
+def clam_baseline(path, grid: PatchGrid, encoder, batch_size=64, device="cpu") -> np.ndarray:
+    model = encoder.float().eval().to(device)
+    mean = torch.tensor(encoder.info.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(encoder.info.std, device=device).view(1, 3, 1, 1)
     out = []
     with open_slide(path, backend="openslide") as slide, torch.inference_mode():
         level = slide.best_level_for_downsample(grid.patch_size_level0 / grid.patch_size)
@@ -52,10 +52,45 @@ def clam_baseline(path, grid: PatchGrid, encoder, batch_size=64) -> np.ndarray:
             img = img.resize((224, 224), Image.BILINEAR)
             batch.append(torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 255)
             if len(batch) == batch_size or i == len(grid) - 1:
-                xb = (torch.stack(batch) - mean) / std
-                out.append(model(xb).numpy())
+                xb = (torch.stack(batch).to(device) - mean) / std
+                out.append(model(xb).cpu().numpy())
                 batch = []
     return np.concatenate(out)
+
+
+class ClamPatches(torch.utils.data.Dataset):
+    """CLAM's `Whole_Slide_Bag_FP`: one `read_region` per patch, PIL resize, to a float tensor."""
+
+    def __init__(self, path, grid: PatchGrid, mean, std):
+        self.path, self.grid, self.slide = path, grid, None
+        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self):
+        return len(self.grid)
+
+    def __getitem__(self, i):
+        if self.slide is None:
+            self.slide = open_slide(self.path, backend="openslide")
+        g = self.grid
+        level = self.slide.best_level_for_downsample(g.patch_size_level0 / g.patch_size)
+        side = int(round(g.patch_size_level0 / self.slide.level_downsamples[level]))
+        img = Image.fromarray(self.slide.read_region(tuple(g.coords[i]), level, (side, side)))
+        img = img.resize((224, 224), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 255
+        return (x - self.mean) / self.std
+
+
+def clam_loader_baseline(path, grid: PatchGrid, encoder, device, batch_size=64, workers=8) -> int:
+    """CLAM's `extract_features_fp.py` on a GPU: a DataLoader per slide, 8 workers, pinned,
+    fp32 model."""
+    model = encoder.float().eval().to(device)
+    ds = ClamPatches(path, grid, encoder.info.mean, encoder.info.std)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=True)
+    n = 0
+    with torch.inference_mode():
+        for xb in loader:
+            n += len(model(xb.to(device, non_blocking=True)).cpu())
+    return n
 
 
 def read_rows(path, grid: PatchGrid, backend: str) -> int:

@@ -1,7 +1,7 @@
 """Spread of the key-instance toy-problem fit (tests/test_models.py) over seeds and thread counts.
 
 Each model is trained as in the test (15 epochs, Adam 1e-3) with data seed 0 and model seeds
-0..N-1, with 1 and 2 torch threads; prints the training accuracy's min/mean per setting.
+0..N-1, with 1 and 2 torch threads; prints the training-bag AUC min/mean per setting.
 Run: python bench/bench_model_spread.py --runs 20
 """
 
@@ -34,6 +34,6 @@ if __name__ == "__main__":
             accs = [fit(name, s) for s in range(args.runs)]
             print(
                 f"{name:9s} threads {threads}: min {min(accs):.3f} mean {np.mean(accs):.3f} "
-                f"runs below 1.0: {sum(a < 1 for a in accs)}/{len(accs)}",
+                f"runs below 0.98: {sum(a < 0.98 for a in accs)}/{len(accs)}",
                 flush=True,
             )

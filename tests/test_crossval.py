@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from wsi_mil.config import TrainConfig
 from wsi_mil.errors import WsiMilError
@@ -20,7 +21,8 @@ FAST = dict(epochs=20, patience=8, min_epochs=3, lr=5e-4, bootstrap=200)
 @pytest.fixture(scope="module")
 def cohort_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("cohort")
-    make_feature_cohort(d, n_bags=48, n_cases=30, seed=1, strength=4.0)
+    keys = make_feature_cohort(d, n_bags=48, n_cases=30, seed=1, strength=4.0)
+    np.savez(d / "keys.npz", **keys)
     return d
 
 
@@ -115,6 +117,27 @@ def test_abmil_and_psmil_reach_high_test_auc_and_predict_works(cohort_dir, tmp_p
     labels = pd.read_csv(cohort_dir / "labels.csv").set_index("slide_id").label
     acc = (new.set_index("slide_id").psmil_prediction.astype(int) == labels).mean()
     assert acc > 0.9
+
+    # predict --scores: per-instance scores of any bag, as the heatmap computes them
+    scores_dir = tmp_path / "scores"
+    r = subprocess.run(
+        [sys.executable, "-m", "wsi_mil", "predict", "--run", str(out),
+         "--features", str(cohort_dir / "features"), "--scores", str(scores_dir), "--model", "psmil",
+         "--out", str(tmp_path / "p.csv")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    keys = dict(np.load(cohort_dir / "keys.npz"))
+    bags = pd.read_csv(scores_dir / "bags.csv")
+    assert len(bags) == 48 and set(bags.model) == {"psmil"}
+    aucs = []
+    for bag, key in keys.items():
+        table = pd.read_csv(scores_dir / f"{bag}_scores.csv")
+        assert list(table.columns) == ["instance", "x", "y", "attention", "inversion", "combined"]
+        assert len(table) == len(key) and (table.instance.values == np.arange(len(key))).all()
+        if key.any():
+            aucs.append(roc_auc_score(key, table.combined))
+    assert np.mean(aucs) >= 0.9, np.mean(aucs)
 
 
 def test_random_labels_stay_near_chance(tmp_path):

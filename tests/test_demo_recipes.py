@@ -110,10 +110,10 @@ def test_tcga_labels_cases_from_barcodes(tmp_path):
     assert set(luad.case_id) == {"TCGA-05-4244"}  # two slides, one patient
     assert df[df.label == "LUSC"].case_id.tolist() == ["TCGA-18-3406"]
     # and the splits keep that patient together
-    from wsi_mil.training.data import _stratified_group_folds
+    from wsi_mil.training.data import stratified_group_folds
 
     big = pd.concat(
         [df.assign(slide_id=df.slide_id + f"_{k}", case_id=df.case_id + f"_{k}") for k in range(6)]
     )
-    folds = _stratified_group_folds(big.label.values, big.case_id.values, 3, 0)
+    folds = stratified_group_folds(big.label.values, big.case_id.values, 3, 0)
     assert big.assign(fold=folds).groupby("case_id").fold.nunique().max() == 1

@@ -8,9 +8,10 @@ import torch
 
 from wsi_mil.config import ExtractConfig, TilingConfig
 from wsi_mil.errors import WsiMilError
-from wsi_mil.features import extract as ex
+from wsi_mil.features import reading as ex
 from wsi_mil.features.encoders import create_encoder
-from wsi_mil.features.extract import extract_features, read_patch
+from wsi_mil.features.extract import extract_features
+from wsi_mil.features.reading import read_patch
 from wsi_mil.features.runner import EncoderRunner
 from wsi_mil.formats.features import read_features
 from wsi_mil.wsi.readers import open_slide

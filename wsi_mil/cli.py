@@ -154,7 +154,11 @@ def crossval(
     ] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs")] = None,
     patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience (epochs)")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: each model's recipe)")] = None,
+    recipe: Annotated[
+        Optional[str],
+        typer.Option(help="model: each model's authors' recipe (default); shared: one recipe for all"),
+    ] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for splits and training")] = None,
     max_instances: opt.MaxInstances = None,
     device: opt.Device = None,
@@ -171,7 +175,7 @@ def crossval(
 
     train = dict(
         folds=folds, test_frac=test_frac, epochs=epochs, patience=patience, lr=lr, seed=seed,
-        device=device, max_instances=max_instances,
+        device=device, max_instances=max_instances, recipe=recipe,
     )  # fmt: skip
     cfg = load_config(config, train=train)
     names = [m.strip() for m in (models or model or cfg.train.model).split(",") if m.strip()]
@@ -192,13 +196,31 @@ def predict(
         Optional[Path], typer.Option("--out", "-o", help="CSV to write (default RUN/predictions_new.csv)")
     ] = None,
     device: opt.DeviceAuto = "auto",
+    scores: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--scores", help="Also write per-instance attention/inversion/combined CSVs (one per bag) here"
+        ),
+    ] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="Model of the run for --scores (default: the first)")
+    ] = None,
+    target: Annotated[
+        Optional[str], typer.Option(help="Class the --scores map (default: as heatmap)")
+    ] = None,
+    config: opt.Config = None,
 ):
-    """Apply a run's fold ensemble to new slides' features."""
-    from .training.predict import predict_run
+    """Apply a run's fold ensemble to new slides' (or any bags') features; --scores adds the
+    key-instance scores of every bag, computed as `wsi-mil heatmap` computes them."""
+    from .config import load_config
+    from .training.predict import predict_run, score_bags
 
     out = out or run / "predictions_new.csv"
     rows = predict_run(run, features, out, device)
     say(f"{len(rows)} slide(s) predicted -> {out}")
+    if scores is not None:
+        table = score_bags(run, features, scores, model, target, load_config(config).heatmap, device)
+        say(f"{len(table)} bag(s) scored per instance -> {scores}/<bag>_scores.csv")
 
 
 @app.command()

@@ -57,13 +57,15 @@ class ExtractConfig(BaseModel):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     batch_size: int = 64
-    workers: int = 1
+    workers: int | None = None  # reader threads; None: 1 on the CPU, grown to the encoder on a GPU
     dtype: Literal["float32", "float16"] = "float32"
     compile: Literal["auto", "on", "off"] = "auto"
 
 
 class TrainConfig(BaseModel):
-    """Bag-level training; defaults follow the MIL papers (Adam, lr 2e-4, wd 1e-4, 1 bag/step)."""
+    """Bag-level training. Each model trains with its authors' recipe (`Recipe` on the model
+    class: optimiser, lr, weight decay, schedule, clipping, init); a field set here overrides
+    it for every model; `recipe="shared"` trains all with wsi-mil 0.1's one recipe."""
 
     model: str = "psmil"
     model_kwargs: dict = Field(default_factory=dict)
@@ -72,9 +74,15 @@ class TrainConfig(BaseModel):
     epochs: int = 50
     patience: int = 10
     min_epochs: int = 5
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
-    optimizer: Literal["adam", "adamw"] = "adam"
+    recipe: Literal["model", "shared"] = "model"
+    # "inner": epoch and threshold chosen on an inner fold of the training folds, the reported
+    # fold only scored (selection-free); "outer": chosen on the reported fold (optimistic)
+    selection: Literal["inner", "outer"] = "inner"
+    lr: float | None = None
+    weight_decay: float | None = None
+    optimizer: Literal["adam", "adamw", "sgd", "radam_lookahead"] | None = None
+    schedule: Literal["none", "cosine", "step", "plateau"] | None = None
+    grad_clip: float | None = None
     max_instances: int | None = None
     preload: bool = True
     seed: int = 0

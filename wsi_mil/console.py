@@ -69,7 +69,9 @@ RandomWeights = Annotated[
 ]
 Precision = Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Patches per encoder batch")]
-Workers = Annotated[Optional[int], typer.Option(help="Reader workers")]
+Workers = Annotated[
+    Optional[int], typer.Option(help="Reader threads (default: 1 on the CPU; on a GPU, added while it waits)")
+]
 FeatureDtype = Annotated[Optional[str], typer.Option("--dtype", help="float32 or float16 features")]
 Compile = Annotated[Optional[str], typer.Option("--compile", help="torch.compile: auto, on, off")]
 # crossval, predict, heatmap

@@ -1,7 +1,9 @@
 """The encoder runner: uint8 patch batches -> features, at the best precision the device offers.
 
 channels-last + autocast (bf16 on CPUs with bf16 units, bf16/fp16 on CUDA) under
-`torch.inference_mode`, Conv+BN folded, optionally `torch.compile`d with freezing.
+`torch.inference_mode`, Conv+BN folded, optionally `torch.compile`d with freezing. On CUDA,
+`submit` stages batches in pinned memory and overlaps the next batch's copy with this one's
+compute.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ class EncoderRunner:
         self.std = torch.tensor(self.info.std, device=self.device).view(1, 3, 1, 1) * 255
         self.compile_mode = compile
         self._compiled = None
+        self._slot = 1
+        self._host_in: list = [None, None]
+        self._host_out: list = [None, None]
+        self._staging: list = [None, None]
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @property
     def precision_name(self) -> str:
@@ -68,10 +75,42 @@ class EncoderRunner:
                 log.warning("torch.compile unavailable (%s); running eager", exc)
                 self._compiled = self.encoder
 
-    @torch.inference_mode()
     def __call__(self, images: np.ndarray | torch.Tensor, pad_to: int | None = None) -> np.ndarray:
-        x = torch.as_tensor(images).to(self.device, non_blocking=True)
-        n = x.shape[0]
+        return self.submit(images, pad_to).result()
+
+    @torch.inference_mode()
+    def submit(self, images: np.ndarray | torch.Tensor, pad_to: int | None = None) -> PendingFeatures:
+        """Start encoding a uint8 NHWC batch; `.result()` gives the features.
+
+        On the CPU the work is done before this returns. On CUDA the batch is staged in a pinned
+        host buffer (one of two, used in turn), copied on a side stream, and the encoder's
+        kernels are only queued: the caller prepares batch n+1 (and its copy) while batch n
+        computes, and takes batch n's features afterwards."""
+        if self.device.type != "cuda":
+            x = torch.as_tensor(images).to(self.device)
+            return PendingFeatures(self._forward(x, len(x), pad_to).cpu().numpy())
+        n = len(images)
+        slot = self._slot = 1 - self._slot
+        if self._staging[slot] is not None:  # the batch that last used this slot: take its
+            self._staging[slot].result()  # features out of the buffers before they are reused
+        host_in = _pinned(self._host_in, slot, images.shape, torch.uint8)
+        host_in.numpy()[...] = images.numpy() if isinstance(images, torch.Tensor) else images
+        compute = torch.cuda.current_stream(self.device)
+        self._copy_stream.wait_stream(compute)
+        with torch.cuda.stream(self._copy_stream):
+            x = host_in.to(self.device, non_blocking=True)
+        compute.wait_stream(self._copy_stream)
+        x.record_stream(compute)
+        feats = self._forward(x, n, pad_to)
+        host_out = _pinned(self._host_out, slot, tuple(feats.shape), torch.float32)
+        host_out.copy_(feats, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(compute)
+        self._staging[slot] = PendingFeatures(host=host_out, event=done)
+        return self._staging[slot]
+
+    def _forward(self, x: torch.Tensor, n: int, pad_to: int | None) -> torch.Tensor:
+        """uint8 NHWC on the device -> float32 features [n, dim] on the device."""
         if pad_to and n < pad_to:  # a fixed batch shape avoids recompiling for a short batch
             x = torch.cat([x, x[-1:].expand(pad_to - n, *x.shape[1:])])
         x = x.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
@@ -79,7 +118,28 @@ class EncoderRunner:
         model = self.encoder if self._compiled is None else self._compiled
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             feats = model(x)
-        return feats[:n].float().cpu().numpy()
+        return feats[:n].float()
+
+
+class PendingFeatures:
+    """Features of a submitted batch: ready now (CPU) or once the device's event fires (CUDA)."""
+
+    def __init__(self, value: np.ndarray | None = None, host: torch.Tensor | None = None, event=None):
+        self.value, self.host, self.event = value, host, event
+
+    def result(self) -> np.ndarray:
+        if self.value is None:
+            self.event.synchronize()
+            self.value = self.host.numpy().copy()  # the pinned buffer is reused two batches on
+        return self.value
+
+
+def _pinned(buffers: list, slot: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A pinned host tensor of `shape` in `buffers[slot]`, reallocated only when it must grow."""
+    n = int(np.prod(shape))
+    if buffers[slot] is None or buffers[slot].numel() < n:
+        buffers[slot] = torch.empty(n, dtype=dtype, pin_memory=True)
+    return buffers[slot][:n].view(shape)
 
 
 _RUNNERS: dict = {}

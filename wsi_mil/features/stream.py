@@ -4,20 +4,27 @@ Three kinds of thread share the work of one process:
 - the planner (one thread) walks the cohort: for each slide it takes what the caller's `jobs`
   iterator yields (segmenting and tiling the slide there when needed, so that runs ahead of
   the encoder) and cuts the slide's remaining rows into pieces of at most one batch;
-- readers (`workers` threads, each with its own slide handle) decode and resize pieces;
+- readers (`--workers` threads, each with its own slide handle; by default more are started
+  while the encoder waits for patches, see `reader_limits`) decode and resize pieces;
   decoders and OpenCV release the GIL, and threads also run inside Dask's daemonic workers,
   where reader processes cannot start;
 - the caller's thread takes pieces back in order, fills encoder batches of exactly
   `batch_size` patches across slide boundaries (only the cohort's last batch may be short),
   and writes each slide's rows to its own feature file, finished the moment its last row is
-  written. Resume (`FeatureWriter`'s `n_done`) works as in the per-slide path.
+  written. Resume (`FeatureWriter`'s `n_done`) works as in the per-slide path. On CUDA the
+  caller's thread queues batch n+1 (pinned copy on a side stream, `EncoderRunner.submit`)
+  before it writes batch n's features, so copies, compute and writing overlap.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +34,7 @@ from ..config import ExtractConfig
 from ..formats.features import FeatureWriter
 from ..wsi.readers import open_slide
 from ..wsi.tiling import PatchGrid
-from .extract import read_patches, region_limit
+from .reading import read_patches, read_piece, region_limit
 from .runner import EncoderRunner
 
 _END = object()
@@ -65,6 +72,7 @@ class _Ordered:
         self.slots = threading.Semaphore(capacity)
         self.total: int | None = None  # known once the planner is done
         self.stop = threading.Event()
+        self.waited = 0.0  # seconds the consumer spent waiting for readers
 
     def put(self, seq: int, item) -> None:
         with self.cond:
@@ -73,10 +81,13 @@ class _Ordered:
 
     def take(self, seq: int):
         with self.cond:
-            while seq not in self.items:
-                if self.total is not None and seq >= self.total:
-                    return _END
-                self.cond.wait(0.1)
+            if seq not in self.items:
+                t0 = time.perf_counter()
+                while seq not in self.items:
+                    if self.total is not None and seq >= self.total:
+                        return _END
+                    self.cond.wait(0.1)
+                self.waited += time.perf_counter() - t0
             item = self.items.pop(seq)
         return item
 
@@ -87,7 +98,9 @@ class _Ordered:
         return False
 
 
-def _reader(work: list, work_cond: threading.Condition, out: _Ordered, out_size: int):
+def _reader(work: list, work_cond: threading.Condition, out: _Ordered, out_size: int, pool=None):
+    """Take pieces from `work`, read them (here, or in a reader process of `pool`), put them
+    in `out`."""
     handle, handle_path = None, None
     try:
         while not out.stop.is_set():
@@ -103,14 +116,19 @@ def _reader(work: list, work_cond: threading.Condition, out: _Ordered, out_size:
                     work_cond.notify_all()
                 return
             seq, job, start, end = piece
+            g = job.grid
             try:
+                if pool is not None:
+                    args = (job.slide_path, job.mpp, g.coords[start:end], g.patch_size_level0, g.patch_size)
+                    images, failed = pool.submit(read_piece, *args, out_size).result()
+                    out.put(seq, (job, start, images, failed, None))
+                    continue
                 if handle_path != job.slide_path:
                     if handle is not None:
                         handle.close()
                     handle, handle_path = None, None
                     handle = open_slide(job.slide_path, job.mpp)
                     handle_path = job.slide_path
-                g = job.grid
                 max_px = region_limit(handle, g.patch_size_level0, g.patch_size)
                 images, failed = read_patches(
                     handle, g.coords[start:end], g.patch_size_level0, g.patch_size, out_size, max_px
@@ -121,6 +139,47 @@ def _reader(work: list, work_cond: threading.Condition, out: _Ordered, out_size:
     finally:
         if handle is not None:
             handle.close()
+
+
+def reader_pool(most: int, device_type: str):
+    """Reader processes on a GPU machine: there, threads stop scaling at ~4 readers (the GIL;
+    tiffslide's zarr event loop), processes scale with the cores (docs/benchmarks.md). None on
+    the CPU (one reader; the encoder needs the cores) and inside daemonic processes (Dask
+    workers), which cannot start children."""
+    if device_type != "cuda" or most < 2 or mp.current_process().daemon:
+        return None
+    return ProcessPoolExecutor(most, mp_context=mp.get_context("spawn"))
+
+
+def reader_limits(cfg: ExtractConfig, device_type: str) -> tuple[int, int]:
+    """(readers to start with, most readers): `--workers N` fixes N; by default one reader on
+    the CPU (the encoder needs the other cores) and, on a GPU, readers added while the encoder
+    waits for patches, up to one per spare core (`run_stream` measures the wait)."""
+    if cfg.workers is not None:
+        return max(1, cfg.workers), max(1, cfg.workers)
+    if device_type != "cuda":
+        return 1, 1
+    most = max(1, (os.cpu_count() or 2) - 1)
+    return min(2, most), most
+
+
+def planner_count(device_type: str) -> int:
+    """Threads that segment and tile upcoming slides: one on the CPU (its cores encode), a few
+    on a GPU machine, where one planner caps a cohort of small biopsies below the GPU's rate."""
+    if device_type != "cuda":
+        return 1
+    return max(1, min(4, (os.cpu_count() or 2) // 4))
+
+
+def planning_pool(planners: int):
+    """Processes that segment and tile upcoming slides when there are several planners (a GPU
+    machine): in threads, thumbnail reads through tiffslide serialise on zarr's event loop."""
+    if planners < 2 or mp.current_process().daemon:
+        return None
+    return ProcessPoolExecutor(planners, mp_context=mp.get_context("spawn"))
+
+
+STARVED = 0.05  # the encoder's share of time spent waiting for readers that adds a reader
 
 
 def run_stream(
@@ -137,8 +196,8 @@ def run_stream(
     unfinished writer keeps its `.partial` file for the next run to resume. `estimate_patches`
     (the cohort's size as known when the first batch is full) decides `--compile auto`."""
     batch = cfg.batch_size
-    workers = max(1, cfg.workers)
-    out = _Ordered(capacity=4 * workers + 2)
+    workers, most_workers = reader_limits(cfg, runner.device.type)
+    out = _Ordered(capacity=2 * most_workers + 4)
     work: list = []
     work_cond = threading.Condition()
     planner_error: list[BaseException] = []
@@ -174,12 +233,27 @@ def run_stream(
                 out.cond.notify_all()
 
     threads = [threading.Thread(target=plan, daemon=True, name="wsi-mil-planner")]
-    threads += [
-        threading.Thread(target=_reader, args=(work, work_cond, out, runner.info.input_size), daemon=True)
-        for _ in range(workers)
-    ]
-    for t in threads:
-        t.start()
+
+    pool = reader_pool(most_workers, runner.device.type)
+
+    def add_reader() -> None:
+        reader_args = (work, work_cond, out, runner.info.input_size, pool)
+        threads.append(threading.Thread(target=_reader, args=reader_args, daemon=True, name="wsi-mil-reader"))
+        threads[-1].start()
+
+    threads[0].start()
+    for _ in range(workers):
+        add_reader()
+    window = {"t0": time.perf_counter(), "waited": 0.0}
+
+    def maybe_add_reader() -> None:
+        """One more reader when the encoder waited for patches > STARVED of the last window."""
+        now = time.perf_counter()
+        if now - window["t0"] < 1.0 or len(threads) - 1 >= most_workers:
+            return
+        if (out.waited - window["waited"]) / (now - window["t0"]) > STARVED:
+            add_reader()
+        window.update(t0=now, waited=out.waited)
 
     pending: deque = deque()  # (job, first row, images) waiting for a full batch
     n_pending = 0
@@ -192,9 +266,25 @@ def run_stream(
             job.writer.finish(failed_patches=job.failed_patches)
         on_done(job)
 
+    inflight: deque = deque()  # (pending features, segments) submitted, not yet written
+    lag = 1 if runner.device.type == "cuda" else 0  # batch n+1 is queued while n computes
+
+    def write(pending, segments) -> None:
+        nonlocal encoded
+        feats = pending.result().astype(cfg.dtype)
+        for job, start, a, b in segments:
+            if job.error is not None:
+                continue
+            job.writer.write(start, feats[a:b])
+            if job.writer.n_done == job.writer.n:
+                finish(job)
+        encoded += len(feats)
+        if on_patches:
+            on_patches(encoded)
+
     def encode(n: int) -> None:
-        nonlocal n_pending, encoded
-        if encoded == 0:
+        nonlocal n_pending
+        if encoded == 0 and not inflight:
             runner.maybe_compile(estimate_patches() if estimate_patches else n)
         parts, segments, taken = [], [], 0
         while taken < n:
@@ -206,16 +296,10 @@ def run_stream(
             segments.append((job, start, taken, taken + k))
             taken += k
         n_pending -= taken
-        feats = runner(np.concatenate(parts), pad_to=batch if runner.compiled else None).astype(cfg.dtype)
-        for job, start, a, b in segments:
-            if job.error is not None:
-                continue
-            job.writer.write(start, feats[a:b])
-            if job.writer.n_done == job.writer.n:
-                finish(job)
-        encoded += taken
-        if on_patches:
-            on_patches(encoded)
+        batch_images = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        inflight.append((runner.submit(batch_images, pad_to=batch if runner.compiled else None), segments))
+        while len(inflight) > lag:
+            write(*inflight.popleft())
 
     try:
         seq = 0
@@ -244,10 +328,13 @@ def run_stream(
             n_pending += len(images)
             while n_pending >= batch:
                 encode(batch)
+                maybe_add_reader()
         if planner_error:
             raise planner_error[0]
         if n_pending:
             encode(n_pending)  # the cohort's last batch: the only short one
+        while inflight:
+            write(*inflight.popleft())
     finally:
         out.stop.set()
         with work_cond:
@@ -256,3 +343,5 @@ def run_stream(
             job.abort()
         for t in threads:
             t.join(timeout=10)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)

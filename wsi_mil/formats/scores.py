@@ -62,7 +62,8 @@ def write_scores(path: str | Path, scores: PatchScores) -> None:
         if path.suffix == ".csv":
             import pandas as pd
 
-            table = {"x": scores.coords[:, 0], "y": scores.coords[:, 1]}
+            n = len(scores.coords)  # rows in the feature file's instance order
+            table = {"instance": np.arange(n), "x": scores.coords[:, 0], "y": scores.coords[:, 1]}
             table.update({n: scores.get(n) for n in SCORE_NAMES})
             pd.DataFrame(table).to_csv(tmp, index=False)
             return

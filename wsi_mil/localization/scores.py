@@ -30,6 +30,7 @@ import torch
 from scipy.stats import rankdata
 
 from ..calibration import PlattScaling
+from ..config import HeatmapConfig
 from ..formats.scores import PatchScores
 from ..models import MILModel
 from .inversion import DEFAULTS, sparse_inversion
@@ -116,3 +117,29 @@ def score_bag(
     attention, inversion = np.mean(att, 0), np.mean(inv, 0)
     combined = (1 - inversion_weight) * attention + inversion_weight * inversion
     return PatchScores(coords.cpu().numpy().astype(np.int64), attention, inversion, combined, prob, target)
+
+
+def score_with_config(
+    models: list[MILModel],
+    features: torch.Tensor,
+    coords: torch.Tensor,
+    classes: list[str],
+    calibration: PlattScaling | None,
+    cfg: HeatmapConfig,
+    target: str | None = None,
+) -> PatchScores:
+    """`score_bag` with the heatmap settings of `cfg`: what `wsi-mil heatmap` and
+    `wsi-mil predict --scores` both compute."""
+    return score_bag(
+        models,
+        features,
+        coords,
+        cfg.combine_weight,
+        target=classes.index(target) if target is not None else None,
+        classes=classes,
+        calibration=calibration,
+        steps=cfg.inversion_steps,
+        lr=cfg.inversion_lr,
+        lam=cfg.inversion_lambda,
+        score=cfg.inversion_score,
+    )

@@ -24,15 +24,20 @@ def list_models() -> list[str]:
     return sorted(MODELS)
 
 
-def create_model(name: str, in_dim: int, n_classes: int = 2, **kwargs) -> MILModel:
-    """Build a MIL model by name with the paper defaults, overridden by `kwargs`."""
+def model_class(name: str) -> type[MILModel]:
+    """The registered class for a model name (case, '-' and '_' ignored)."""
     from ..errors import WsiMilError
 
     key = name.lower().replace("-", "").replace("_", "")
     key = {"dtfdmil": "dtfd"}.get(key, key)
     if key not in MODELS:
         raise WsiMilError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
-    return MODELS[key](in_dim, n_classes, **kwargs)
+    return MODELS[key]
 
 
-__all__ = ["MILModel", "MILOutput", "create_model", "list_models", "MODELS"]
+def create_model(name: str, in_dim: int, n_classes: int = 2, **kwargs) -> MILModel:
+    """Build a MIL model by name with the paper defaults, overridden by `kwargs`."""
+    return model_class(name)(in_dim, n_classes, **kwargs)
+
+
+__all__ = ["MILModel", "MILOutput", "create_model", "list_models", "model_class", "MODELS"]

@@ -12,9 +12,16 @@ import torch
 from torch import nn
 
 from .base import GatedAttention, MILModel, MILOutput
+from .recipe import Recipe
 
 
 class ABMIL(MILModel):
+    recipe = Recipe(
+        "adam", lr=5e-4, weight_decay=1e-4, betas=(0.9, 0.999),
+        source="AMLab-Amsterdam/AttentionDeepMIL main.py: Adam(lr 0.0005, betas (0.9, 0.999), "
+        "weight_decay 10e-5)",
+    )  # fmt: skip
+
     def __init__(
         self,
         in_dim: int,

@@ -4,10 +4,13 @@ Max-pooling stream: instance classifier Linear(in, C); the critical instance of 
 the argmax of its instance logits. Aggregation stream: query network Linear(in, 128) + ReLU +
 Linear(128, 128) + Tanh; attention A = softmax_i(q_i . q_crit / sqrt(128)); bag embedding
 B = A^T V with V the identity (the authors' default, `passing_v=False`); bag classifier
-Conv1d(C, C, kernel_size=in). Loss 0.5 CE(bag) + 0.5 CE(max instance logits).
-Deliberate difference: the authors use one sigmoid output per class with BCE; here logits are
-C-way with cross-entropy, as for every model in the registry. `instance_scores` is the
-attention towards the positive class (class 1) for binary tasks, else the predicted class.
+Conv1d(C, C, kernel_size=in). Loss 0.5 L(bag) + 0.5 L(max instance logits), with the
+authors' BCEWithLogitsLoss.
+Two classes (default `binary=True`): the authors' form, one output s with sigmoid/BCE
+(train_tcga.py with num_classes 1); the pipeline's two logits are [-s/2, s/2], so their
+softmax is exactly sigmoid(s). Several classes: one output per class, each with BCE against the
+one-hot label, as the authors' multi-class runs. `instance_scores` is the attention towards the
+positive class for binary tasks, else the predicted class.
 """
 
 from __future__ import annotations
@@ -19,16 +22,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import MILModel, MILOutput
+from .recipe import Recipe
 
 
 class DSMIL(MILModel):
-    def __init__(self, in_dim: int, n_classes: int = 2, q_dim: int = 128, dropout_v: float = 0.0):
+    recipe = Recipe(
+        "adam", lr=1e-4, weight_decay=1e-3, betas=(0.5, 0.9), schedule="cosine", cosine_min_lr=5e-6,
+        init="orthogonal",
+        source="binli123/dsmil-wsi train_tcga.py (80465ed) init_model: apply_sparse_init (orthogonal), "
+        "BCEWithLogitsLoss, Adam(lr 1e-4, betas (0.5, 0.9), weight_decay 1e-3), "
+        "CosineAnnealingLR(epochs, 5e-6)",
+    )  # fmt: skip
+
+    def __init__(
+        self, in_dim: int, n_classes: int = 2, q_dim: int = 128, dropout_v: float = 0.0, binary: bool = True
+    ):
         super().__init__()
         self.n_classes = n_classes
-        self.instance_classifier = nn.Linear(in_dim, n_classes)
+        self.binary = binary and n_classes == 2
+        outputs = 1 if self.binary else n_classes
+        self.instance_classifier = nn.Linear(in_dim, outputs)
         self.q = nn.Sequential(nn.Linear(in_dim, q_dim), nn.ReLU(), nn.Linear(q_dim, q_dim), nn.Tanh())
         self.v = nn.Dropout(dropout_v)
-        self.fcc = nn.Conv1d(n_classes, n_classes, kernel_size=in_dim)
+        self.fcc = nn.Conv1d(outputs, outputs, kernel_size=in_dim)
         self.q_dim = q_dim
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
@@ -38,13 +54,17 @@ class DSMIL(MILModel):
         q_crit = self.q(features[crit])  # [C, 128]
         attn = torch.softmax(q @ q_crit.T / math.sqrt(self.q_dim), dim=0)  # [N, C]
         bag = attn.T @ self.v(features)  # [C, in]
-        logits = self.fcc(bag.unsqueeze(0)).view(-1)  # [C]
+        outputs = self.fcc(bag.unsqueeze(0)).view(-1)  # [C] (one value when binary)
         max_logits = ins_logits.max(dim=0).values
-        col = 1 if self.n_classes == 2 else int(logits.argmax())
-        return MILOutput(logits, attn[:, col], None, {"max_logits": max_logits, "attention": attn})
+        extras = {"max_logits": max_logits, "attention": attn, "outputs": outputs}
+        if self.binary:
+            logits = torch.cat([-outputs / 2, outputs / 2])  # softmax(logits)[1] == sigmoid(s)
+            return MILOutput(logits, attn[:, 0], None, extras)
+        col = 1 if self.n_classes == 2 else int(outputs.argmax())
+        return MILOutput(outputs, attn[:, col], None, extras)
 
     def loss(self, out: MILOutput, label: torch.Tensor) -> torch.Tensor:
-        y = label.view(1)
-        return 0.5 * F.cross_entropy(out.logits.unsqueeze(0), y) + 0.5 * F.cross_entropy(
-            out.extras["max_logits"].unsqueeze(0), y
-        )
+        n = len(out.extras["outputs"])
+        target = label.view(1).float() if self.binary else F.one_hot(label.view(1), n).float().view(-1)
+        bce = F.binary_cross_entropy_with_logits
+        return 0.5 * bce(out.extras["outputs"], target) + 0.5 * bce(out.extras["max_logits"], target)

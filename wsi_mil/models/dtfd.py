@@ -21,9 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import GatedAttention, MILModel, MILOutput
+from .recipe import Recipe
 
 
 class DTFDMIL(MILModel):
+    recipe = Recipe(
+        "adam", lr=1e-4, weight_decay=1e-4, schedule="step", step_at=(0.5,), step_gamma=0.2, grad_clip=5.0,
+        source="hrzhang1123/DTFD-MIL Main_DTFD_MIL.py (10964f4): Adam(lr 1e-4, weight_decay 1e-4), "
+        "MultiStepLR([100] of 200 epochs, gamma 0.2), clip_grad_norm_ 5",
+    )  # fmt: skip
+
     def __init__(
         self,
         in_dim: int,

@@ -17,6 +17,7 @@ from torch import nn
 
 from .base import MILModel, MILOutput
 from .nystrom import NystromAttention
+from .recipe import Recipe
 
 
 class TransLayer(nn.Module):
@@ -44,6 +45,12 @@ class PPEG(nn.Module):
 
 
 class TransMIL(MILModel):
+    recipe = Recipe(
+        "radam_lookahead", lr=2e-4, weight_decay=1e-5,
+        source="szc19990412/TransMIL Camelyon/TransMIL.yaml (9d6aee5): opt lookahead_radam, lr 0.0002, "
+        "weight_decay 0.00001",
+    )  # fmt: skip
+
     def __init__(self, in_dim: int, n_classes: int = 2, dim: int = 512, heads: int = 8, landmarks: int = 256):
         super().__init__()
         self.n_classes = n_classes

@@ -22,7 +22,7 @@ from ..formats.run import RunFolder, load_ensemble
 from ..formats.scores import write_scores
 from ..localization.export import write_geojson, write_ome_tiff, write_viewer
 from ..localization.render import heatmap_overlay, overlay_figure
-from ..localization.scores import SCALE_LEGEND, SCALES, display_values, score_bag
+from ..localization.scores import SCALE_LEGEND, SCALES, display_values, score_with_config
 from ..wsi.collect import SlideEntry
 from ..wsi.readers import open_slide
 from .layout import Layout
@@ -132,19 +132,7 @@ def heatmap_slide(
     )
     x = torch.from_numpy(bag.features).float().to(req.device)
     c = torch.from_numpy(bag.coords).to(req.device)
-    scores = score_bag(
-        models,
-        x,
-        c,
-        hcfg.combine_weight,
-        target=classes.index(req.target) if req.target is not None else None,
-        classes=classes,
-        calibration=calibration,
-        steps=hcfg.inversion_steps,
-        lr=hcfg.inversion_lr,
-        lam=hcfg.inversion_lambda,
-        score=hcfg.inversion_score,
-    )
+    scores = score_with_config(models, x, c, classes, calibration, hcfg, req.target)
     scores.size0 = size0 = float(bag.attrs.get("patch_size_level0", 256))
     scores.target = target = classes[scores.predicted]
     stride0 = size0 * (1 - float(bag.attrs.get("overlap", 0.0)))

@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -127,11 +128,45 @@ def process_slide(stage: Stage, entry: SlideEntry, blocking: bool = False, on_ba
         return _conclude(stage, entry, ok)
 
 
+def ordered_map(fn: Callable, items: list, threads: int, release: Callable | None = None) -> Iterator:
+    """`fn(item)` for each item, computed up to `2 * threads` ahead on `threads` threads and
+    yielded in order. Results computed but never taken (the consumer stopped) are passed to
+    `release`."""
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="wsi-mil-planner")
+    ahead: deque = deque()
+    todo = iter(items)
+    try:
+        for item in todo:
+            ahead.append(pool.submit(fn, item))
+            if len(ahead) >= 2 * threads:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+    finally:
+        for future in ahead:
+            if not future.cancel() and release is not None and future.exception() is None:
+                release(future.result())
+        pool.shutdown(wait=True)
+
+
+def _release(job) -> None:
+    if job is not None:
+        job.abort()
+        job.context["lock"].__exit__(None, None, None)
+
+
 def _run_streamed(stage: Stage, todo: list[SlideEntry], finish, on_batch) -> list[SlideEntry]:
     """Extract `todo` as one stream (features/stream.py), each slide under its lock; returns
     the slides another process holds, for the caller to wait for."""
+    from ..device import resolve_device
     from ..features.runner import runner_for
-    from ..features.stream import StreamJob, run_stream
+    from ..features.stream import StreamJob, planner_count, planning_pool, run_stream
+    from .stages import prepare_grid
 
     if not todo:  # a finished cohort needs no encoder (and no weights)
         return []
@@ -139,27 +174,38 @@ def _run_streamed(stage: Stage, todo: list[SlideEntry], finish, on_batch) -> lis
     held: list[dict] = []
     planned = {"slides": 0, "patches": 0}
 
+    def prepare(entry: SlideEntry):
+        """Lock and plan one slide (segment, tile, open its writer); runs on a planning thread."""
+        lock_path = stage.layout.lock(stage.name, entry.name)
+        lock = slide_lock(lock_path, blocking=False)
+        if not lock.__enter__():
+            lock.__exit__(None, None, None)
+            return entry, None
+        ctx = {"entry": entry, "lock": lock, "attempt": 0, "t0": time.perf_counter()}
+        if not stage.overwrite and stage.output(entry).exists():  # finished meanwhile elsewhere
+            return entry, StreamJob(entry.name, skipped=True, context=ctx)
+        ctx["attempt"] = _bump_attempts(lock_path)
+        try:
+            if plan_pool is not None:  # segment + tile in a planning process; plan() reads it back
+                plan_pool.submit(prepare_grid, stage, entry).result()
+            job = stage.plan(entry)
+        except Exception as exc:
+            job = StreamJob(entry.name, error=exc)
+        job.context = ctx
+        return entry, job
+
+    planners = planner_count(resolve_device(stage.cfg.extract.device).type)
+    plan_pool = planning_pool(planners) if not stage.overwrite and stage.patches_dir is None else None
+
     def jobs():
-        for entry in todo:
-            lock_path = stage.layout.lock(stage.name, entry.name)
-            lock = slide_lock(lock_path, blocking=False)
-            if not lock.__enter__():
-                lock.__exit__(None, None, None)
+        for entry, job in ordered_map(prepare, todo, planners, release=lambda r: _release(r[1])):
+            if job is None:
                 busy.append(entry)
                 continue
-            ctx = {"entry": entry, "lock": lock, "attempt": 0, "t0": time.perf_counter()}
-            held.append(ctx)
-            if not stage.overwrite and stage.output(entry).exists():  # finished meanwhile elsewhere
-                yield StreamJob(entry.name, skipped=True, context=ctx)
-                continue
-            ctx["attempt"] = _bump_attempts(lock_path)
-            try:
-                job = stage.plan(entry)
-            except Exception as exc:
-                job = StreamJob(entry.name, error=exc)
-            job.context = ctx
-            planned["slides"] += 1
-            planned["patches"] += len(job.grid) if job.grid is not None else 0
+            held.append(job.context)
+            if not job.skipped:
+                planned["slides"] += 1
+                planned["patches"] += len(job.grid) if job.grid is not None else 0
             yield job
 
     def on_done(job: StreamJob) -> None:
@@ -189,6 +235,8 @@ def _run_streamed(stage: Stage, todo: list[SlideEntry], finish, on_batch) -> lis
     try:
         run_stream(jobs(), runner_for(stage.cfg.extract), stage.cfg.extract, on_done, progress, estimate)
     finally:
+        if plan_pool is not None:
+            plan_pool.shutdown(wait=False, cancel_futures=True)
         for ctx in list(held):  # interrupted: unfinished slides keep their partial files
             ctx["lock"].__exit__(None, None, None)
     return busy

@@ -192,3 +192,10 @@ class ExtractStage(Stage):
 
 
 STAGES: dict[str, type[Stage]] = {"segment": SegmentStage, "tile": TileStage, "extract": ExtractStage}
+
+
+def prepare_grid(stage: Stage, entry: SlideEntry) -> int:
+    """Segment and tile one slide into the stage's work folder (in a planning process, which
+    the stream then reads back); returns the patch count."""
+    with open_slide(entry.path, entry.mpp) as slide:
+        return len(stage.grid_for(slide, entry))

@@ -1,8 +1,14 @@
 """k-fold cross-validation with a held-out test set and a majority-vote ensemble.
 
 The protocol: a held-out test split (labels' `split` column, else a stratified fraction drawn
-by case), k stratified folds grouped by case over the rest, per fold the best epoch by
-validation AUC and a Youden threshold, then the fold models' majority vote on the test split.
+by case), k stratified folds grouped by case over the rest. Fold k is only scored: its model
+trains on 75% of the other folds, and the other 25% (an inner split, stratified and grouped by
+case) chooses the best epoch (validation AUC) and the Youden threshold (`selection="inner"`,
+the default). Fold metrics and the calibration fitted on them are therefore selection-free, as
+in the published MIL protocols; `selection="outer"` chooses on fold k itself (optimistic,
+marked so).
+Then the fold models' majority vote on the test split, and, where patients (`case_id`) have
+several slides, the same metrics per patient (mean slide probability).
 Results go into a run folder (formats/run.py). A run records a fingerprint of its inputs; a
 re-run resumes finished folds only when the fingerprint matches and refuses otherwise.
 """
@@ -15,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,9 +38,18 @@ from ..formats.features import read_feature_attrs
 from ..formats.run import RunFolder, load_fold_model
 from ..io import atomic_path, write_json
 from ..models import create_model
-from .data import BagDataset, Cohort, load_bags, load_labels, make_splits, validate_bags
+from .data import (
+    BagDataset,
+    Cohort,
+    load_bags,
+    load_labels,
+    make_splits,
+    stratified_group_folds,
+    validate_bags,
+)
 from .fit import predict_probs, train_fold
 from .metrics import METRICS, bootstrap_ci, compute_metrics, decide, majority_vote
+from .optim import resolve_recipe
 from .report import save_plots, write_report
 
 log = logging.getLogger("wsi_mil")
@@ -73,7 +89,9 @@ def train_one_fold(
     if progress:
         progress(f"{model_name} fold {k + 1}/{n_folds}")
     tr, va = train_df[train_df.fold != k], train_df[train_df.fold == k]
-    train_ds, val_ds = datasets(tr, cfg, True, loaded), datasets(va, cfg, False, loaded)
+    inner = inner_split(tr, cfg.selection, cfg.seed * 100 + int(k))
+    fit_df, select_df = (tr[~inner], tr[inner]) if inner is not None else (tr, va)
+    train_ds, select_ds = datasets(fit_df, cfg, True, loaded), datasets(select_df, cfg, False, loaded)
     on_epoch = None
     if progress:
 
@@ -84,13 +102,20 @@ def train_one_fold(
         model_name,
         cfg.model_kwargs,
         train_ds,
-        val_ds,
+        select_ds,
         len(classes),
         cfg,
         cfg.seed * 100 + int(k),
         device,
         on_epoch=on_epoch,
     )
+    metrics = {**res.val_metrics, "selected_on": "outer fold (optimistic)"}
+    if inner is not None:  # score the outer fold with the model and threshold chosen on the inner one
+        model = create_model(model_name, train_ds.in_dim, len(classes), **cfg.model_kwargs).to(device)
+        model.load_state_dict(res.state_dict)
+        prob = predict_probs(model, datasets(va, cfg, False, loaded), device)
+        metrics = compute_metrics(va.label.values, prob, decide(prob, res.threshold))
+        metrics["selected_on"] = f"inner split of {int(inner.sum())} training slides (selection-free)"
     ckpt = {
         "model": model_name,
         "kwargs": cfg.model_kwargs,
@@ -104,9 +129,40 @@ def train_one_fold(
         k,
         ckpt,
         res.threshold,
-        {**res.val_metrics, "best_epoch": res.best_epoch},
+        {**metrics, "best_epoch": res.best_epoch},
         pd.DataFrame(res.history),
     )
+
+
+INNER_PARTS = 4  # the inner split is 1/4 of the training folds
+
+
+def inner_split(train: pd.DataFrame, selection: str, seed: int) -> np.ndarray | None:
+    """Boolean mask of the training folds' slides that choose epoch and threshold (1/4,
+    stratified by label, grouped by case); None (choose on the outer fold, reported as
+    optimistic) for `selection="outer"` or when a class has fewer than 4 cases in the training
+    folds (the split would leave a class with no case on one side)."""
+    if selection != "inner" or train.groupby("label").case_id.nunique().min() < INNER_PARTS:
+        return None
+    with warnings.catch_warnings():  # fewer cases than parts: fewer parts, which is fine here
+        warnings.simplefilter("ignore")
+        part = stratified_group_folds(train.label.values, train.case_id.values, INNER_PARTS, seed, warn=False)
+    return part == 0
+
+
+def patient_level(case_ids, y, fold_probs: list[np.ndarray], thresholds: list):
+    """(patient labels, mean probabilities, majority votes): each fold model's slide
+    probabilities averaged per patient, then voted as for slides. None when every patient has
+    one slide, or a patient's slides carry different labels."""
+    table = pd.DataFrame({"case": np.asarray(case_ids), "y": np.asarray(y)})
+    if table.case.nunique() == len(table) or (table.groupby("case").y.nunique() > 1).any():
+        return None
+    order = table.groupby("case", sort=True).indices
+    cases = sorted(order)
+    y_p = np.array([table.y.values[order[c][0]] for c in cases])
+    probs = [np.stack([p[order[c]].mean(0) for c in cases]) for p in fold_probs]
+    mean_prob, _, vote = ensemble(probs, thresholds)
+    return y_p, mean_prob, vote
 
 
 def fold_task(item: tuple[str, int], splits, classes, cfg_json: str, out: str) -> str:
@@ -152,6 +208,9 @@ def summarise_model(
 
     result = {
         "model": model_name,
+        "selection": "inner"
+        if all("selection-free" in str(f.get("selected_on")) for f in fold_val)
+        else "outer",
         "folds": fold_val,
         "val_mean": {m: stat(np.nanmean, m) for m in METRICS},
         "val_std": {m: stat(np.nanstd, m) for m in METRICS},
@@ -172,6 +231,10 @@ def summarise_model(
             pred.to_csv(tmp, index=False)
         result["test"] = compute_metrics(y, mean_prob, vote)
         result["test_ci"] = bootstrap_ci(y, mean_prob, vote, cfg.bootstrap, cfg.seed)
+        patients = patient_level(test_df.case_id.values, y, fold_probs, thresholds)
+        if patients is not None:
+            y_p, prob_p, vote_p = patients
+            result["test_patient"] = {**compute_metrics(y_p, prob_p, vote_p), "patients": len(y_p)}
     calibration = PlattScaling.fit(np.concatenate(oof_probs), np.concatenate(oof_labels))
     write_json(model_dir / "calibration.json", calibration.to_dict())
     write_json(model_dir / "metrics.json", result)
@@ -293,6 +356,7 @@ def _run(
         {
             "train": cfg.model_dump(),
             "models": models,
+            "recipes": {m: resolve_recipe(m, cfg).to_dict() for m in models},
             "features_dir": str(Path(features_dir).resolve()),
             "labels": str(Path(labels_csv).resolve()),
             "features": _feature_spec(cohort),

@@ -108,11 +108,11 @@ def _refuse_duplicates(df: pd.DataFrame, labels_csv: Path) -> None:
             )
 
 
-def _stratified_group_folds(labels, groups, k, seed) -> np.ndarray:
+def stratified_group_folds(labels, groups, k, seed, warn: bool = True) -> np.ndarray:
     """Fold index per row; k reduced when a class has fewer cases than k."""
     per_class = pd.Series(groups).groupby(np.asarray(labels)).nunique().min()
     k_eff = max(2, min(k, int(per_class)))
-    if k_eff < k:
+    if k_eff < k and warn:
         log.warning(
             "only %d case(s) in the smallest class: using %d folds instead of %d", per_class, k_eff, k
         )
@@ -130,7 +130,7 @@ def make_splits(cohort: Cohort, folds: int = 5, test_frac: float = 0.25, seed: i
         df["split"] = "train"
         if test_frac > 0:
             n_parts = max(2, int(round(1 / test_frac)))
-            test_fold = _stratified_group_folds(df.label.values, df.case_id.values, n_parts, seed)
+            test_fold = stratified_group_folds(df.label.values, df.case_id.values, n_parts, seed)
             df.loc[test_fold == 0, "split"] = "test"
     train = df.split == "train"
     if train.sum() < 4:
@@ -138,7 +138,7 @@ def make_splits(cohort: Cohort, folds: int = 5, test_frac: float = 0.25, seed: i
             f"only {int(train.sum())} training slides: too few for {folds}-fold cross-validation"
         )
     df["fold"] = -1
-    df.loc[train, "fold"] = _stratified_group_folds(
+    df.loc[train, "fold"] = stratified_group_folds(
         df.label[train].values, df.case_id[train].values, folds, seed + 1
     )
     return df

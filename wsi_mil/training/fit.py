@@ -1,8 +1,8 @@
 """Train one MIL model on one fold: one bag per step, best epoch by validation AUC.
 
-Defaults follow the MIL papers (Adam, lr 2e-4, weight decay 1e-4, early stopping on
-validation AUC with patience). The decision threshold is chosen on validation: Youden's J
-for binary tasks, argmax for multi-class.
+The optimiser, schedule, clipping and initialisation are the model's recipe (its authors'
+training code, models/recipe.py), early stopping on validation AUC with patience. The decision
+threshold is chosen on validation: Youden's J for binary tasks, argmax for multi-class.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ..config import TrainConfig
 from ..models import MILModel, create_model
 from .data import BagDataset
 from .metrics import auc_score, compute_metrics, decide, youden_threshold
+from .optim import Schedule, apply_init, build_optimizer, resolve_recipe
 
 
 @dataclass
@@ -56,9 +57,12 @@ def train_fold(
     """Train with early stopping on validation AUC (ties: lower validation loss)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = create_model(model_name, train.in_dim, n_classes, **model_kwargs).to(device)
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    opt = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = create_model(model_name, train.in_dim, n_classes, **model_kwargs)
+    recipe = resolve_recipe(model_name, cfg)
+    apply_init(model, recipe)
+    model = model.to(device)
+    opt = build_optimizer(model, recipe)
+    schedule = Schedule(opt, recipe, cfg.epochs)
     y_val = np.array(val.labels)
     best = (-np.inf, np.inf)
     best_state, best_epoch, stale, history = None, 0, 0, []
@@ -76,12 +80,15 @@ def train_fold(
             loss = model.loss(out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if recipe.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
             opt.step()
             model.on_train_step(out, y)
             losses.append(loss.item())
         prob = predict_probs(model, val, device)
         val_loss = float(-np.log(prob[np.arange(len(y_val)), y_val].clip(1e-8)).mean())
         val_auc = auc_score(y_val, prob)
+        schedule.step(val_loss)
         key_auc = val_auc if np.isfinite(val_auc) else -val_loss
         row = {
             "epoch": epoch,

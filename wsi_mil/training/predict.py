@@ -1,19 +1,93 @@
-"""Applying a trained run's fold ensembles to new slides' features (`wsi-mil predict`)."""
+"""Applying a trained run's fold ensembles to new slides' features (`wsi-mil predict`), and
+per-instance key-instance scores for any bags (`wsi-mil predict --scores`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
 
+from ..config import HeatmapConfig
 from ..device import resolve_device
 from ..errors import WsiMilError
-from ..formats.features import check_compatible, read_feature_attrs
-from ..formats.run import RunFolder, load_fold_model
+from ..formats.features import check_compatible, read_feature_attrs, read_features
+from ..formats.run import RunFolder, load_ensemble, load_fold_model
+from ..formats.scores import write_scores
 from ..io import atomic_path
+from ..localization.scores import score_with_config
 from .crossval import ensemble
 from .data import BagDataset, load_bags
 from .fit import predict_probs
+
+
+def _checked_bags(run_folder: RunFolder, features_dir: Path) -> tuple[list[Path], dict]:
+    """The folder's feature files, each read once, validated and checked against the run."""
+    files = sorted(features_dir.glob("*.h5"))
+    if not files:
+        raise WsiMilError(f"{features_dir}: no .h5 feature files")
+    loaded = load_bags([str(p) for p in files])  # every file validated before anything is written
+    spec = run_folder.feature_spec()
+    if spec.get("encoder_dim"):
+        for p in files:
+            attrs, shape = read_feature_attrs(p)
+            source = f"run {run_folder.root}"
+            check_compatible(
+                p, shape[-1], attrs.get("encoder"), int(spec["encoder_dim"]), spec.get("encoder"), source
+            )
+    return files, loaded
+
+
+def score_bags(
+    run: str | Path,
+    features_dir: str | Path,
+    out_dir: str | Path,
+    model: str | None = None,
+    target: str | None = None,
+    cfg: HeatmapConfig | None = None,
+    device: str = "auto",
+) -> pd.DataFrame:
+    """Attention, inversion and combined score of every instance of every bag in
+    `features_dir`, computed as `wsi-mil heatmap` does (the model's fold ensemble, calibrated
+    slide probability, mapped class; `localization.scores.score_with_config`). Writes
+    `<out_dir>/<bag>_scores.csv` (instance, x, y, attention, inversion, combined) per bag and
+    returns one row per bag (probabilities, mapped class, top instance)."""
+    run_folder = RunFolder(run).require()
+    files, _ = _checked_bags(run_folder, Path(features_dir))
+    classes = run_folder.read_classes()
+    if target is not None and target not in classes:
+        raise WsiMilError(f"--target {target}: not a class of this run ({', '.join(classes)})")
+    dev = resolve_device(device)
+    name, models, _ = load_ensemble(run_folder, model, "all", dev)
+    calibration = run_folder.read_calibration(name)
+    cfg = cfg or HeatmapConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for p in files:
+        bag = read_features(p)  # as stored, as `heatmap` reads it
+        x = torch.from_numpy(bag.features).float().to(dev)
+        c = torch.from_numpy(bag.coords).to(dev)
+        scores = score_with_config(models, x, c, classes, calibration, cfg, target)
+        scores.target = classes[scores.predicted]
+        write_scores(out_dir / f"{p.stem}_scores.csv", scores)
+        top = int(np.argmax(scores.combined))
+        rows.append(
+            {
+                "slide_id": p.stem,
+                "model": name,
+                **{f"p_{k}": float(v) for k, v in zip(classes, scores.prob)},
+                "scored_class": scores.target,
+                "instances": len(scores.combined),
+                "top_instance": top,
+                "top_combined": float(scores.combined[top]),
+            }
+        )
+    table = pd.DataFrame(rows)
+    with atomic_path(out_dir / "bags.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    return table
 
 
 def predict_run(
@@ -24,21 +98,9 @@ def predict_run(
     Every file is validated and checked against the run's encoder and dimension first, so a
     bad file stops the command before anything is written."""
     run_folder = RunFolder(run).require()
-    features_dir = Path(features_dir)
     classes = run_folder.read_classes()
-    files = sorted(features_dir.glob("*.h5"))
-    if not files:
-        raise WsiMilError(f"{features_dir}: no .h5 feature files")
+    files, loaded = _checked_bags(run_folder, Path(features_dir))
     paths = [str(p) for p in files]
-    loaded = load_bags(paths)  # every file read once and validated before anything is written
-    spec = run_folder.feature_spec()
-    if spec.get("encoder_dim"):
-        for p in files:
-            attrs, shape = read_feature_attrs(p)
-            source = f"run {run_folder.root}"
-            check_compatible(
-                p, shape[-1], attrs.get("encoder"), int(spec["encoder_dim"]), spec.get("encoder"), source
-            )
     dev = resolve_device(device)
     ds = BagDataset(paths, [0] * len(files), preload=True, loaded=loaded)
     rows = pd.DataFrame({"slide_id": [p.stem for p in files]})

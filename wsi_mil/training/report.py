@@ -80,14 +80,30 @@ def write_report(out: Path, results: list[dict], splits: pd.DataFrame, cfg: Trai
                 f"| {r['model']} | " + " | ".join(_fmt(r["test"][m], r["test_ci"][m]) for m in METRICS) + " |"
             )
         lines.append("")
-    lines += [
-        "## Validation folds: mean +/- std",
-        "",
-        "Validation metrics are taken at the epoch chosen on that same fold, so they are "
-        "optimistic; the held-out test set is the unbiased estimate.",
-        "",
-        *header,
-    ]
+        with_patients = [r for r in results if "test_patient" in r]
+        if with_patients:
+            n = with_patients[0]["test_patient"]["patients"]
+            lines += [
+                f"## Test set per patient ({n} patients; each fold model's slide probabilities "
+                "averaged per case_id, then voted)",
+                "",
+                *header,
+            ]
+            for r in with_patients:
+                lines.append(
+                    f"| {r['model']} | " + " | ".join(f"{r['test_patient'][m]:.3f}" for m in METRICS) + " |"
+                )
+            lines.append("")
+    inner = all(r.get("selection") == "inner" for r in results)
+    note = (
+        "Selection-free: each fold is scored by a model whose epoch and threshold were chosen on "
+        "another (inner) fold of the training data; the fold never influenced a choice."
+        if inner
+        else "Optimistic: each fold's metrics are taken at the epoch and threshold chosen on that "
+        "same fold (`selection: outer`, or fewer than 3 folds); the held-out test set is the "
+        "unbiased estimate."
+    )
+    lines += ["## Cross-validation folds: mean +/- std", "", note, "", *header]
     for r in results:
         lines.append(
             f"| {r['model']} | "

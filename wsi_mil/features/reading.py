@@ -1,0 +1,106 @@
+"""Reading patches: whole rows of neighbouring patches read as one region and sliced.
+
+Kept free of torch so that reader processes (features/stream.py) start in a fraction of a
+second.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from ..wsi.readers import open_slide
+from ..wsi.slide import Slide
+
+MAX_REGION_PX = 8192  # widest region read at once, in level pixels
+
+
+def _read_row(
+    slide: Slide, xs: np.ndarray, y: int, size0: int, patch_size: int, out_size: int
+) -> list[np.ndarray]:
+    """Patches at (xs[i], y) of side `size0` level-0 px, read as one region, `out_size` px each.
+
+    The region comes from the coarsest level still at least as fine as the target resolution;
+    each slice is resized straight to the encoder's input size.
+    """
+    level = slide.best_level_for_downsample(size0 / patch_size)
+    lds = slide.level_downsamples[level]
+    side = max(1, int(round(size0 / lds)))
+    x0 = int(xs[0])
+    offsets = np.round((xs - x0) / lds).astype(int)
+    region = slide.read_region((x0, int(y)), level, (int(offsets[-1]) + side, side))
+    out = []
+    for off in offsets:
+        crop = region[:, off : off + side]
+        if crop.shape[0] != out_size or crop.shape[1] != out_size:
+            interp = cv2.INTER_AREA if side > out_size else cv2.INTER_LINEAR
+            crop = cv2.resize(crop, (out_size, out_size), interpolation=interp)
+        out.append(crop)
+    return out
+
+
+read_patch_row = _read_row
+
+
+def read_patch(slide: Slide, x: int, y: int, size0: int, patch_size: int, out_size: int) -> np.ndarray:
+    """One patch, read on its own (the reference the batched reader must match)."""
+    return _read_row(slide, np.array([x]), y, size0, patch_size, out_size)[0]
+
+
+def row_runs(coords: np.ndarray, size0: int, max_px: int) -> list[tuple[int, int]]:
+    """Split row-major coords into [start, end) runs on one row whose union is one region."""
+    runs, start = [], 0
+    for i in range(1, len(coords) + 1):
+        if i == len(coords):
+            runs.append((start, i))
+            break
+        same_row = coords[i, 1] == coords[start, 1]
+        step = coords[i, 0] - coords[i - 1, 0]
+        width = coords[i, 0] + size0 - coords[start, 0]
+        if not (same_row and 0 < step <= size0 and width <= max_px):
+            runs.append((start, i))
+            start = i
+    return runs
+
+
+def region_limit(slide: Slide, size0: int, patch_size: int) -> int:
+    """The widest region (level-0 px) read at once at the level patches are read from."""
+    level = slide.best_level_for_downsample(size0 / patch_size)
+    return int(MAX_REGION_PX * slide.level_downsamples[level])
+
+
+def read_patches(
+    slide: Slide, coords: np.ndarray, size0: int, patch_size: int, out_size: int, max_px: int
+) -> tuple[np.ndarray, int]:
+    """uint8 [n, S, S, 3] patches at `coords`, whole rows read as one region each.
+
+    A region that fails to read (a corrupt tile) is retried patch by patch; patches that still
+    fail come back white and are counted (the second value)."""
+    out = np.empty((len(coords), out_size, out_size, 3), np.uint8)
+    failed = 0
+    for s, e in row_runs(coords, size0, max_px):
+        try:
+            out[s:e] = read_patch_row(slide, coords[s:e, 0], coords[s, 1], size0, patch_size, out_size)
+        except Exception:
+            for i in range(s, e):
+                try:
+                    out[i] = read_patch(slide, *coords[i], size0, patch_size, out_size)
+                except Exception:
+                    out[i] = 255
+                    failed += 1
+    return out, failed
+
+
+_HANDLES: dict = {}  # in a reader process: the slide it read last
+
+
+def read_piece(path, mpp, coords: np.ndarray, size0: int, patch_size: int, out_size: int):
+    """`read_patches` for one piece in a reader process, keeping the slide open between pieces."""
+    key = (str(path), mpp)
+    if key not in _HANDLES:
+        for handle in _HANDLES.values():
+            handle.close()
+        _HANDLES.clear()
+        _HANDLES[key] = open_slide(path, mpp)
+    slide = _HANDLES[key]
+    return read_patches(slide, coords, size0, patch_size, out_size, region_limit(slide, size0, patch_size))
