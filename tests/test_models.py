@@ -196,7 +196,7 @@ def test_matches_torchmil_abmil_and_dsmil():
     torch.testing.assert_close(out.logits[1], y_t[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.instance_scores, torch.softmax(f_t[0], 0), atol=1e-5, rtol=1e-5)
 
-    ours = create_model("dsmil", D, 1).eval()
+    ours = create_model("dsmil", D, 2).eval()  # two classes: the authors' binary form, one output
     theirs = tm.DSMIL(in_shape=(D,), att_dim=128, nonlinear_q=True, nonlinear_v=False).eval()
     with torch.no_grad():
         theirs.inst_classifier.load_state_dict(ours.instance_classifier.state_dict())
@@ -205,7 +205,8 @@ def test_matches_torchmil_abmil_and_dsmil():
         theirs.bag_classifier.bias.copy_(ours.fcc.bias)
         y_t, a_t, inst_t = theirs(x, return_att=True, return_inst_pred=True)
         out = ours(x[0])
-    torch.testing.assert_close(out.logits[0], y_t[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits[1] - out.logits[0], y_t[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.softmax(out.logits, 0)[1], torch.sigmoid(y_t[0]), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out.extras["attention"][:, 0], a_t[0].view(-1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.extras["max_logits"][0], inst_t[0].max(), atol=1e-5, rtol=1e-5)
 
@@ -296,3 +297,29 @@ def test_camil_neighbour_softmax_matches_torchmil():
         local = theirs(t.unsqueeze(0), adj.unsqueeze(0))[0]  # softmax(w) * v with v = T
         ours = torch.softmax(model.neighbour_attention(t, nbr, w), 0).unsqueeze(1) * t
     torch.testing.assert_close(ours, local, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_sparse_inversion_runs_on_every_model(name):
+    """Key-instance scores exist for every model: the inversion needs the bag's gradient."""
+    from wsi_mil.localization.inversion import sparse_inversion
+
+    torch.manual_seed(0)
+    model = create_model(name, D, 2).eval()
+    x, coords = torch.randn(30, D), torch.randint(0, 5000, (30, 2))
+    res = sparse_inversion(model, x, coords, 1, steps=3)
+    assert res.scores.shape == (30,) and torch.isfinite(res.scores).all() and res.scores.abs().sum() > 0
+
+
+def test_transmil_ppeg_matches_torchmil():
+    """TransMIL's PPEG (7x7 + 5x5 + 3x3 depthwise convolutions plus identity on the square
+    grid, class token passed through) with copied weights equals torchmil's."""
+    tm = pytest.importorskip("torchmil.models.transmil")
+    from wsi_mil.models.transmil import PPEG
+
+    torch.manual_seed(0)
+    ours, theirs = PPEG(64), tm.PPEG(64)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 1 + 36, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, 6), theirs(x, 6, 6), atol=1e-6, rtol=1e-5)

@@ -86,7 +86,9 @@ class DTFDMIL(MILModel):
                 pos = probs[:, -1]
                 picks = [pos.argmax()] + ([pos.argmin()] if self.distill == "MaxMinS" else [])
                 distilled.append(h[torch.stack(picks)])
-        tier2_in = torch.cat(distilled).detach()
+        tier2_in = torch.cat(distilled)
+        if self.training:  # tier-2's loss trains tier 2 only; in eval the input keeps its
+            tier2_in = tier2_in.detach()  # gradient, which sparse inversion needs
         z2, a2 = self.attention2(tier2_in)
         logits = self.classifier2(z2)
         scores = torch.empty(len(features), device=features.device)

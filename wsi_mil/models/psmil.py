@@ -14,8 +14,11 @@ Prototypes move only in training, after each optimiser step, by momentum:
   prototypes.
 - `prototype_update="confident"` (model/PSMIL.py, gamma 0.01): the label's column moves to the
   bag's most confident instance for that class.
-`prototype_init="random"` (default) or `"first_bag"` (the authors': every column the first
-training bag's mean embedding).
+`prototype_init="first_bag"` (default, the authors': every column starts at the first training
+bag's mean embedding, so P starts uniform and the label updates pull the columns apart) or
+`"random"` (unit random columns, wsi-mil 0.1). Measured (bench_mil_recipes.py, test AUC):
+48-bag D = 256 cohort 0.667 vs 0.444 random, harder cohort 0.781 vs 0.766, graded cohort 0.972
+vs 1.000.
 Deliberate difference: attention logits are `attn_scale` (default 10) x P w. P lies in
 [0, 1], so with the usual small initialisation of w the attention starts almost uniform and
 w needs thousands of Adam steps at lr 2e-4 to focus; the fixed scale lets it focus within a few
@@ -52,7 +55,7 @@ class ProbabilityAttention(nn.Module):
         gamma: float = 0.001,
         prototype_update: str = "label",
         attn_scale: float = 10.0,
-        prototype_init: str = "random",
+        prototype_init: str = "first_bag",
     ):
         super().__init__()
         self.attn_scale = attn_scale
@@ -139,7 +142,7 @@ class PSMIL(MILModel):
         gamma: float = 0.001,
         prototype_update: str = "label",
         attn_scale: float = 10.0,
-        prototype_init: str = "random",
+        prototype_init: str = "first_bag",
         align_lambda: float = 0.0,
         align_tau: int = 10,
         n_views: int = 2,
