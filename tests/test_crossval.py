@@ -204,3 +204,17 @@ def test_multiclass_run_trains_and_reports_without_warning_floods(tmp_path, recw
     assert "| dsmil |" in (tmp_path / "run" / "report.md").read_text()
     messages = sorted({str(w.message)[:80] for w in recwarn})
     assert len(recwarn) <= 3, messages  # a few distinct notices at most, never one per bag or epoch
+
+
+def test_patient_level_averages_each_fold_models_slides_then_votes():
+    from wsi_mil.training.crossval import patient_level
+
+    cases, y = ["a", "a", "b", "c", "c"], [1, 1, 0, 0, 0]
+    fold1 = np.array([[0.2, 0.8], [0.6, 0.4], [0.9, 0.1], [0.4, 0.6], [0.8, 0.2]])
+    fold2 = np.array([[0.3, 0.7], [0.5, 0.5], [0.7, 0.3], [0.7, 0.3], [0.9, 0.1]])
+    y_p, prob, vote = patient_level(cases, y, [fold1, fold2], [0.5, 0.5])
+    assert y_p.tolist() == [1, 0, 0]  # patients a, b, c
+    np.testing.assert_allclose(prob[:, 1], [(0.6 + 0.6) / 2, 0.2, (0.4 + 0.2) / 2])
+    assert vote.tolist() == [1, 0, 0]
+    assert patient_level(["a", "b"], [1, 0], [fold1[:2]], [0.5]) is None  # one slide each
+    assert patient_level(["a", "a"], [1, 0], [fold1[:2]], [0.5]) is None  # conflicting labels

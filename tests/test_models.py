@@ -140,7 +140,7 @@ def test_psmil_prototypes_move_toward_class_means_in_training_only():
 
 def test_psmil_confident_update_moves_only_label_column():
     torch.manual_seed(0)
-    model = PSMIL(D, 2, gamma=0.01, prototype_update="confident").train()
+    model = PSMIL(D, 2, gamma=0.01, prototype_update="confident", prototype_init="random").train()
     q0 = model.pool.prototypes.clone()
     x = torch.randn(20, D)
     out = model(x)
@@ -323,3 +323,20 @@ def test_transmil_ppeg_matches_torchmil():
     x = torch.randn(1, 1 + 36, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x, 6), theirs(x, 6, 6), atol=1e-6, rtol=1e-5)
+
+
+def test_psmil_default_starts_at_the_first_bag_and_moves_only_the_label_column():
+    """The authors' start (every column the first training bag's mean) and label update."""
+    torch.manual_seed(0)
+    model = PSMIL(D, 2).train()
+    x = torch.randn(20, D)
+    out = model(x)
+    model.on_train_step(out, torch.tensor(1))
+    q = model.pool.prototypes
+    start = torch.nn.functional.normalize(out.extras["h"].mean(0), dim=0)
+    torch.testing.assert_close(q[:, 0], start)  # column 0: initialised, not moved
+    assert not torch.allclose(q[:, 1], start) and torch.allclose(q.norm(dim=0), torch.ones(2))
+    model.eval()
+    before = q.clone()
+    model.on_train_step(model(torch.randn(20, D)), torch.tensor(0))
+    torch.testing.assert_close(model.pool.prototypes, before)  # evaluation never moves Q
