@@ -1,13 +1,15 @@
 """One extraction stream over a whole cohort: no per-slide reader start-up, no padded batches.
 
-Three kinds of thread share the work of one process:
-- the planner (one thread) walks the cohort: for each slide it takes what the caller's `jobs`
-  iterator yields (segmenting and tiling the slide there when needed, so that runs ahead of
-  the encoder) and cuts the slide's remaining rows into pieces of at most one batch;
-- readers (`--workers` threads, each with its own slide handle; by default more are started
-  while the encoder waits for patches, see `reader_limits`) decode and resize pieces;
-  decoders and OpenCV release the GIL, and threads also run inside Dask's daemonic workers,
-  where reader processes cannot start;
+Three kinds of worker share the work of one process:
+- the planner walks the cohort: for each slide it takes what the caller's `jobs` iterator
+  yields (segmenting and tiling the slide there when needed, so that runs ahead of the
+  encoder; on a GPU machine several planner threads hand that to planning processes,
+  `planner_count` / `planning_pool`) and cuts the slide's remaining rows into pieces of at
+  most one batch;
+- readers decode and resize pieces, each with its own slide handle: threads on the CPU (one by
+  default; decoders and OpenCV release the GIL) and inside Dask's daemonic workers; on a GPU
+  machine threads that hand each piece to a reader process (`reader_pool`: threads stop
+  scaling at ~4 there), started as the encoder waits for patches (`reader_limits`);
 - the caller's thread takes pieces back in order, fills encoder batches of exactly
   `batch_size` patches across slide boundaries (only the cohort's last batch may be short),
   and writes each slide's rows to its own feature file, finished the moment its last row is
