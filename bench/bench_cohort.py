@@ -95,25 +95,12 @@ def decode_rate(entries, grids, workers: int, processes: bool) -> float:
     return sum(len(p[1]) for p in pieces) / t
 
 
-_HANDLES: dict = {}
-
-
 def read_piece(piece) -> int:
-    import threading
-
-    from wsi_mil.features.reading import read_patches as read_region_patches
-    from wsi_mil.features.reading import region_limit
-    from wsi_mil.wsi.readers import open_slide
+    """One piece through the stream's reader (`reading.read_piece`, a slide handle per reader)."""
+    from wsi_mil.features.reading import read_piece as read
 
     path, coords, size0, patch_size = piece
-    key = (path, threading.get_ident())
-    if key not in _HANDLES:
-        _HANDLES[key] = open_slide(path)
-    slide = _HANDLES[key]
-    images, _ = read_region_patches(
-        slide, coords, size0, patch_size, 224, region_limit(slide, size0, patch_size)
-    )
-    return len(images)
+    return len(read(path, None, coords, size0, patch_size, 224)[0])
 
 
 def gflop_per_patch(encoder, size) -> float:

@@ -6,6 +6,8 @@ second.
 
 from __future__ import annotations
 
+import threading
+
 import cv2
 import numpy as np
 
@@ -91,16 +93,16 @@ def read_patches(
     return out, failed
 
 
-_HANDLES: dict = {}  # in a reader process: the slide it read last
+_OPEN = threading.local()  # per reader thread or process: the slide it read last
 
 
 def read_piece(path, mpp, coords: np.ndarray, size0: int, patch_size: int, out_size: int):
-    """`read_patches` for one piece in a reader process, keeping the slide open between pieces."""
+    """`read_patches` for one piece in a reader process (or thread), keeping that reader's slide
+    open between pieces."""
     key = (str(path), mpp)
-    if key not in _HANDLES:
-        for handle in _HANDLES.values():
-            handle.close()
-        _HANDLES.clear()
-        _HANDLES[key] = open_slide(path, mpp)
-    slide = _HANDLES[key]
+    if getattr(_OPEN, "key", None) != key:
+        if getattr(_OPEN, "slide", None) is not None:
+            _OPEN.slide.close()
+        _OPEN.slide, _OPEN.key = open_slide(path, mpp), key
+    slide = _OPEN.slide
     return read_patches(slide, coords, size0, patch_size, out_size, region_limit(slide, size0, patch_size))

@@ -109,12 +109,13 @@ def train_one_fold(
         device,
         on_epoch=on_epoch,
     )
-    metrics = {**res.val_metrics, "selected_on": "outer fold (optimistic)"}
+    metrics = {**res.val_metrics, "selection": "outer", "selected_on": "outer fold (optimistic)"}
     if inner is not None:  # score the outer fold with the model and threshold chosen on the inner one
         model = create_model(model_name, train_ds.in_dim, len(classes), **cfg.model_kwargs).to(device)
         model.load_state_dict(res.state_dict)
         prob = predict_probs(model, datasets(va, cfg, False, loaded), device)
         metrics = compute_metrics(va.label.values, prob, decide(prob, res.threshold))
+        metrics["selection"] = "inner"
         metrics["selected_on"] = f"inner split of {int(inner.sum())} training slides (selection-free)"
     ckpt = {
         "model": model_name,
@@ -208,9 +209,7 @@ def summarise_model(
 
     result = {
         "model": model_name,
-        "selection": "inner"
-        if all("selection-free" in str(f.get("selected_on")) for f in fold_val)
-        else "outer",
+        "selection": "inner" if all(f.get("selection") == "inner" for f in fold_val) else "outer",
         "folds": fold_val,
         "val_mean": {m: stat(np.nanmean, m) for m in METRICS},
         "val_std": {m: stat(np.nanstd, m) for m in METRICS},

@@ -18,16 +18,18 @@ from ..formats.scores import write_scores
 from ..io import atomic_path
 from ..localization.scores import score_with_config
 from .crossval import ensemble
-from .data import BagDataset, load_bags
+from .data import BagDataset, load_bags, validate_bags
 from .fit import predict_probs
 
 
-def _checked_bags(run_folder: RunFolder, features_dir: Path) -> tuple[list[Path], dict]:
-    """The folder's feature files, each read once, validated and checked against the run."""
+def _checked_bags(run_folder: RunFolder, features_dir: Path, keep: bool = True) -> tuple[list[Path], dict]:
+    """The folder's feature files, each read once, validated and checked against the run;
+    with `keep` the bags are returned (float16, keyed by path), else only validated."""
     files = sorted(features_dir.glob("*.h5"))
     if not files:
         raise WsiMilError(f"{features_dir}: no .h5 feature files")
-    loaded = load_bags([str(p) for p in files])  # every file validated before anything is written
+    paths = [str(p) for p in files]  # every file validated before anything is written
+    loaded = load_bags(paths) if keep else (validate_bags(paths) or {})
     spec = run_folder.feature_spec()
     if spec.get("encoder_dim"):
         for p in files:
@@ -54,7 +56,7 @@ def score_bags(
     `<out_dir>/<bag>_scores.csv` (instance, x, y, attention, inversion, combined) per bag and
     returns one row per bag (probabilities, mapped class, top instance)."""
     run_folder = RunFolder(run).require()
-    files, _ = _checked_bags(run_folder, Path(features_dir))
+    files, _ = _checked_bags(run_folder, Path(features_dir), keep=False)  # scored one by one below
     classes = run_folder.read_classes()
     if target is not None and target not in classes:
         raise WsiMilError(f"--target {target}: not a class of this run ({', '.join(classes)})")
