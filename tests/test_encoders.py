@@ -1,13 +1,18 @@
 """Pathology foundation models as their authors publish them: architecture, embedding size,
-strict weight loading in the authors' key layout, and clear errors for gated weights."""
+strict weight loading in the authors' key layout (from a file or the hub), the authors' resize
+filters, and clear errors for gated weights."""
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from wsi_mil.errors import WsiMilError
-from wsi_mil.features import foundation
+from wsi_mil.features.compat import ensure_torchvision_importable, import_torchvision
 from wsi_mil.features.encoders import create_encoder, encoder_table
-from wsi_mil.features.foundation import FOUNDATION_MODELS, build_vit
+from wsi_mil.features.foundation import FOUNDATION_MODELS, build_vit, weights_module
+from wsi_mil.features.reading import resize_patch
 
 # embedding size and parameter count (millions) on each model's card
 PUBLISHED = {
@@ -18,28 +23,36 @@ PUBLISHED = {
     "hoptimus0": (1536, 1134),
     "hoptimus1": (1536, 1134),
     "gigapath": (1536, 1134),
+    "phikon_v2": (1024, 303),
 }
+TIMM_LAYOUT = sorted(n for n in PUBLISHED if FOUNDATION_MODELS[n].builder == "timm")
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_full_architecture_has_the_published_size(name):
     with torch.device("meta"):  # no memory: shapes only
-        net = build_vit(FOUNDATION_MODELS[name], pretrained=False)
+        net = build_vit(FOUNDATION_MODELS[name])
     millions = sum(p.numel() for p in net.parameters()) / 1e6
     assert abs(millions - PUBLISHED[name][1]) / PUBLISHED[name][1] < 0.01, millions
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED))
-def test_depth_reduced_model_embeds_to_the_published_dim(name, tmp_path):
+@pytest.mark.parametrize("name", sorted({**PUBLISHED, "conch_v15": (768, None)}))
+def test_depth_reduced_model_embeds_to_the_published_dim(name):
     enc = create_encoder(name, random_weights=True, depth=1)
     size = enc.info.input_size
-    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        feats = enc(torch.randn(2, 3, size, size))
+    assert feats.shape == (2, {**PUBLISHED, "conch_v15": (768,)}[name][0]) == (2, enc.info.dim)
+
+
+@pytest.mark.parametrize("name", TIMM_LAYOUT)
+def test_authors_state_dict_loads_strictly_and_a_missing_tensor_is_refused(name, tmp_path):
+    enc = create_encoder(name, random_weights=True, depth=1)
+    x = torch.randn(2, 3, enc.info.input_size, enc.info.input_size)
     with torch.no_grad():
         feats = enc(x)
-    assert feats.shape == (2, PUBLISHED[name][0]) == (2, enc.info.dim)
     # the authors' key layout (the timm ViT's own state dict, as in pytorch_model.bin) loads strictly
-    vit = enc.net.net if isinstance(enc.net, foundation.TokenPool) else enc.net
-    sd = vit.state_dict()
+    sd = weights_module(enc.net).state_dict()
     torch.save(sd, tmp_path / "pytorch_model.bin")
     again = create_encoder(name, weights=tmp_path / "pytorch_model.bin", depth=1)
     with torch.no_grad():
@@ -71,16 +84,142 @@ def test_gigapath_reads_256_and_sees_the_central_224():
 
 
 def test_gated_weights_without_access_is_one_line_naming_the_way_in(monkeypatch):
-    def refused(spec, pretrained, **kw):
-        raise OSError("401 Client Error: Unauthorized. Access to model MahmoodLab/UNI is restricted")
+    from huggingface_hub.errors import GatedRepoError
 
-    monkeypatch.setattr("wsi_mil.features.encoders.build_vit", refused)
+    def refused(repo, filename, **kw):
+        err = GatedRepoError.__new__(GatedRepoError)
+        Exception.__init__(err, f"Cannot access gated repo for url https://huggingface.co/{repo}/{filename}")
+        raise err
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", refused)
     with pytest.raises(WsiMilError, match="gated; request access.*HF_TOKEN.*--weights") as info:
-        create_encoder("uni_v1")
+        create_encoder("uni_v1", depth=1)
     assert "\n" not in str(info.value)
+
+
+def _hub_cache(root, repo: str, filename: str, sd: dict) -> None:
+    """`sd` saved as `filename` of `repo` in a Hugging Face hub cache laid out as the hub writes it."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (folder / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    torch.save(sd, folder / "snapshots" / commit / filename)
+
+
+def test_hub_checkpoint_goes_through_the_same_strict_load(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)  # the cache only: no network in tests
+    with pytest.raises(WsiMilError, match="encoder uni_v1: pretrained weights unavailable.*--weights"):
+        create_encoder("uni_v1", depth=1)  # nothing cached
+    sd = {k: v + 0.01 * torch.randn_like(v) for k, v in create_encoder("uni_v1", random_weights=True, depth=1)
+          .net.state_dict().items()}  # fmt: skip
+    _hub_cache(tmp_path, "MahmoodLab/UNI", "pytorch_model.bin", sd)  # UNI's file name on the hub
+    torch.save(sd, tmp_path / "local.bin")
+    hub_enc = create_encoder("uni_v1", depth=1)
+    assert hub_enc.info.weights == "hub:MahmoodLab/UNI"
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            hub_enc(x), create_encoder("uni_v1", weights=tmp_path / "local.bin", depth=1)(x)
+        )
+    sd.pop("blocks.0.ls1.gamma")
+    _hub_cache(tmp_path, "MahmoodLab/UNI", "pytorch_model.bin", sd)
+    with pytest.raises(
+        WsiMilError, match="pytorch_model.bin: weights do not fit encoder uni_v1: tensors 1 missing"
+    ):
+        create_encoder("uni_v1", depth=1)
+
+
+@pytest.mark.parametrize("image_size", [224, 448])
+def test_phikon_v2_equals_transformers_dinov2_on_its_own_checkpoint(tmp_path, image_size):
+    ensure_torchvision_importable()  # transformers imports torchvision
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(
+        hidden_size=1024, num_hidden_layers=1, num_attention_heads=16, patch_size=16, image_size=image_size
+    )
+    ref = transformers.Dinov2Model(config).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref.save_pretrained(tmp_path)  # the published layout: attention.attention.query, layer_scale1.lambda1 ...
+    enc = create_encoder("phikon_v2", weights=tmp_path / "model.safetensors", depth=1)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        want = ref(pixel_values=x).last_hidden_state[:, 0]  # TRIDENT's Phikonv2InferenceEncoder
+        torch.testing.assert_close(enc(x), want, atol=2e-4, rtol=2e-4)
+    sd = load_file(tmp_path / "model.safetensors")
+    sd.pop("encoder.layer.0.attention.attention.key.bias")
+    save_file(sd, tmp_path / "broken.safetensors")
+    with pytest.raises(
+        WsiMilError, match="weights do not fit encoder phikon_v2: tensors 1 missing.*qkv.bias"
+    ):
+        create_encoder("phikon_v2", weights=tmp_path / "broken.safetensors", depth=1)
+
+
+def _conch_as_trident_computes_it(sd: dict, trunk, x: torch.Tensor) -> torch.Tensor:
+    """CONCH v1.5 restated from TRIDENT's conchv1_5.py with the checkpoint's 14x14 position grid:
+    DINO's per-forward `interpolate_pos_encoding`, then the attentional pooler written out."""
+    tokens = F.conv2d(x, sd["trunk.patch_embed.proj.weight"], sd["trunk.patch_embed.proj.bias"], stride=16)
+    tokens = torch.cat([sd["trunk.cls_token"].expand(len(x), -1, -1), tokens.flatten(2).transpose(1, 2)], 1)
+    pos, dim = sd["trunk.pos_embed"], tokens.shape[-1]
+    w0 = x.shape[-1] // 16 + 0.1
+    grid = pos[:, 1:].reshape(1, 14, 14, dim).permute(0, 3, 1, 2)
+    patch = F.interpolate(grid, scale_factor=(w0 / 14, w0 / 14), mode="bicubic")
+    tokens = tokens + torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, -1, dim)], 1)
+    tokens = trunk.norm(trunk.blocks(tokens))
+    p = "attn_pool_contrast."
+
+    def ln(t, name):
+        return F.layer_norm(t, t.shape[-1:], sd[p + name + ".weight"], sd[p + name + ".bias"])
+
+    k, v = F.linear(ln(tokens, "ln_k"), sd[p + "to_kv.weight"]).chunk(2, -1)
+    q = F.linear(ln(sd[p + "query"], "ln_q"), sd[p + "to_q.weight"])  # one query
+    q, k, v = q.reshape(8, 96), k.reshape(len(x), -1, 8, 96), v.reshape(len(x), -1, 8, 96)
+    sim = torch.einsum("hd,bnhd->bhn", q * 96**-0.5, k)
+    attn = (sim - sim.amax(-1, keepdim=True)).softmax(-1)
+    out = F.linear(torch.einsum("bhn,bnhd->bhd", attn, v).reshape(len(x), 768), sd[p + "to_out.weight"])
+    return F.layer_norm(out, (768,), sd["ln_contrast.weight"], sd["ln_contrast.bias"])  # fmt: skip
+
+
+def test_conch_v15_equals_trident_restatement_on_an_authors_checkpoint(tmp_path):
+    enc = create_encoder("conch_v15", random_weights=True, depth=1)
+    assert (enc.info.input_size, enc.info.patch_px, enc.info.dim) == (448, 512, 768)
+    torch.manual_seed(1)
+    sd = {k: v + 0.05 * torch.randn_like(v) for k, v in enc.net.state_dict().items()}
+    sd["trunk.pos_embed"] = torch.randn(1, 1 + 14 * 14, 1024) * 0.1  # the checkpoint's 224 px grid
+    torch.save(sd, tmp_path / "pytorch_model_vision.bin")
+    loaded = create_encoder("conch_v15", weights=tmp_path / "pytorch_model_vision.bin", depth=1)
+    x = torch.randn(2, 3, 448, 448)
+    with torch.no_grad():
+        want = _conch_as_trident_computes_it(sd, loaded.net.trunk, x)
+        torch.testing.assert_close(loaded(x), want, atol=2e-4, rtol=2e-4)
+    sd.pop("attn_pool_contrast.query")
+    torch.save(sd, tmp_path / "missing.bin")
+    with pytest.raises(WsiMilError, match="encoder conch_v15: tensors 1 missing.*attn_pool_contrast.query"):
+        create_encoder("conch_v15", weights=tmp_path / "missing.bin", depth=1)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("side", [512, 256, 180])
+def test_resize_is_torchvision_resize_on_the_pil_image(interpolation, side):
+    tv = import_torchvision()
+    img = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    mode = getattr(tv.transforms.InterpolationMode, interpolation.upper())
+    want = np.asarray(tv.transforms.Resize(224, interpolation=mode)(Image.fromarray(img)))
+    np.testing.assert_array_equal(resize_patch(img, 224, interpolation), want)
 
 
 def test_encoder_table_lists_every_registered_name():
     names = {r["name"] for r in encoder_table()}
     assert names == {"resnet50_trunc", "resnet18", *FOUNDATION_MODELS}
+    assert {"conch_v15", "phikon_v2"} <= names
     assert all(r["mpp"] == 0.5 for r in encoder_table())
+    # TRIDENT README's --patch_size per encoder, at --mag 20
+    px = {r["name"]: r["patch_px"] for r in encoder_table()}
+    assert (px["uni_v1"], px["conch_v15"], px["virchow2"], px["gigapath"]) == (256, 512, 224, 256)

@@ -231,10 +231,10 @@ def print_localization(result: dict) -> None:
 
 
 def print_encoders(rows: list[dict]) -> None:
-    table = Table("name", "dim", "input px", "mpp", "patch px", "weights", "gated")
+    table = Table("name", "dim", "input px", "mpp", "patch px", "resize", "weights", "gated")
     for r in rows:
         table.add_row(
             r["name"], str(r["dim"]), str(r["input_px"]), f"{r['mpp']:g}", str(r["patch_px"]),
-            r["weights"], "yes" if r["gated"] else "no",
+            r["interpolation"], r["weights"], "yes" if r["gated"] else "no",
         )  # fmt: skip
     Console().print(table)

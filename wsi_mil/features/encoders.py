@@ -4,16 +4,18 @@
   ResNet50 truncated after layer3, global average pooling, 1024-d, ImageNet normalisation,
   224 px input.
 - `resnet18`: torchvision ResNet18 with the classifier removed, 512-d.
-- `uni_v1`, `uni_v2`, `virchow`, `virchow2`, `hoptimus0`, `hoptimus1`, `gigapath`: the
-  pathology foundation models with their authors' exact architecture, embedding rule, input
-  size and normalisation (features/foundation.py, TRIDENT's names).
+- `uni_v1`, `uni_v2`, `virchow`, `virchow2`, `hoptimus0`, `hoptimus1`, `gigapath`,
+  `conch_v15`, `phikon_v2`: the pathology foundation models with their authors' exact
+  architecture, embedding rule, input size, resize filter and normalisation
+  (features/foundation.py, TRIDENT's names).
 - `timm:<name>` and `hf-hub:<repo>`: any other timm model, pooled features via
   `num_classes=0`, with the model's own input size and normalisation.
 
 Weights: `weights=PATH` (.pth/.pt/.bin/.safetensors, torchvision- or timm-style keys, with or
 without `module.`/`model.`/`backbone.`/`encoder.`/`net.` prefixes) loaded strictly: every
 tensor must be there with its shape and nothing else may be (only a classifier head the
-encoder lacks is dropped). Else the hub, else one clear error (gated repositories: how to get
+encoder lacks is dropped). Else the checkpoint file from the Hugging Face hub (or its cache),
+loaded by the same strict path; failing that, one clear error (gated repositories: how to get
 access) unless `random_weights=True` (tests, benchmarks, the offline demo).
 """
 
@@ -29,7 +31,8 @@ from torch import nn
 
 from ..errors import WsiMilError
 from .compat import import_timm, import_torchvision
-from .foundation import FOUNDATION_MODELS, FoundationSpec, TokenPool, build_vit
+from .foundation import FOUNDATION_MODELS, FoundationSpec, build_vit, weights_module
+from .foundation_arch import from_authors_layout
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,6 +49,7 @@ class EncoderInfo:
     crop_size: int | None = None  # center crop the network sees (None: the whole input)
     mpp: float | None = None  # resolution the encoder was trained at (its default --target-mpp)
     patch_px: int | None = None  # its default --patch-size at that mpp
+    interpolation: str = "bilinear"  # the authors' resize filter (antialiased, as on PIL images)
 
 
 class Encoder(nn.Module):
@@ -79,6 +83,9 @@ class ResNetTrunc(nn.Module):
         return torch.flatten(self.pool(x), 1)
 
 
+WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "net.")
+
+
 def load_state_dict_file(path: str | Path) -> dict:
     """A state dict from .safetensors or a torch checkpoint (unwrapping state_dict/model keys)."""
     path = Path(path)
@@ -101,12 +108,16 @@ def load_state_dict_file(path: str | Path) -> dict:
     for key in ("state_dict", "model", "teacher"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
-    out = {}
-    for k, v in sd.items():
-        for prefix in ("module.", "model.", "backbone.", "encoder.", "net."):
-            if k.startswith(prefix):
-                k = k[len(prefix) :]
-        out[k] = v
+    # a wrapper's prefix is stripped only when every key carries it (Dinov2's own `encoder.layer.`
+    # sits beside `embeddings.` and must stay)
+    out = dict(sd)
+    stripped = True
+    while stripped and out:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in out):
+                out = {k[len(prefix) :]: v for k, v in out.items()}
+                stripped = True
     return out
 
 
@@ -131,8 +142,8 @@ def _load_into(net: nn.Module, sd: dict, path: str | Path, encoder: str, drop_he
         ]
         raise WsiMilError(
             f"{path}: weights do not fit encoder {encoder}: tensors {'; '.join(parts)}; check that "
-            "--encoder matches the checkpoint (prefixes module., model., backbone., encoder., net. "
-            "are stripped)"
+            "--encoder matches the checkpoint (a prefix module., model., backbone., encoder. or net. on "
+            "every key is stripped)"
         )
     full = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **sd}
     net.load_state_dict(full, strict=True)
@@ -166,7 +177,7 @@ def _torchvision_resnet(arch: str, weights_enum: str, weights: str | None, rando
 
 def _resnet50_trunc(weights=None, random_weights=False) -> Encoder:
     resnet, source = _torchvision_resnet("resnet50", "ResNet50_Weights", weights, random_weights)
-    # CLAM's default: 256 px patches at 20x, resized to 224
+    # CLAM's default: 256 px patches at 20x, resized to 224 (bilinear: its get_eval_transforms)
     info = EncoderInfo("resnet50_trunc", 1024, 224, IMAGENET_MEAN, IMAGENET_STD, source, None, 0.5, 256)
     return Encoder(ResNetTrunc(resnet), info)
 
@@ -206,13 +217,17 @@ def _timm(model_name: str, weights=None, random_weights=False) -> Encoder:
             tuple(cfg["mean"]),
             tuple(cfg["std"]),
             source,
+            interpolation=cfg.get("interpolation", "bicubic"),
         ),
     )
 
 
 def _gated_error(spec: FoundationSpec, exc: Exception) -> WsiMilError:
     text = f"{type(exc).__name__}: {exc}"
-    if spec.gated and any(k in text for k in ("401", "403", "Gated", "gated", "Unauthorized", "access")):
+    gated = type(exc).__name__ == "GatedRepoError" or any(
+        k in text for k in ("401", "403", "Gated", "gated", "Unauthorized", "access")
+    )
+    if spec.gated and gated:
         return WsiMilError(
             f"encoder {spec.name}: the weights at huggingface.co/{spec.hub} are gated; request access "
             "on that page, then log in (`hf auth login` or HF_TOKEN), or download the checkpoint "
@@ -221,24 +236,43 @@ def _gated_error(spec: FoundationSpec, exc: Exception) -> WsiMilError:
     return _no_weights_error(spec.name, exc)
 
 
-def _foundation(spec: FoundationSpec, weights=None, random_weights=False, **overrides) -> Encoder:
-    if weights:
-        net = build_vit(spec, pretrained=False, **overrides)
-        vit = net.net if isinstance(net, TokenPool) else net
-        _load_into(vit, load_state_dict_file(weights), weights, spec.name)
-        source = str(weights)
-    elif random_weights:
-        net, source = build_vit(spec, pretrained=False, **overrides), "random"
-    else:
+def hub_checkpoint(spec: FoundationSpec) -> Path:
+    """The model's checkpoint file from the Hugging Face hub (or its local cache): the first of
+    `spec.hub_files` the repository has. Loaded by the same strict path as --weights."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    for i, filename in enumerate(spec.hub_files):
         try:
-            net = build_vit(spec, pretrained=True, **overrides)
-        except Exception as exc:
-            raise _gated_error(spec, exc) from exc
-        source = f"hub:{spec.hub}"
+            return Path(hf_hub_download(spec.hub, filename))
+        except EntryNotFoundError:
+            if i == len(spec.hub_files) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _foundation(spec: FoundationSpec, weights=None, random_weights=False, **overrides) -> Encoder:
+    net = build_vit(spec, **overrides)
+    if weights or not random_weights:
+        if weights:
+            path, source = Path(weights), str(weights)
+        else:
+            try:
+                path = hub_checkpoint(spec)
+            except Exception as exc:
+                raise _gated_error(spec, exc) from exc
+            source = f"hub:{spec.hub}"
+        target = weights_module(net)
+        sd = from_authors_layout(spec.builder, load_state_dict_file(path), target)
+        _load_into(target, sd, path, spec.name)
+    else:
+        source = "random"
     mean, std = spec.mean_std
     resize = spec.resize_px or spec.input_size
     crop = spec.input_size if resize != spec.input_size else None
-    info = EncoderInfo(spec.name, spec.dim, resize, mean, std, source, crop, spec.mpp, spec.patch_px)
+    info = EncoderInfo(
+        spec.name, spec.dim, resize, mean, std, source, crop, spec.mpp, spec.patch_px, spec.interpolation
+    )
     return Encoder(net, info)
 
 
@@ -257,15 +291,15 @@ def encoder_table() -> list[dict]:
     """One row per registered encoder: what `wsi-mil encoders` prints (no model is built)."""
     rows = [
         {"name": "resnet50_trunc", "dim": 1024, "input_px": 224, "mpp": 0.5, "patch_px": 256,
-         "weights": "torchvision IMAGENET1K_V1", "gated": False},
+         "interpolation": "bilinear", "weights": "torchvision IMAGENET1K_V1", "gated": False},
         {"name": "resnet18", "dim": 512, "input_px": 224, "mpp": 0.5, "patch_px": 224,
-         "weights": "torchvision IMAGENET1K_V1", "gated": False},
+         "interpolation": "bilinear", "weights": "torchvision IMAGENET1K_V1", "gated": False},
     ]  # fmt: skip
     for s in FOUNDATION_MODELS.values():
         px = f"{s.resize_px}->{s.input_size}" if s.resize_px else str(s.input_size)
         rows.append(
             {"name": s.name, "dim": s.dim, "input_px": px, "mpp": s.mpp, "patch_px": s.patch_px,
-             "weights": f"hf:{s.hub}", "gated": s.gated}
+             "interpolation": s.interpolation, "weights": f"hf:{s.hub}", "gated": s.gated}
         )  # fmt: skip
     return rows
 

@@ -44,8 +44,19 @@ class PatchBatches(IterableDataset):
     Each worker opens its own slide handle; reading is `read_patches`.
     """
 
-    def __init__(self, slide_path, mpp, coords, size0, patch_size, out_size, batch_size, first_row: int = 0):
-        self.slide_path, self.mpp = slide_path, mpp
+    def __init__(
+        self,
+        slide_path,
+        mpp,
+        coords,
+        size0,
+        patch_size,
+        out_size,
+        batch_size,
+        first_row: int = 0,
+        interpolation: str = "bilinear",
+    ):
+        self.slide_path, self.mpp, self.interpolation = slide_path, mpp, interpolation
         self.coords, self.size0, self.patch_size, self.out_size = coords, size0, patch_size, out_size
         starts = range(first_row, len(coords), batch_size)
         self.batches = [_Batch(s, min(s + batch_size, len(coords))) for s in starts]
@@ -61,7 +72,13 @@ class PatchBatches(IterableDataset):
         try:
             for b in self.batches[wid::nw]:
                 images, failed = read_patches(
-                    slide, self.coords[b.start : b.end], self.size0, self.patch_size, self.out_size, max_px
+                    slide,
+                    self.coords[b.start : b.end],
+                    self.size0,
+                    self.patch_size,
+                    self.out_size,
+                    max_px,
+                    self.interpolation,
                 )
                 yield b.start, images, failed
         finally:
@@ -115,6 +132,7 @@ def open_feature_writer(out_path, grid: PatchGrid, runner: EncoderRunner, cfg: E
         "encoder_dim": info.dim,
         "encoder_weights": info.weights,
         "encoder_input_size": info.input_size,
+        "encoder_interpolation": info.interpolation,
         "precision": runner.precision_name,
     }
     return FeatureWriter(out_path, grid.coords, info.dim, cfg.dtype, attrs)
@@ -148,6 +166,7 @@ def extract_features(
             info.input_size,
             cfg.batch_size,
             writer.n_done,
+            info.interpolation,
         )
         workers = max(0, min(1 if cfg.workers is None else cfg.workers, len(dataset.batches)))
         if workers and mp.current_process().daemon:

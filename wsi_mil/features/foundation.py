@@ -1,31 +1,38 @@
-"""Pathology foundation models, built exactly as their authors publish them (timm ViTs).
+"""Pathology foundation models, built exactly as their authors publish them.
 
 Each entry gives the architecture arguments, the embedding rule, the input size (and crop),
 the normalisation, the resolution the model was trained at, the Hugging Face repository and
 whether access is gated. The facts are taken from the models' own cards and configs as
 gathered in TRIDENT's `trident/patch_encoder_models/load.py` (mahmoodlab/TRIDENT, read
-2026-11-22), which is cited per model below; names are TRIDENT's so users can switch.
+2026-11-22), which is cited per model below; names are TRIDENT's so users can switch. The
+default patch size at 20x (0.5 um/px) is the `--patch_size` TRIDENT's README gives each model.
 
 Embedding rules:
 - "cls": the class token after the final norm (timm `global_pool="token"`), UNI, UNI2-h,
-  H-optimus, Prov-GigaPath;
+  H-optimus, Prov-GigaPath, Phikon-v2;
 - "cls+mean": the class token concatenated with the mean of the patch tokens, skipping the
-  class and register tokens (Virchow: `output[:, 1:]`, Virchow2: `output[:, 5:]`).
+  class and register tokens (Virchow: `output[:, 1:]`, Virchow2: `output[:, 5:]`);
+- "attn_pool": CONCH v1.5's attentional pooler over all tokens, then a LayerNorm (768-d).
 
-Not built here: CONCH v1.5 (its own iBOT ViT with an attentional pooler, not a timm model)
-and Phikon-v2 (a `transformers` Dinov2Model, a dependency this package does not take); use
-`hf-hub:`/`timm:` names or their authors' code for those.
-Resizing differs deliberately from torchvision's transforms: patches are read at the model's
-own resolution and size by default, so no resize happens; when it must (another
---target-mpp or --patch-size), OpenCV area (down) or bilinear (up) interpolation is used.
+Two models are not plain timm ViTs and have their own builders (features/foundation_arch.py):
+CONCH v1.5 (TRIDENT `model_zoo/conchv1_5/conchv1_5.py`: a ViT-L/16 trunk, one-query
+attentional pooler, 448 px input) and Phikon-v2 (a `transformers` Dinov2Model, ViT-L/16, CLS of
+`last_hidden_state`; built here as the equivalent timm ViT from the checkpoint's own keys, tested
+against `transformers`).
+
+Resizing follows the authors' transforms: patches are read at the model's resolution and
+resized to its input size with its interpolation, antialiased as torchvision's `Resize` does on
+the PIL images TRIDENT hands it (features/reading.py `resize_patch`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .foundation_arch import ConchV15Vision
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))  # H-optimus card
@@ -37,12 +44,12 @@ class FoundationSpec:
     arch: str  # timm architecture the weights were saved from
     kwargs: dict  # exact architecture arguments (TRIDENT load.py)
     dim: int
-    embedding: str  # "cls" or "cls+mean"
+    embedding: str  # "cls", "cls+mean" or "attn_pool"
     prefix_tokens: int  # class + register tokens before the patch tokens
     hub: str  # Hugging Face repository
     gated: bool
     mpp: float = 0.5  # trained at 20x
-    patch_px: int = 224  # patch side read at `mpp`
+    patch_px: int = 224  # patch side read at `mpp` (TRIDENT README's `--patch_size` per encoder)
     input_size: int = 224  # network input
     resize_px: int | None = None  # resized to this before a center crop to input_size (GigaPath)
     mean_std: tuple = IMAGENET
@@ -50,7 +57,8 @@ class FoundationSpec:
     source: str = ""
     act_layer: str | None = None  # "silu" with SwiGLU MLPs
     mlp_layer: str | None = None  # "swiglu_packed"
-    extra: dict = field(default_factory=dict)
+    builder: str = "timm"  # "timm", "conch_v15" or "dinov2_hf" (features/foundation_arch.py)
+    hub_files: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")  # tried in order
 
 
 def _vit_kwargs(spec: FoundationSpec, overrides: dict) -> dict:
@@ -78,14 +86,21 @@ class TokenPool(nn.Module):
         return torch.cat([tokens[:, 0], tokens[:, self.prefix_tokens :].mean(1)], dim=-1)
 
 
-def build_vit(spec: FoundationSpec, pretrained: bool, **overrides) -> nn.Module:
-    """The network with the embedding rule applied; `pretrained` loads from the hub."""
+def build_vit(spec: FoundationSpec, **overrides) -> nn.Module:
+    """The network with the embedding rule applied, random weights (overrides: e.g. depth=1)."""
     from .compat import import_timm
 
     timm = import_timm()
     kw = _vit_kwargs(spec, overrides)
-    net = timm.create_model(f"hf-hub:{spec.hub}" if pretrained else spec.arch, pretrained=pretrained, **kw)
+    net = timm.create_model(spec.arch, pretrained=False, **kw)
+    if spec.builder == "conch_v15":
+        return ConchV15Vision(net)
     return TokenPool(net, spec.prefix_tokens) if spec.embedding == "cls+mean" else net
+
+
+def weights_module(net: nn.Module) -> nn.Module:
+    """The module whose state dict the authors' checkpoint holds (the ViT inside a TokenPool)."""
+    return net.net if isinstance(net, TokenPool) else net
 
 
 _SRC = "TRIDENT load.py "
@@ -95,14 +110,14 @@ FOUNDATION_MODELS: dict[str, FoundationSpec] = {
         FoundationSpec(
             "uni_v1", "vit_large_patch16_224",
             {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
-            1024, "cls", 1, "MahmoodLab/UNI", True, source=_SRC + "UNIInferenceEncoder",
+            1024, "cls", 1, "MahmoodLab/UNI", True, patch_px=256, source=_SRC + "UNIInferenceEncoder",
         ),
         FoundationSpec(
             "uni_v2", "vit_giant_patch14_224",
             {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
              "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "no_embed_class": True, "reg_tokens": 8,
              "dynamic_img_size": True},
-            1536, "cls", 9, "MahmoodLab/UNI2-h", True, source=_SRC + "UNIv2InferenceEncoder",
+            1536, "cls", 9, "MahmoodLab/UNI2-h", True, patch_px=256, source=_SRC + "UNIv2InferenceEncoder",
             act_layer="silu", mlp_layer="swiglu_packed",
         ),
         FoundationSpec(
@@ -136,6 +151,18 @@ FOUNDATION_MODELS: dict[str, FoundationSpec] = {
              "num_heads": 24, "mlp_ratio": 5.33334, "dynamic_img_size": True},
             1536, "cls", 1, "prov-gigapath/prov-gigapath", True, patch_px=256, resize_px=256,
             interpolation="bicubic", source=_SRC + "GigaPathInferenceEncoder (Resize 256, CenterCrop 224)",
+        ),
+        FoundationSpec(
+            "conch_v15", "vit_large_patch16_224", {"img_size": 448, "init_values": 1.0},
+            768, "attn_pool", 1, "MahmoodLab/conchv1_5", True, patch_px=512, input_size=448,
+            source=_SRC + "Conchv15InferenceEncoder; model_zoo/conchv1_5 (Resize 448 bilinear)",
+            builder="conch_v15", hub_files=("pytorch_model_vision.bin",),
+        ),
+        FoundationSpec(
+            "phikon_v2", "vit_large_patch16_224", {"img_size": 224, "init_values": 1.0},
+            1024, "cls", 1, "owkin/phikon-v2", False,
+            source=_SRC + "Phikonv2InferenceEncoder (AutoModel, CLS; Resize 224 + CenterCrop 224)",
+            builder="dinov2_hf", hub_files=("model.safetensors",),
         ),
     ]
 }  # fmt: skip

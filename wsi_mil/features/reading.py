@@ -10,20 +10,40 @@ import threading
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from ..wsi.readers import open_slide
 from ..wsi.slide import Slide
 
 MAX_REGION_PX = 8192  # widest region read at once, in level pixels
+_PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def resize_patch(img: np.ndarray, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """`img` resized to size x size with the encoder's filter ("bilinear" or "bicubic"),
+    antialiased exactly as torchvision's `Resize` does on a PIL image (it calls PIL's resize),
+    which is what CLAM's and TRIDENT's transforms receive; "area" is OpenCV's box filter."""
+    if img.shape[0] == size and img.shape[1] == size:
+        return img
+    if interpolation == "area":
+        interp = cv2.INTER_AREA if img.shape[1] > size else cv2.INTER_LINEAR
+        return cv2.resize(img, (size, size), interpolation=interp)
+    return np.asarray(Image.fromarray(img).resize((size, size), _PIL_FILTERS[interpolation]))
 
 
 def _read_row(
-    slide: Slide, xs: np.ndarray, y: int, size0: int, patch_size: int, out_size: int
+    slide: Slide,
+    xs: np.ndarray,
+    y: int,
+    size0: int,
+    patch_size: int,
+    out_size: int,
+    interpolation: str = "bilinear",
 ) -> list[np.ndarray]:
     """Patches at (xs[i], y) of side `size0` level-0 px, read as one region, `out_size` px each.
 
     The region comes from the coarsest level still at least as fine as the target resolution;
-    each slice is resized straight to the encoder's input size.
+    each slice is resized straight to the encoder's input size with the encoder's filter.
     """
     level = slide.best_level_for_downsample(size0 / patch_size)
     lds = slide.level_downsamples[level]
@@ -31,22 +51,18 @@ def _read_row(
     x0 = int(xs[0])
     offsets = np.round((xs - x0) / lds).astype(int)
     region = slide.read_region((x0, int(y)), level, (int(offsets[-1]) + side, side))
-    out = []
-    for off in offsets:
-        crop = region[:, off : off + side]
-        if crop.shape[0] != out_size or crop.shape[1] != out_size:
-            interp = cv2.INTER_AREA if side > out_size else cv2.INTER_LINEAR
-            crop = cv2.resize(crop, (out_size, out_size), interpolation=interp)
-        out.append(crop)
-    return out
+    crops = (np.ascontiguousarray(region[:, o : o + side]) for o in offsets)
+    return [resize_patch(c, out_size, interpolation) for c in crops]
 
 
 read_patch_row = _read_row
 
 
-def read_patch(slide: Slide, x: int, y: int, size0: int, patch_size: int, out_size: int) -> np.ndarray:
+def read_patch(
+    slide: Slide, x: int, y: int, size0: int, patch_size: int, out_size: int, interpolation: str = "bilinear"
+) -> np.ndarray:
     """One patch, read on its own (the reference the batched reader must match)."""
-    return _read_row(slide, np.array([x]), y, size0, patch_size, out_size)[0]
+    return _read_row(slide, np.array([x]), y, size0, patch_size, out_size, interpolation)[0]
 
 
 def row_runs(coords: np.ndarray, size0: int, max_px: int) -> list[tuple[int, int]]:
@@ -72,7 +88,13 @@ def region_limit(slide: Slide, size0: int, patch_size: int) -> int:
 
 
 def read_patches(
-    slide: Slide, coords: np.ndarray, size0: int, patch_size: int, out_size: int, max_px: int
+    slide: Slide,
+    coords: np.ndarray,
+    size0: int,
+    patch_size: int,
+    out_size: int,
+    max_px: int,
+    interpolation: str = "bilinear",
 ) -> tuple[np.ndarray, int]:
     """uint8 [n, S, S, 3] patches at `coords`, whole rows read as one region each.
 
@@ -82,11 +104,13 @@ def read_patches(
     failed = 0
     for s, e in row_runs(coords, size0, max_px):
         try:
-            out[s:e] = read_patch_row(slide, coords[s:e, 0], coords[s, 1], size0, patch_size, out_size)
+            out[s:e] = read_patch_row(
+                slide, coords[s:e, 0], coords[s, 1], size0, patch_size, out_size, interpolation
+            )
         except Exception:
             for i in range(s, e):
                 try:
-                    out[i] = read_patch(slide, *coords[i], size0, patch_size, out_size)
+                    out[i] = read_patch(slide, *coords[i], size0, patch_size, out_size, interpolation)
                 except Exception:
                     out[i] = 255
                     failed += 1
@@ -96,7 +120,9 @@ def read_patches(
 _OPEN = threading.local()  # per reader thread or process: the slide it read last
 
 
-def read_piece(path, mpp, coords: np.ndarray, size0: int, patch_size: int, out_size: int):
+def read_piece(
+    path, mpp, coords: np.ndarray, size0: int, patch_size: int, out_size: int, interpolation: str = "bilinear"
+):
     """`read_patches` for one piece in a reader process (or thread), keeping that reader's slide
     open between pieces."""
     key = (str(path), mpp)
@@ -105,4 +131,5 @@ def read_piece(path, mpp, coords: np.ndarray, size0: int, patch_size: int, out_s
             _OPEN.slide.close()
         _OPEN.slide, _OPEN.key = open_slide(path, mpp), key
     slide = _OPEN.slide
-    return read_patches(slide, coords, size0, patch_size, out_size, region_limit(slide, size0, patch_size))
+    limit = region_limit(slide, size0, patch_size)
+    return read_patches(slide, coords, size0, patch_size, out_size, limit, interpolation)

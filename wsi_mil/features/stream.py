@@ -100,7 +100,9 @@ class _Ordered:
         return False
 
 
-def _reader(work: list, work_cond: threading.Condition, out: _Ordered, out_size: int, pool=None):
+def _reader(
+    work: list, work_cond: threading.Condition, out: _Ordered, out_size: int, interpolation: str, pool=None
+):
     """Take pieces from `work`, read them (here, or in a reader process of `pool`), put them
     in `out`."""
     handle, handle_path = None, None
@@ -122,7 +124,7 @@ def _reader(work: list, work_cond: threading.Condition, out: _Ordered, out_size:
             try:
                 if pool is not None:
                     args = (job.slide_path, job.mpp, g.coords[start:end], g.patch_size_level0, g.patch_size)
-                    images, failed = pool.submit(read_piece, *args, out_size).result()
+                    images, failed = pool.submit(read_piece, *args, out_size, interpolation).result()
                     out.put(seq, (job, start, images, failed, None))
                     continue
                 if handle_path != job.slide_path:
@@ -133,7 +135,13 @@ def _reader(work: list, work_cond: threading.Condition, out: _Ordered, out_size:
                     handle_path = job.slide_path
                 max_px = region_limit(handle, g.patch_size_level0, g.patch_size)
                 images, failed = read_patches(
-                    handle, g.coords[start:end], g.patch_size_level0, g.patch_size, out_size, max_px
+                    handle,
+                    g.coords[start:end],
+                    g.patch_size_level0,
+                    g.patch_size,
+                    out_size,
+                    max_px,
+                    interpolation,
                 )
                 out.put(seq, (job, start, images, failed, None))
             except Exception as exc:  # the slide cannot be read at all: the job fails
@@ -239,7 +247,7 @@ def run_stream(
     pool = reader_pool(most_workers, runner.device.type)
 
     def add_reader() -> None:
-        reader_args = (work, work_cond, out, runner.info.input_size, pool)
+        reader_args = (work, work_cond, out, runner.info.input_size, runner.info.interpolation, pool)
         threads.append(threading.Thread(target=_reader, args=reader_args, daemon=True, name="wsi-mil-reader"))
         threads[-1].start()
 
