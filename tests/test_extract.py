@@ -11,6 +11,7 @@ from wsi_mil.errors import WsiMilError
 from wsi_mil.features import reading as ex
 from wsi_mil.features.encoders import create_encoder
 from wsi_mil.features.extract import extract_features
+from wsi_mil.features.quantize import cpu_has_vnni
 from wsi_mil.features.reading import read_patch
 from wsi_mil.features.runner import EncoderRunner
 from wsi_mil.formats.features import read_features
@@ -235,3 +236,24 @@ def test_weights_are_loaded_strictly(tmp_path):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(with_head(x), enc(x))
+
+
+@pytest.mark.skipif(not cpu_has_vnni(), reason="int8 needs a CPU with VNNI")
+def test_int8_features_stay_within_cosine_0999_of_fp32_on_real_patches(tmp_path, real_slide):
+    with open_slide(real_slide) as slide:
+        g = tile(slide, segment_tissue(slide), TilingConfig(target_mpp=0.5, patch_size=256))
+        imgs = np.stack([read_patch(slide, *g.coords[i], g.patch_size_level0, 256, 224) for i in range(24)])
+    enc = create_encoder("resnet50_trunc", random_weights=True)
+    cal = tmp_path / "int8_calibration.npy"
+    int8 = EncoderRunner(enc, "cpu", "int8", int8_calibration=cal)
+    feats = int8(imgs[:16])  # the first batch calibrates, and is kept for later runs
+    ref = EncoderRunner(enc, "cpu", "fp32")(imgs[16:])
+    got = int8(imgs[16:])  # patches the calibration never saw
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert int8.precision_name == "int8" and cos.min() >= 0.999, cos.min()
+    # a resumed run (or another worker) starts on other patches but calibrates on the saved ones
+    again = EncoderRunner(enc, "cpu", "int8", int8_calibration=cal)
+    again(imgs[16:])
+    np.testing.assert_array_equal(again(imgs[:16]), feats)
+    with pytest.raises(WsiMilError, match="int8 supports BatchNorm CNN encoders"):
+        EncoderRunner(create_encoder("uni_v1", random_weights=True, depth=1), "cpu", "int8")(imgs[:2])

@@ -55,7 +55,8 @@ class ExtractConfig(BaseModel):
     weights: str | None = None
     random_weights: bool = False
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"  # int8: CPU with VNNI, CNNs
+    int8_calibration: str | None = None  # int8: the calibration patches (set by the extract stage)
     batch_size: int = 64
     workers: int | None = None  # reader threads; None: 1 on the CPU, grown to the encoder on a GPU
     dtype: Literal["float32", "float16"] = "float32"

@@ -67,7 +67,9 @@ Weights = Annotated[Optional[str], typer.Option(help="Local .pth/.bin/.safetenso
 RandomWeights = Annotated[
     bool, typer.Option("--random-weights", help="Random encoder weights (tests, benchmarks, offline demo)")
 ]
-Precision = Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16")]
+Precision = Annotated[
+    Optional[str], typer.Option(help="auto, fp32, bf16, fp16, or int8 (CNN encoders on a CPU with VNNI)")
+]
 BatchSize = Annotated[Optional[int], typer.Option(help="Patches per encoder batch")]
 Workers = Annotated[
     Optional[int], typer.Option(help="Reader threads (default: 1 on the CPU; on a GPU, added while it waits)")

@@ -242,13 +242,12 @@ def hub_checkpoint(spec: FoundationSpec) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    for i, filename in enumerate(spec.hub_files):
+    for filename in spec.hub_files[:-1]:
         try:
             return Path(hf_hub_download(spec.hub, filename))
-        except EntryNotFoundError:
-            if i == len(spec.hub_files) - 1:
-                raise
-    raise AssertionError("unreachable")
+        except EntryNotFoundError:  # not in this repository (or not cached, offline): the next name
+            continue
+    return Path(hf_hub_download(spec.hub, spec.hub_files[-1]))
 
 
 def _foundation(spec: FoundationSpec, weights=None, random_weights=False, **overrides) -> Encoder:

@@ -1,7 +1,8 @@
 """The encoder runner: uint8 patch batches -> features, at the best precision the device offers.
 
 channels-last + autocast (bf16 on CPUs with bf16 units, bf16/fp16 on CUDA) under
-`torch.inference_mode`, Conv+BN folded, optionally `torch.compile`d with freezing. On CUDA,
+`torch.inference_mode`, Conv+BN folded, optionally `torch.compile`d with freezing; or, on
+request (`precision="int8"`), int8 on CPUs with VNNI (features/quantize.py). On CUDA,
 `submit` stages batches in pinned memory and overlaps the next batch's copy with this one's
 compute.
 """
@@ -10,13 +11,16 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..config import ExtractConfig
 from ..device import precision_name, resolve_device, resolve_precision
+from ..errors import WsiMilError
 from .encoders import Encoder, create_encoder
+from .quantize import calibration_images, cpu_has_vnni, quantize_int8
 
 log = logging.getLogger("wsi_mil")
 
@@ -40,9 +44,24 @@ def fold_batchnorm(encoder: Encoder) -> Encoder:
 class EncoderRunner:
     """Runs an encoder on uint8 NHWC batches with the best precision the device offers."""
 
-    def __init__(self, encoder: Encoder, device: str = "auto", precision: str = "auto", compile: str = "off"):
+    def __init__(
+        self,
+        encoder: Encoder,
+        device: str = "auto",
+        precision: str = "auto",
+        compile: str = "off",
+        int8_calibration: str | Path | None = None,
+    ):
         self.device = resolve_device(device)
-        self.amp_dtype = resolve_precision(precision, self.device)
+        self.int8 = precision == "int8"
+        if self.int8 and (self.device.type != "cpu" or not cpu_has_vnni()):
+            raise WsiMilError(
+                f"--precision int8 needs a CPU with VNNI (AVX-512 VNNI, AVX-VNNI or AMX); this run is on "
+                f"{self.device}{'' if self.device.type != 'cpu' else ' without it'}: use --precision auto"
+            )
+        self.int8_calibration = int8_calibration  # where the calibration patches are kept
+        self._int8_net = None
+        self.amp_dtype = None if self.int8 else resolve_precision(precision, self.device)
         encoder = fold_batchnorm(encoder.eval())
         self.encoder = encoder.to(self.device).eval().to(memory_format=torch.channels_last)
         self.info = encoder.info
@@ -58,7 +77,7 @@ class EncoderRunner:
 
     @property
     def precision_name(self) -> str:
-        return precision_name(self.amp_dtype)
+        return "int8" if self.int8 else precision_name(self.amp_dtype)
 
     @property
     def compiled(self) -> bool:
@@ -66,6 +85,8 @@ class EncoderRunner:
         return self._compiled is not None
 
     def maybe_compile(self, n_patches: int) -> None:
+        if self.int8:  # the quantised graph is already oneDNN's int8 kernels
+            return
         want = self.compile_mode == "on" or (self.compile_mode == "auto" and n_patches >= COMPILE_MIN_PATCHES)
         if want and self._compiled is None:
             try:
@@ -88,6 +109,8 @@ class EncoderRunner:
         computes, and takes batch n's features afterwards."""
         if self.device.type != "cuda":
             x = torch.as_tensor(images).to(self.device)
+            if self.int8 and self._int8_net is None:
+                self._quantize(x.numpy())
             return PendingFeatures(self._forward(x, len(x), pad_to).cpu().numpy())
         n = len(images)
         slot = self._slot = 1 - self._slot
@@ -109,12 +132,23 @@ class EncoderRunner:
         self._staging[slot] = PendingFeatures(host=host_out, event=done)
         return self._staging[slot]
 
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def _quantize(self, first_batch: np.ndarray) -> None:
+        """int8: observe the run's calibration patches (quantize.py) and swap in the int8 graph."""
+        images = calibration_images(self.int8_calibration, first_batch)
+        calibration = self._normalise(torch.from_numpy(images))
+        self._int8_net = quantize_int8(self.encoder.net, calibration, self.info.name)
+
     def _forward(self, x: torch.Tensor, n: int, pad_to: int | None) -> torch.Tensor:
         """uint8 NHWC on the device -> float32 features [n, dim] on the device."""
+        if self._int8_net is not None:
+            return self._int8_net(self._normalise(x)).float()
         if pad_to and n < pad_to:  # a fixed batch shape avoids recompiling for a short batch
             x = torch.cat([x, x[-1:].expand(pad_to - n, *x.shape[1:])])
-        x = x.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = self._normalise(x)
         model = self.encoder if self._compiled is None else self._compiled
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             feats = model(x)
@@ -147,8 +181,16 @@ _RUNNERS: dict = {}
 
 def runner_for(cfg: ExtractConfig) -> EncoderRunner:
     """The encoder runner for these settings, built once per process (weights load once)."""
-    key = (cfg.encoder, cfg.weights, cfg.random_weights, cfg.device, cfg.precision, cfg.compile)
+    key = (
+        cfg.encoder,
+        cfg.weights,
+        cfg.random_weights,
+        cfg.device,
+        cfg.precision,
+        cfg.compile,
+        cfg.int8_calibration,
+    )
     if key not in _RUNNERS:
         encoder = create_encoder(cfg.encoder, cfg.weights, cfg.random_weights)
-        _RUNNERS[key] = EncoderRunner(encoder, cfg.device, cfg.precision, cfg.compile)
+        _RUNNERS[key] = EncoderRunner(encoder, cfg.device, cfg.precision, cfg.compile, cfg.int8_calibration)
     return _RUNNERS[key]

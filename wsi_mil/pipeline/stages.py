@@ -61,6 +61,9 @@ class Stage:
     patches_dir: Path | None = None  # coords files written by CLAM or TRIDENT, used as they are
     name = "stage"
 
+    def __post_init__(self):  # stages that derive settings from the folder override this
+        pass
+
     def output(self, entry: SlideEntry) -> Path:  # pragma: no cover - every stage defines it
         raise TypeError(f"{type(self).__name__} names no output")
 
@@ -154,6 +157,11 @@ class TileStage(Stage):
 class ExtractStage(Stage):
     name = "extract"
     streams = True  # in one process, the runner encodes the cohort as one stream (`plan`)
+
+    def __post_init__(self):
+        ext = self.cfg.extract
+        if ext.precision == "int8" and ext.int8_calibration is None:  # shared by every run on the folder
+            ext.int8_calibration = str(self.layout.features_dir(ext.encoder) / "int8_calibration.npy")
 
     def output(self, entry):
         return self.layout.features(self.cfg.extract.encoder, entry.name)
