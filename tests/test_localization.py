@@ -84,10 +84,13 @@ def test_inversion_and_attention_instance_auc_on_graded_key_instances(tmp_path):
         inv.append(roc_auc_score(key, s.inversion))
         comb.append(roc_auc_score(key, s.combined))
     att, inv, comb = np.mean(att), np.mean(inv), np.mean(comb)
-    # with the defaults the combined score (the heatmap's default) is at least as good as the
-    # better of the two, and inversion is within 0.01 of attention (0.957 vs 0.959 since PSMIL
-    # starts its prototypes as the authors do; docs/benchmarks.md)
-    assert comb >= max(att, inv), (att, inv, comb)
+    # with today's PSMIL defaults attention, inversion and their combination (the heatmap's
+    # default) all localize well, the combination within 0.005 of the better of the two and
+    # inversion within 0.01 of attention (this cohort: 0.950 / 0.944 / 0.950; five such
+    # cohorts: 0.943 / 0.931 / 0.939, docs/benchmarks.md "Localization with PSMIL's attention
+    # scale")
+    assert min(att, inv, comb) >= 0.93, (att, inv, comb)
+    assert comb >= max(att, inv) - 0.005, (att, inv, comb)
     assert inv >= att - 0.01, (att, inv, comb)
 
 

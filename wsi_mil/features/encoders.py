@@ -217,7 +217,7 @@ def _timm(model_name: str, weights=None, random_weights=False) -> Encoder:
             tuple(cfg["mean"]),
             tuple(cfg["std"]),
             source,
-            interpolation=cfg.get("interpolation", "bicubic"),
+            interpolation="bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic",
         ),
     )
 
