@@ -28,7 +28,8 @@ def resize_patch(img: np.ndarray, size: int, interpolation: str = "bilinear") ->
     if interpolation == "area":
         interp = cv2.INTER_AREA if img.shape[1] > size else cv2.INTER_LINEAR
         return cv2.resize(img, (size, size), interpolation=interp)
-    return np.asarray(Image.fromarray(img).resize((size, size), _PIL_FILTERS[interpolation]))
+    pil = Image.fromarray(np.ascontiguousarray(img))
+    return np.asarray(pil.resize((size, size), _PIL_FILTERS[interpolation]))
 
 
 def _read_row(
@@ -51,8 +52,7 @@ def _read_row(
     x0 = int(xs[0])
     offsets = np.round((xs - x0) / lds).astype(int)
     region = slide.read_region((x0, int(y)), level, (int(offsets[-1]) + side, side))
-    crops = (np.ascontiguousarray(region[:, o : o + side]) for o in offsets)
-    return [resize_patch(c, out_size, interpolation) for c in crops]
+    return [resize_patch(region[:, o : o + side], out_size, interpolation) for o in offsets]
 
 
 read_patch_row = _read_row
