@@ -250,22 +250,24 @@ def hub_checkpoint(spec: FoundationSpec) -> Path:
     return Path(hf_hub_download(spec.hub, spec.hub_files[-1]))
 
 
+def _checkpoint(spec: FoundationSpec, weights) -> tuple[Path, str]:
+    """The checkpoint to load and where it came from: --weights, else the hub's file."""
+    if weights:
+        return Path(weights), str(weights)
+    try:
+        return hub_checkpoint(spec), f"hub:{spec.hub}"
+    except Exception as exc:
+        raise _gated_error(spec, exc) from exc
+
+
 def _foundation(spec: FoundationSpec, weights=None, random_weights=False, **overrides) -> Encoder:
     net = build_vit(spec, **overrides)
+    source = "random"
     if weights or not random_weights:
-        if weights:
-            path, source = Path(weights), str(weights)
-        else:
-            try:
-                path = hub_checkpoint(spec)
-            except Exception as exc:
-                raise _gated_error(spec, exc) from exc
-            source = f"hub:{spec.hub}"
+        path, source = _checkpoint(spec, weights)
         target = weights_module(net)
         sd = from_authors_layout(spec.builder, load_state_dict_file(path), target)
         _load_into(target, sd, path, spec.name)
-    else:
-        source = "random"
     mean, std = spec.mean_std
     resize = spec.resize_px or spec.input_size
     crop = spec.input_size if resize != spec.input_size else None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -22,12 +21,9 @@ _PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampli
 def resize_patch(img: np.ndarray, size: int, interpolation: str = "bilinear") -> np.ndarray:
     """`img` resized to size x size with the encoder's filter ("bilinear" or "bicubic"),
     antialiased exactly as torchvision's `Resize` does on a PIL image (it calls PIL's resize),
-    which is what CLAM's and TRIDENT's transforms receive; "area" is OpenCV's box filter."""
+    which is what CLAM's and TRIDENT's transforms receive."""
     if img.shape[0] == size and img.shape[1] == size:
         return img
-    if interpolation == "area":
-        interp = cv2.INTER_AREA if img.shape[1] > size else cv2.INTER_LINEAR
-        return cv2.resize(img, (size, size), interpolation=interp)
     pil = Image.fromarray(np.ascontiguousarray(img))
     return np.asarray(pil.resize((size, size), _PIL_FILTERS[interpolation]))
 
