@@ -8,7 +8,8 @@ the per-slide path vs a CLAM-style loop, against this CPU's bf16 compute roof (s
   graph's last batch padded), as wsi-mil did before the stream;
 - stream: `wsi-mil extract`'s in-process path (`run_stage` with `ExtractStage`): segmentation,
   tiling and encoding of the whole cohort in one stream, fresh work folder each run;
-- encoder alone: the runner on random uint8 batches (its own throughput ceiling).
+- encoder alone: the runner on random uint8 batches (its own throughput ceiling), eager with
+  and without the oneDNN conv+relu/add fusion (features/onednn.py), and compiled.
 
 Usage: python bench/bench_cohort.py [--copies 24] [--runs 3] [--n-large 512]
 """
@@ -139,6 +140,12 @@ def main():
     batch = np.random.default_rng(0).integers(0, 255, (64, 224, 224, 3), dtype=np.uint8)
     eager = encoder_alone(runner, batch, args.runs)
     print(f"encoder alone, {runner.precision_name} eager: {eager:.1f} patches/s ({eager / roof:.2f} of roof)")
+    if runner.eager is not runner.encoder:  # the same encoder without the oneDNN fusion (onednn.py)
+        plain = EncoderRunner(enc, dev, "auto", "off")
+        plain.eager = plain.encoder
+        unfused = encoder_alone(plain, batch, args.runs)
+        print(f"encoder alone, eager without conv+relu/add fusion: {unfused:.1f} patches/s "
+              f"({unfused / roof:.2f} of roof); fusion {eager / unfused:.2f}x")  # fmt: skip
 
     # -- cohort of small real slides ----------------------------------------------------------
     slides = tmp / "slides"

@@ -74,6 +74,31 @@ def test_bf16_features_close_to_fp32(grid, runner):
     assert cos.min() > 0.99
 
 
+def test_cnn_runs_with_relu_and_residual_add_fused_into_its_convolutions(grid):
+    """On the CPU every conv+relu / conv+add+relu of resnet50_trunc is one oneDNN call
+    (onednn.py), and the features are the unfused encoder's: fp32 to rounding, bf16 to cosine 0.9999."""
+    path, g = grid
+    with open_slide(path) as slide:
+        imgs = np.stack([read_patch(slide, *g.coords[i], 512, 128, 224) for i in range(8)])
+    torch.manual_seed(0)
+    enc = create_encoder("resnet50_trunc", random_weights=True).eval()
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in (enc.info.mean, enc.info.std))
+    x = (torch.from_numpy(imgs).permute(0, 3, 1, 2).float() - mean) / std
+    for precision in ("fp32", "bf16"):
+        runner = EncoderRunner(enc, "cpu", precision)
+        ops = [n.target for n in runner.eager.net.graph.nodes if n.op in ("call_module", "call_function")]
+        fused = [t for t in ops if str(t).endswith("_fused")]
+        assert len(fused) == 1 + 3 * (3 + 4 + 6)  # the stem and every block's three convs
+        assert not [t for t in ops if "relu" in str(t) or "add" in str(t)]
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            ref = enc(x).float().numpy()
+        got = runner(imgs)
+        if precision == "fp32":
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+        cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+        assert cos.min() >= 0.9999, (precision, cos.min())
+
+
 def test_interrupted_run_resumes_to_identical_file(tmp_path, grid, runner):
     path, g = grid
     cfg = ExtractConfig(batch_size=8, workers=0)

@@ -1,7 +1,8 @@
 """The encoder runner: uint8 patch batches -> features, at the best precision the device offers.
 
 channels-last + autocast (bf16 on CPUs with bf16 units, bf16/fp16 on CUDA) under
-`torch.inference_mode`, Conv+BN folded, optionally `torch.compile`d with freezing; or, on
+`torch.inference_mode`, Conv+BN folded, on the CPU conv+relu/add fused into oneDNN post-ops
+(onednn.py), optionally `torch.compile`d with freezing; or, on
 request (`precision="int8"`), int8 on CPUs with VNNI (features/quantize.py). On CUDA,
 `submit` stages batches in pinned memory and overlaps the next batch's copy with this one's
 compute.
@@ -20,6 +21,7 @@ from ..config import ExtractConfig
 from ..device import precision_name, resolve_device, resolve_precision
 from ..errors import WsiMilError
 from .encoders import Encoder, create_encoder
+from .onednn import fuse_conv_pointwise
 from .quantize import calibration_images, cpu_has_vnni, quantize_int8
 
 log = logging.getLogger("wsi_mil")
@@ -65,6 +67,7 @@ class EncoderRunner:
         encoder = fold_batchnorm(encoder.eval())
         self.encoder = encoder.to(self.device).eval().to(memory_format=torch.channels_last)
         self.info = encoder.info
+        self.eager = self._fused_for_cpu()
         self.mean = torch.tensor(self.info.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(self.info.std, device=self.device).view(1, 3, 1, 1) * 255
         self.compile_mode = compile
@@ -74,6 +77,16 @@ class EncoderRunner:
         self._host_out: list = [None, None]
         self._staging: list = [None, None]
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def _fused_for_cpu(self) -> Encoder:
+        """The eager encoder, with conv+relu/add fused into oneDNN post-ops on the CPU (onednn.py)."""
+        if self.device.type != "cpu" or self.int8:
+            return self.encoder
+        size = self.info.crop_size or self.info.input_size
+        net, fused = fuse_conv_pointwise(self.encoder.net, self.amp_dtype or torch.float32, size)
+        if fused:
+            log.debug("%s: %d convolutions fused with their relu/add", self.info.name, fused)
+        return Encoder(net, self.info) if fused else self.encoder
 
     @property
     def precision_name(self) -> str:
@@ -149,7 +162,7 @@ class EncoderRunner:
         if pad_to and n < pad_to:  # a fixed batch shape avoids recompiling for a short batch
             x = torch.cat([x, x[-1:].expand(pad_to - n, *x.shape[1:])])
         x = self._normalise(x)
-        model = self.encoder if self._compiled is None else self._compiled
+        model = self.eager if self._compiled is None else self._compiled
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             feats = model(x)
         return feats[:n].float()
