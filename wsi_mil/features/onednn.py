@@ -5,7 +5,7 @@ An eager ResNet runs every ReLU and residual add as its own pass over activation
 costs ~15-25 s per process. This rewrites the traced graph so that each `Conv2d` followed by
 `relu`, by `add`, or by `add` then `relu` becomes one `torch.ops.mkldnn._convolution_pointwise`
 call (the op inductor emits for the same patterns on CPU, with the same "relu"/"add"
-attributes), at no compile cost: 1.2x eager resnet50_trunc in bf16 (docs/benchmarks.md).
+attributes), at no compile cost: 1.15x eager resnet50_trunc in bf16 (docs/benchmarks.md).
 Every other node is left as it was and still runs under the caller's autocast.
 """
 

@@ -26,7 +26,10 @@ from .quantize import calibration_images, cpu_has_vnni, quantize_int8
 
 log = logging.getLogger("wsi_mil")
 
-COMPILE_MIN_PATCHES = 2000  # torch.compile (~15 s with freezing on CPU) pays off above this
+# torch.compile with freezing costs ~23 s on a 2-core CPU (empty inductor cache) and runs
+# resnet50_trunc at 47 patches/s against the fused eager encoder's 40 (docs/benchmarks.md,
+# fourth cohort run): it pays off above ~6,000 patches, a few slides at 20x.
+COMPILE_MIN_PATCHES = 6000
 
 
 def fold_batchnorm(encoder: Encoder) -> Encoder:
