@@ -120,6 +120,7 @@ def main():
     ap.add_argument("--n-large", type=int, default=512)
     ap.add_argument("--encoder", default="resnet50_trunc")
     ap.add_argument("--skip-large", action="store_true")
+    ap.add_argument("--large-only", action="store_true", help="only the large synthetic slide")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--decode-scaling", default="", help="reader counts to time, e.g. 1,4,8,15")
     args = ap.parse_args()
@@ -147,7 +148,15 @@ def main():
         print(f"encoder alone, eager without conv+relu/add fusion: {unfused:.1f} patches/s "
               f"({unfused / roof:.2f} of roof); fusion {eager / unfused:.2f}x")  # fmt: skip
 
-    # -- cohort of small real slides ----------------------------------------------------------
+    if not args.large_only:
+        cohort(args, cfg, enc, batch, roof, eager, tmp)
+    if not args.skip_large:
+        large(args, enc, batch)
+
+
+def cohort(args, cfg, enc, batch, roof, eager, tmp):
+    """The 24-copy cohort: CLAM-style loop, per-slide path and stream, against the roof."""
+    dev = args.device
     slides = tmp / "slides"
     slides.mkdir()
     for i in range(args.copies):
@@ -212,9 +221,10 @@ def main():
         print(f"  stream / CLAM {st / clam:.2f}x, / per-slide {st / per:.2f}x, / roof {st / roof:.3f}, "
               f"/ encoder alone {st / eager:.2f}", flush=True)  # fmt: skip
 
-    # -- one large slide ----------------------------------------------------------------------
-    if args.skip_large:
-        return
+
+def large(args, enc, batch):
+    """One large synthetic slide end to end against the compiled encoder alone."""
+    dev, tmp = args.device, Path(tempfile.mkdtemp())
     path = large_slide()
     g = grid_for(path, args.n_large)
     compiled = EncoderRunner(enc, dev, "auto", "on")

@@ -8,7 +8,7 @@ exactly as `wsi-mil heatmap` and `predict --scores` compute them (fold ensemble,
 1), averaged over the held-out positive bags; then the inversion and combined scores again with
 the "survival" reading of the inversion (how long each instance survives the L1 shrinkage).
 
-Usage: python bench/bench_mil_recipes.py [--models abmil,psmil] [--cohorts small256,harder,graded]
+Usage: python bench/bench_mil_recipes.py [--models abmil,psmil] [--cohorts tests,small256,harder,graded]
        [--recipes model,shared] [--epochs 20] [--seeds 1]
 """
 
@@ -32,6 +32,8 @@ from wsi_mil.training.crossval import run_crossval
 
 TRAIN: dict = {}  # TrainConfig overrides (--train)
 COHORTS = {
+    # the test suite's key-instance cohort (tests/test_crossval.py `cohort_dir`, seed 1)
+    "tests": dict(n_bags=48, n_cases=30, strength=4.0),
     # the issue's small, high-dimensional cohort: 48 bags, D = 256
     "small256": dict(n_bags=48, dim=256, n_cases=30),
     # few, weak key instances (the "harder" cohort of docs/benchmarks.md)
