@@ -340,3 +340,30 @@ def test_psmil_default_starts_at_the_first_bag_and_moves_only_the_label_column()
     before = q.clone()
     model.on_train_step(model(torch.randn(20, D)), torch.tensor(0))
     torch.testing.assert_close(model.pool.prototypes, before)  # evaluation never moves Q
+
+
+def test_each_model_trains_with_its_registered_recipe_unless_overridden():
+    from wsi_mil.config import TrainConfig
+    from wsi_mil.training.optim import Lookahead, build_optimizer, resolve_recipe
+
+    dsmil = resolve_recipe("dsmil", TrainConfig())
+    assert (dsmil.lr, dsmil.weight_decay, dsmil.betas, dsmil.schedule) == (1e-4, 1e-3, (0.5, 0.9), "cosine")
+    assert "dsmil-wsi" in dsmil.source
+    assert resolve_recipe("dtfd", TrainConfig()).grad_clip == 5.0
+    assert resolve_recipe("transmil", TrainConfig()).optimizer == "adam"  # measured deviation
+    overridden = resolve_recipe("dsmil", TrainConfig(lr=1e-3, optimizer="radam_lookahead"))
+    assert (overridden.lr, overridden.weight_decay) == (1e-3, 1e-3)  # only the fields set change
+    opt = build_optimizer(create_model("transmil", D, 2), overridden)
+    assert isinstance(opt, Lookahead) and isinstance(opt.inner, torch.optim.RAdam)
+    shared = resolve_recipe("dsmil", TrainConfig(recipe="shared"))
+    assert (shared.optimizer, shared.lr, shared.weight_decay) == ("adam", 2e-4, 1e-4)
+
+
+def test_dsmil_average_is_the_mean_of_both_streams_probabilities():
+    torch.manual_seed(0)
+    model = create_model("dsmil", D, 2, average=True).eval()
+    x = torch.randn(30, D)
+    with torch.no_grad():
+        out = model(x)
+    streams = torch.sigmoid(out.extras["max_logits"]) + torch.sigmoid(out.extras["outputs"])
+    torch.testing.assert_close(torch.softmax(out.logits, -1)[1], streams[0] / 2)

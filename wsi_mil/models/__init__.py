@@ -36,7 +36,8 @@ def model_class(name: str) -> type[MILModel]:
 
 
 def create_model(name: str, in_dim: int, n_classes: int = 2, **kwargs) -> MILModel:
-    """Build a MIL model by name with the paper defaults, overridden by `kwargs`."""
+    """Build a MIL model by name with its defaults (the authors', except where its docstring says
+    why not), overridden by `kwargs`."""
     return model_class(name)(in_dim, n_classes, **kwargs)
 
 

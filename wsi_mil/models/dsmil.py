@@ -9,7 +9,10 @@ authors' BCEWithLogitsLoss.
 Two classes (default `binary=True`): the authors' form, one output s with sigmoid/BCE
 (train_tcga.py with num_classes 1); the pipeline's two logits are [-s/2, s/2], so their
 softmax is exactly sigmoid(s). Several classes: one output per class, each with BCE against the
-one-hot label, as the authors' multi-class runs. `instance_scores` is the attention towards the
+one-hot label, as the authors' multi-class runs. `average=True` (binary only): the bag
+probability is the mean of both streams' sigmoids, the authors' `--average` option
+(train_tcga.py (80465ed) test(): sigmoid(max_prediction) + sigmoid(bag_prediction)); off by
+default, as theirs. `instance_scores` is the attention towards the
 positive class for binary tasks, else the predicted class.
 """
 
@@ -35,9 +38,16 @@ class DSMIL(MILModel):
     )  # fmt: skip
 
     def __init__(
-        self, in_dim: int, n_classes: int = 2, q_dim: int = 128, dropout_v: float = 0.0, binary: bool = True
+        self,
+        in_dim: int,
+        n_classes: int = 2,
+        q_dim: int = 128,
+        dropout_v: float = 0.0,
+        binary: bool = True,
+        average: bool = False,
     ):
         super().__init__()
+        self.average = average
         self.n_classes = n_classes
         self.binary = binary and n_classes == 2
         outputs = 1 if self.binary else n_classes
@@ -58,7 +68,11 @@ class DSMIL(MILModel):
         max_logits = ins_logits.max(dim=0).values
         extras = {"max_logits": max_logits, "attention": attn, "outputs": outputs}
         if self.binary:
-            logits = torch.cat([-outputs / 2, outputs / 2])  # softmax(logits)[1] == sigmoid(s)
+            s = outputs
+            if self.average:  # p = (sigmoid(max) + sigmoid(bag)) / 2, as a logit
+                p = (torch.sigmoid(max_logits) + torch.sigmoid(outputs)) / 2
+                s = torch.logit(p, eps=1e-7)
+            logits = torch.cat([-s / 2, s / 2])  # softmax(logits)[1] == sigmoid(s)
             return MILOutput(logits, attn[:, 0], None, extras)
         col = 1 if self.n_classes == 2 else int(outputs.argmax())
         return MILOutput(outputs, attn[:, col], None, extras)
