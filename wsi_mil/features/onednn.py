@@ -27,13 +27,13 @@ _ADDS = (operator.add, operator.iadd, torch.add)
 class FusedConv2d(nn.Module):
     """`relu?(conv(x) [+ other])` as one oneDNN convolution with post-ops, channels-last."""
 
-    def __init__(self, conv: nn.Conv2d, dtype: torch.dtype, relu: bool, add: bool):
+    def __init__(self, conv: nn.Conv2d, dtype: torch.dtype, relu: bool):
         super().__init__()
         weight = conv.weight.detach().to(dtype).contiguous(memory_format=torch.channels_last)
         self.register_buffer("weight", weight)
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().to(dtype))
         self.geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        self.relu, self.add = relu, add
+        self.relu = relu
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         x = x.to(self.weight.dtype)
@@ -88,7 +88,7 @@ def fuse_conv_pointwise(net: nn.Module, dtype: torch.dtype, input_size: int) -> 
         if last is node:
             continue
         name = f"{node.target.replace('.', '_')}_fused"
-        gm.add_submodule(name, FusedConv2d(conv, dtype, relu, other is not None))
+        gm.add_submodule(name, FusedConv2d(conv, dtype, relu))
         with gm.graph.inserting_after(last):
             new = gm.graph.call_module(name, (node.args[0],) if other is None else (node.args[0], other))
         last.replace_all_uses_with(new)
