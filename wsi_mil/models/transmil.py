@@ -47,7 +47,7 @@ class PPEG(nn.Module):
 class TransMIL(MILModel):
     # Deliberate difference: the authors train with Lookahead(RAdam) (TransMIL.yaml: opt
     # lookahead_radam). RAdam's variance rectification scales its first ~1,000 steps down,
-    # , and Lookahead halves progress again: on the tests' 48-bag cohort (3 folds + 25%
+    # and Lookahead halves progress again: on the tests' 48-bag cohort (3 folds + 25%
     # test, 50 epochs, seeds 1-3) it reached test AUC 0.667 / 0.917 / 0.694, Adam with the same
     # lr and weight decay 0.972 / 0.944 / 1.000 (docs/benchmarks.md). `--optimizer
     # radam_lookahead` restores theirs.
