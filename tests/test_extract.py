@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from wsi_mil.config import ExtractConfig, TilingConfig
+from wsi_mil.device import cpu_has_vnni
 from wsi_mil.errors import WsiMilError
 from wsi_mil.features import reading as ex
 from wsi_mil.features.encoders import create_encoder
 from wsi_mil.features.extract import extract_features
-from wsi_mil.features.quantize import cpu_has_vnni
 from wsi_mil.features.reading import read_patch
 from wsi_mil.features.runner import EncoderRunner
 from wsi_mil.formats.features import read_features

@@ -28,14 +28,7 @@ from torch import nn
 
 from ..errors import WsiMilError
 
-
-def cpu_has_vnni() -> bool:
-    """Whether this CPU has int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+SUPPORTED = "--precision int8 supports BatchNorm CNN encoders (resnet50_trunc, resnet18, timm ResNets)"
 
 
 def calibration_images(path: Path | None, first_batch: np.ndarray) -> np.ndarray:
@@ -61,10 +54,7 @@ def calibration_images(path: Path | None, first_batch: np.ndarray) -> np.ndarray
 def quantize_int8(net: nn.Module, calibration: torch.Tensor, encoder: str) -> nn.Module:
     """`net` quantised to int8 after observing `calibration` (normalised NCHW float)."""
     if any(isinstance(m, nn.LayerNorm) for m in net.modules()):  # transformers, ConvNeXt
-        raise WsiMilError(
-            f"encoder {encoder}: --precision int8 supports BatchNorm CNN encoders (resnet50_trunc, "
-            "resnet18, timm ResNets); use --precision bf16 for this one"
-        )
+        raise WsiMilError(f"encoder {encoder}: {SUPPORTED}; use --precision bf16 for this one")
     with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
         warnings.simplefilter("ignore")
         from torch.ao.quantization import get_default_qconfig_mapping
@@ -80,6 +70,5 @@ def quantize_int8(net: nn.Module, calibration: torch.Tensor, encoder: str) -> nn
             return convert_fx(prepared)
         except Exception as exc:
             raise WsiMilError(
-                f"encoder {encoder}: int8 quantisation failed ({type(exc).__name__}); --precision int8 "
-                "supports BatchNorm CNN encoders (resnet50_trunc, resnet18, timm ResNets); use bf16"
+                f"encoder {encoder}: int8 quantisation failed ({type(exc).__name__}); {SUPPORTED}; use bf16"
             ) from exc

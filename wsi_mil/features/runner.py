@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from ..config import ExtractConfig
-from ..device import precision_name, resolve_device, resolve_precision
+from ..device import cpu_has_vnni, precision_name, resolve_device, resolve_precision
 from ..errors import WsiMilError
 from .encoders import Encoder, create_encoder
 from .onednn import fuse_conv_pointwise
-from .quantize import calibration_images, cpu_has_vnni, quantize_int8
+from .quantize import calibration_images, quantize_int8
 
 log = logging.getLogger("wsi_mil")
 

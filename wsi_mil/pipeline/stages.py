@@ -61,7 +61,7 @@ class Stage:
     patches_dir: Path | None = None  # coords files written by CLAM or TRIDENT, used as they are
     name = "stage"
 
-    def __post_init__(self):  # stages that derive settings from the folder override this
+    def __post_init__(self):  # here so the dataclass __init__ calls subclasses' overrides
         pass
 
     def output(self, entry: SlideEntry) -> Path:  # pragma: no cover - every stage defines it
