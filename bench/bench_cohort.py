@@ -15,6 +15,7 @@ Usage: python bench/bench_cohort.py [--copies 24] [--runs 3] [--n-large 512]
 """
 
 import argparse
+import logging
 import os
 import statistics
 import sys
@@ -23,22 +24,25 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_extract import REAL, clam_baseline, clam_loader_baseline, grid_for  # noqa: E402
-from common import large_slide  # noqa: E402
+if __name__ == "__main__":  # not in the spawned reader and planning processes, which re-import
+    # this file as __mp_main__: there torch would cost seconds per process, which the CLI's
+    # children (whose __main__ is the light wsi_mil.cli) do not pay
+    import torch
+    from bench_extract import REAL, clam_baseline, clam_loader_baseline, grid_for
+    from common import large_slide
 
-from wsi_mil.config import ExtractConfig, PipelineConfig, TilingConfig  # noqa: E402
-from wsi_mil.features.encoders import create_encoder  # noqa: E402
-from wsi_mil.features.extract import extract_features, open_feature_writer  # noqa: E402
-from wsi_mil.features.runner import EncoderRunner, runner_for  # noqa: E402
-from wsi_mil.features.stream import StreamJob, run_stream  # noqa: E402
-from wsi_mil.formats.patches import read_patches  # noqa: E402
-from wsi_mil.pipeline.layout import Layout  # noqa: E402
-from wsi_mil.pipeline.runner import run_stage  # noqa: E402
-from wsi_mil.pipeline.stages import ExtractStage, TileStage  # noqa: E402
-from wsi_mil.wsi.collect import SlideEntry  # noqa: E402
+    from wsi_mil.config import ExtractConfig, PipelineConfig, TilingConfig
+    from wsi_mil.features.encoders import create_encoder
+    from wsi_mil.features.extract import extract_features, open_feature_writer
+    from wsi_mil.features.runner import EncoderRunner, runner_for
+    from wsi_mil.features.stream import StreamJob, run_stream
+    from wsi_mil.formats.patches import read_patches
+    from wsi_mil.pipeline.layout import Layout
+    from wsi_mil.pipeline.runner import run_stage
+    from wsi_mil.pipeline.stages import ExtractStage, TileStage
+    from wsi_mil.wsi.collect import SlideEntry
 
 
 def median(fn, runs):
@@ -123,6 +127,7 @@ def main():
     ap.add_argument("--large-only", action="store_true", help="only the large synthetic slide")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--decode-scaling", default="", help="reader counts to time, e.g. 1,4,8,15")
+    ap.add_argument("--clam-loader-runs", type=int, default=None, help="runs of CLAM's loader (GPU; slow)")
     args = ap.parse_args()
     dev = args.device
     tmp = Path(tempfile.mkdtemp())
@@ -182,9 +187,10 @@ def cohort(args, cfg, enc, batch, roof, eager, tmp):
     )
     clam = n_clam / t
     print(f"CLAM-style loop ({k} slides, fp32)             {clam:6.1f} patches/s", flush=True)
-    if dev == "cuda":
+    if dev == "cuda" and args.clam_loader_runs != 0:
         t = median(
-            lambda: [clam_loader_baseline(e.path, g, enc, dev) for e, g in zip(entries, grids)], args.runs
+            lambda: [clam_loader_baseline(e.path, g, enc, dev) for e, g in zip(entries, grids)],
+            args.clam_loader_runs or args.runs,
         )
         print(
             f"CLAM extract_features_fp.py (8 loader workers, pinned, fp32) {n / t:6.1f} patches/s", flush=True
@@ -206,20 +212,54 @@ def cohort(args, cfg, enc, batch, roof, eager, tmp):
         print(f"per-slide path (reader process per slide)     {per:6.1f} patches/s", flush=True)
 
     fresh = iter(range(10**6))
-    readers = [None] + ([1, 15] if dev == "cuda" else [])
+    said = StreamLog()
+    readers = [None] + (["ramp+1", 1, 15] if dev == "cuda" else [])
     for w in readers:
         scfg = cfg.model_copy(deep=True)
-        scfg.extract.workers = w
+        scfg.extract.workers = w if isinstance(w, int) else None
+        earlier_policy(w == "ramp+1")
 
         def stream():
             result = run_stage(ExtractStage(Layout(tmp / f"stream{next(fresh)}"), scfg), entries)
             assert result.ok, result.summary()
 
         st = n / median(stream, args.runs)
-        label = "default readers" if w is None else f"{w} readers"
+        label = {None: "default readers", "ramp+1": "earlier policy"}.get(w, f"{w} readers")
         print(f"stream (segment + tile + encode, {label:15s}) {st:6.1f} patches/s", flush=True)
         print(f"  stream / CLAM {st / clam:.2f}x, / per-slide {st / per:.2f}x, / roof {st / roof:.3f}, "
               f"/ encoder alone {st / eager:.2f}", flush=True)  # fmt: skip
+        print(f"  last run: {said.last}", flush=True)
+
+
+def earlier_policy(on: bool) -> None:
+    """The GPU policy as first measured on the H100: one reader more per starved second, 4
+    planners (the same run's comparison for the current `readers_wanted` / `planner_count`)."""
+    import wsi_mil.features.stream as stream
+    import wsi_mil.features.stream_workers as workers
+
+    if not hasattr(stream, "_current"):
+        stream._current = (stream.readers_wanted, workers.planner_count, stream.WINDOW_S)
+    if on:
+        stream.readers_wanted = lambda n, waited, most: min(most, n + 1) if waited > workers.STARVED else n
+        workers.planner_count = lambda device_type: 1 if device_type != "cuda" else 4
+        stream.WINDOW_S = 1.0
+    else:
+        stream.readers_wanted, workers.planner_count, stream.WINDOW_S = stream._current
+
+
+class StreamLog(logging.Handler):
+    """Keeps the stream's closing log line (features/stream.py `StreamStats`)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.last = ""
+        log = logging.getLogger("wsi_mil")
+        log.setLevel(logging.INFO)
+        log.addHandler(self)
+
+    def emit(self, record):
+        if "stream:" in record.getMessage():
+            self.last = record.getMessage()
 
 
 def large(args, enc, batch):

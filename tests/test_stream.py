@@ -17,6 +17,7 @@ from wsi_mil.features.encoders import create_encoder
 from wsi_mil.features.extract import extract_features, open_feature_writer
 from wsi_mil.features.runner import EncoderRunner
 from wsi_mil.features.stream import StreamJob, run_stream
+from wsi_mil.features.stream_workers import readers_wanted
 from wsi_mil.formats.patches import read_patches
 from wsi_mil.synthetic import write_synthetic_slide
 
@@ -175,14 +176,14 @@ def test_cuda_pipelined_submit_equals_one_batch_at_a_time():
 def test_planning_processes_tile_what_the_planner_thread_tiles(tmp_path, slides, streamed, monkeypatch):
     """GPU machines segment and tile upcoming slides in spawned processes; same patches and
     features as the single planner thread of the CLI run."""
-    import wsi_mil.features.stream as stream
+    import wsi_mil.features.stream_workers as workers
     from wsi_mil.config import PipelineConfig, TilingConfig
     from wsi_mil.pipeline.layout import Layout
     from wsi_mil.pipeline.runner import run_stage
     from wsi_mil.pipeline.stages import ExtractStage
     from wsi_mil.wsi.collect import SlideEntry
 
-    monkeypatch.setattr(stream, "planner_count", lambda device_type: 2)
+    monkeypatch.setattr(workers, "planner_count", lambda device_type: 2)
     cfg = PipelineConfig(tiling=TilingConfig(target_mpp=1.0, patch_size=128))
     cfg.extract.encoder, cfg.extract.random_weights, cfg.extract.batch_size = "resnet18", True, 16
     entries = [SlideEntry(slides / f"s{i}.tif") for i in range(4)]
@@ -196,3 +197,13 @@ def test_planning_processes_tile_what_the_planner_thread_tiles(tmp_path, slides,
         b = h5py.File(streamed / "features" / "resnet18" / f"s{i}.h5")["features"][:]
         cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
         assert cos.min() >= 0.9999, (i, cos.min())
+
+
+def test_readers_grow_to_what_the_encoder_waited_for_in_one_step():
+    """A GPU starved 75% of a window gets 4x the readers at once, capped at the spare cores;
+    an encoder that hardly waited keeps its readers."""
+    assert readers_wanted(2, 0.75, 15) == 8
+    assert readers_wanted(2, 0.99, 15) == 15
+    assert readers_wanted(4, 0.10, 15) == 5  # a little starved: at least one more
+    assert readers_wanted(4, 0.02, 15) == 4
+    assert readers_wanted(15, 0.9, 15) == 15

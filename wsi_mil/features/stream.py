@@ -4,12 +4,12 @@ Three kinds of worker share the work of one process:
 - the planner walks the cohort: for each slide it takes what the caller's `jobs` iterator
   yields (segmenting and tiling the slide there when needed, so that runs ahead of the
   encoder; on a GPU machine several planner threads hand that to planning processes,
-  `planner_count` / `planning_pool`) and cuts the slide's remaining rows into pieces of at
+  features/stream_workers.py) and cuts the slide's remaining rows into pieces of at
   most one batch;
 - readers decode and resize pieces, each with its own slide handle: threads on the CPU (one by
   default; decoders and OpenCV release the GIL) and inside Dask's daemonic workers; on a GPU
-  machine threads that hand each piece to a reader process (`reader_pool`: threads stop
-  scaling at ~4 there), started as the encoder waits for patches (`reader_limits`);
+  machine threads that hand each piece to a reader process (threads stop scaling at ~4
+  there), more of them started as the encoder waits for patches (features/stream_workers.py);
 - the caller's thread takes pieces back in order, fills encoder batches of exactly
   `batch_size` patches across slide boundaries (only the cohort's last batch may be short),
   and writes each slide's rows to its own feature file, finished the moment its last row is
@@ -20,13 +20,10 @@ Three kinds of worker share the work of one process:
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +35,7 @@ from ..wsi.readers import open_slide
 from ..wsi.tiling import PatchGrid
 from .reading import read_patches, read_piece, region_limit
 from .runner import EncoderRunner
+from .stream_workers import WINDOW_S, reader_limits, reader_pool, readers_wanted
 
 _END = object()
 
@@ -151,45 +149,23 @@ def _reader(
             handle.close()
 
 
-def reader_pool(most: int, device_type: str):
-    """Reader processes on a GPU machine: there, threads stop scaling at ~4 readers (the GIL;
-    tiffslide's zarr event loop), processes scale with the cores (docs/benchmarks.md). None on
-    the CPU (one reader; the encoder needs the cores) and inside daemonic processes (Dask
-    workers), which cannot start children."""
-    if device_type != "cuda" or most < 2 or mp.current_process().daemon:
-        return None
-    return ProcessPoolExecutor(most, mp_context=mp.get_context("spawn"))
+@dataclass
+class StreamStats:
+    """What one stream did: patches encoded, its seconds, the seconds the encoder waited for
+    patches (reading or planning was the bottleneck when that is a large share), readers."""
 
+    patches: int = 0
+    seconds: float = 0.0
+    waited_s: float = 0.0
+    readers: int = 0
 
-def reader_limits(cfg: ExtractConfig, device_type: str) -> tuple[int, int]:
-    """(readers to start with, most readers): `--workers N` fixes N; by default one reader on
-    the CPU (the encoder needs the other cores) and, on a GPU, readers added while the encoder
-    waits for patches, up to one per spare core (`run_stream` measures the wait)."""
-    if cfg.workers is not None:
-        return max(1, cfg.workers), max(1, cfg.workers)
-    if device_type != "cuda":
-        return 1, 1
-    most = max(1, (os.cpu_count() or 2) - 1)
-    return min(2, most), most
-
-
-def planner_count(device_type: str) -> int:
-    """Threads that segment and tile upcoming slides: one on the CPU (its cores encode), a few
-    on a GPU machine, where one planner caps a cohort of small biopsies below the GPU's rate."""
-    if device_type != "cuda":
-        return 1
-    return max(1, min(4, (os.cpu_count() or 2) // 4))
-
-
-def planning_pool(planners: int):
-    """Processes that segment and tile upcoming slides when there are several planners (a GPU
-    machine): in threads, thumbnail reads through tiffslide serialise on zarr's event loop."""
-    if planners < 2 or mp.current_process().daemon:
-        return None
-    return ProcessPoolExecutor(planners, mp_context=mp.get_context("spawn"))
-
-
-STARVED = 0.05  # the encoder's share of time spent waiting for readers that adds a reader
+    def __str__(self) -> str:
+        rate = self.patches / self.seconds if self.seconds else 0.0
+        share = self.waited_s / self.seconds if self.seconds else 0.0
+        return (
+            f"{self.patches} patches in {self.seconds:.1f} s ({rate:.1f}/s); the encoder waited "
+            f"{share:.0%} of the time for patches; {self.readers} reader(s)"
+        )
 
 
 def run_stream(
@@ -199,12 +175,13 @@ def run_stream(
     on_done: Callable[[StreamJob], None],
     on_patches: Callable[[int], None] | None = None,
     estimate_patches: Callable[[], int] | None = None,
-) -> None:
+) -> StreamStats:
     """Encode every job's remaining rows; call `on_done(job)` as each finishes (or fails).
 
     `on_done` runs on the caller's thread; an exception it raises stops the stream, and every
     unfinished writer keeps its `.partial` file for the next run to resume. `estimate_patches`
     (the cohort's size as known when the first batch is full) decides `--compile auto`."""
+    t_start = time.perf_counter()
     batch = cfg.batch_size
     workers, most_workers = reader_limits(cfg, runner.device.type)
     out = _Ordered(capacity=2 * most_workers + 4)
@@ -254,14 +231,17 @@ def run_stream(
     threads[0].start()
     for _ in range(workers):
         add_reader()
-    window = {"t0": time.perf_counter(), "waited": 0.0}
+    window = {"t0": None, "waited": 0.0}
 
-    def maybe_add_reader() -> None:
-        """One more reader when the encoder waited for patches > STARVED of the last window."""
+    def grow_readers() -> None:
+        """More readers when the encoder waited for patches in the last window (`readers_wanted`)."""
         now = time.perf_counter()
-        if now - window["t0"] < 1.0 or len(threads) - 1 >= most_workers:
+        if window["t0"] is None:  # the first window opens with the first batch, not at start-up
+            window.update(t0=now, waited=out.waited)
+        if now - window["t0"] < WINDOW_S or len(threads) - 1 >= most_workers:
             return
-        if (out.waited - window["waited"]) / (now - window["t0"]) > STARVED:
+        share = (out.waited - window["waited"]) / (now - window["t0"])
+        for _ in range(readers_wanted(len(threads) - 1, share, most_workers) - (len(threads) - 1)):
             add_reader()
         window.update(t0=now, waited=out.waited)
 
@@ -338,13 +318,14 @@ def run_stream(
             n_pending += len(images)
             while n_pending >= batch:
                 encode(batch)
-                maybe_add_reader()
+                grow_readers()
         if planner_error:
             raise planner_error[0]
         if n_pending:
             encode(n_pending)  # the cohort's last batch: the only short one
         while inflight:
             write(*inflight.popleft())
+        return StreamStats(encoded, time.perf_counter() - t_start, out.waited, len(threads) - 1)
     finally:
         out.stop.set()
         with work_cond:

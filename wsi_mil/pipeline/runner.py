@@ -165,7 +165,8 @@ def _run_streamed(stage: Stage, todo: list[SlideEntry], finish, on_batch) -> lis
     the slides another process holds, for the caller to wait for."""
     from ..device import resolve_device
     from ..features.runner import runner_for
-    from ..features.stream import StreamJob, planner_count, planning_pool, run_stream
+    from ..features.stream import StreamJob, run_stream
+    from ..features.stream_workers import planner_count, planning_pool
     from .stages import prepare_grid
 
     if not todo:  # a finished cohort needs no encoder (and no weights)
@@ -186,9 +187,10 @@ def _run_streamed(stage: Stage, todo: list[SlideEntry], finish, on_batch) -> lis
             return entry, StreamJob(entry.name, skipped=True, context=ctx)
         ctx["attempt"] = _bump_attempts(lock_path)
         try:
-            if plan_pool is not None:  # segment + tile in a planning process; plan() reads it back
-                plan_pool.submit(prepare_grid, stage, entry).result()
-            job = stage.plan(entry)
+            grid = None  # segment + tile in a planning process when there are several planners
+            if plan_pool is not None:
+                grid = plan_pool.submit(prepare_grid, stage, entry).result()
+            job = stage.plan(entry, grid)
         except Exception as exc:
             job = StreamJob(entry.name, error=exc)
         job.context = ctx
@@ -196,6 +198,7 @@ def _run_streamed(stage: Stage, todo: list[SlideEntry], finish, on_batch) -> lis
 
     planners = planner_count(resolve_device(stage.cfg.extract.device).type)
     plan_pool = planning_pool(planners) if not stage.overwrite and stage.patches_dir is None else None
+    stage.tiling()  # resolved here, where torch is loaded anyway, not in each planning process
 
     def jobs():
         for entry, job in ordered_map(prepare, todo, planners, release=lambda r: _release(r[1])):
@@ -233,7 +236,9 @@ def _run_streamed(stage: Stage, todo: list[SlideEntry], finish, on_batch) -> lis
             on_batch(done, estimate())
 
     try:
-        run_stream(jobs(), runner_for(stage.cfg.extract), stage.cfg.extract, on_done, progress, estimate)
+        runner = runner_for(stage.cfg.extract)
+        stats = run_stream(jobs(), runner, stage.cfg.extract, on_done, progress, estimate)
+        log.info("%s stream: %s; %d planner(s)", stage.name, stats, planners)
     finally:
         if plan_pool is not None:
             plan_pool.shutdown(wait=False, cancel_futures=True)

@@ -166,13 +166,17 @@ class ExtractStage(Stage):
     def output(self, entry):
         return self.layout.features(self.cfg.extract.encoder, entry.name)
 
+    _tiling = None  # resolved once; pickled with the stage, so planning processes need no torch
+
     def tiling(self):
         """Unset --target-mpp / --patch-size come from the encoder's training resolution."""
-        from ..features.encoders import recommended_tiling
+        if self._tiling is None:
+            from ..features.encoders import recommended_tiling
 
-        name = self.cfg.extract.encoder
-        mpp, px = recommended_tiling(name) or (0.5, 256)
-        return self.cfg.tiling.with_defaults(mpp, px, f"encoder {name}")
+            name = self.cfg.extract.encoder
+            mpp, px = recommended_tiling(name) or (0.5, 256)
+            self._tiling = self.cfg.tiling.with_defaults(mpp, px, f"encoder {name}")
+        return self._tiling
 
     def run(self, entry: SlideEntry, on_batch=None) -> dict:
         from ..features.extract import extract_features
@@ -184,15 +188,17 @@ class ExtractStage(Stage):
         runner = runner_for(self.cfg.extract)
         return extract_features(entry.path, grid, runner, out, self.cfg.extract, entry.mpp, on_batch)
 
-    def plan(self, entry: SlideEntry):
+    def plan(self, entry: SlideEntry, grid: PatchGrid | None = None):
         """The slide as a job of the cohort stream (features/stream.py): tiled (segmenting
-        first if needed) and its feature file opened, resuming a partial one."""
+        first if needed) unless a planning process passes its `grid`, and its feature file
+        opened, resuming a partial one."""
         from ..features.extract import open_feature_writer
         from ..features.runner import runner_for
         from ..features.stream import StreamJob
 
-        with open_slide(entry.path, entry.mpp) as slide:
-            grid = self.grid_for(slide, entry)
+        if grid is None:
+            with open_slide(entry.path, entry.mpp) as slide:
+                grid = self.grid_for(slide, entry)
         writer = open_feature_writer(
             self.output(entry), grid, runner_for(self.cfg.extract), self.cfg.extract, entry.path
         )
@@ -202,8 +208,9 @@ class ExtractStage(Stage):
 STAGES: dict[str, type[Stage]] = {"segment": SegmentStage, "tile": TileStage, "extract": ExtractStage}
 
 
-def prepare_grid(stage: Stage, entry: SlideEntry) -> int:
-    """Segment and tile one slide into the stage's work folder (in a planning process, which
-    the stream then reads back); returns the patch count."""
+def prepare_grid(stage: Stage, entry: SlideEntry) -> PatchGrid:
+    """Segment and tile one slide into the stage's work folder, in a planning process. The
+    grid goes back to the stream, which then need not open the slide: that open was the stream
+    process's largest serial cost per slide (docs/benchmarks.md, GPU stream)."""
     with open_slide(entry.path, entry.mpp) as slide:
-        return len(stage.grid_for(slide, entry))
+        return stage.grid_for(slide, entry)
