@@ -367,3 +367,19 @@ def test_dsmil_average_is_the_mean_of_both_streams_probabilities():
         out = model(x)
     streams = torch.sigmoid(out.extras["max_logits"]) + torch.sigmoid(out.extras["outputs"])
     torch.testing.assert_close(torch.softmax(out.logits, -1)[1], streams[0] / 2)
+
+
+def test_dsmil_patch_dropout_trains_on_a_random_subset_and_infers_on_the_whole_bag():
+    """The authors' --dropout_patch: each training step sees (1 - p) of the bag; inference
+    sees every instance, deterministically."""
+    torch.manual_seed(0)
+    model = create_model("dsmil", D, 2, dropout_patch=0.8)
+    x = torch.randn(50, D)
+    train_a, train_b = model.train()(x), model(x)
+    assert len(train_a.instance_scores) == len(train_b.instance_scores) == int(50 * (1 - 0.8))  # as theirs
+    assert not torch.equal(train_a.extras["outputs"], train_b.extras["outputs"])  # other subsets
+    with torch.no_grad():
+        model.eval()
+        a, b = model(x), model(x)
+    assert len(a.instance_scores) == 50
+    torch.testing.assert_close(a.logits, b.logits)

@@ -12,8 +12,11 @@ softmax is exactly sigmoid(s). Several classes: one output per class, each with 
 one-hot label, as the authors' multi-class runs. `average=True` (binary only): the bag
 probability is the mean of both streams' sigmoids, the authors' `--average` option
 (train_tcga.py (80465ed) test(): sigmoid(max_prediction) + sigmoid(bag_prediction)); off by
-default, as theirs. `instance_scores` is the attention towards the
-positive class for binary tasks, else the predicted class.
+default, as theirs. `dropout_patch=p`: each training step sees a random (1 - p) of the bag's
+instances, the authors' `--dropout_patch` (train_tcga.py `dropout_patches`, default 0, as
+here); they also drop at test time, we never do (inference stays deterministic).
+`instance_scores` is the attention towards the positive class for binary tasks, else the
+predicted class.
 """
 
 from __future__ import annotations
@@ -45,9 +48,11 @@ class DSMIL(MILModel):
         dropout_v: float = 0.0,
         binary: bool = True,
         average: bool = False,
+        dropout_patch: float = 0.0,
     ):
         super().__init__()
         self.average = average
+        self.dropout_patch = dropout_patch
         self.n_classes = n_classes
         self.binary = binary and n_classes == 2
         outputs = 1 if self.binary else n_classes
@@ -58,6 +63,9 @@ class DSMIL(MILModel):
         self.q_dim = q_dim
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
+        if self.training and self.dropout_patch > 0:  # a random subset of the bag each step
+            keep = max(1, int(len(features) * (1 - self.dropout_patch)))
+            features = features[torch.randperm(len(features), device=features.device)[:keep]]
         ins_logits = self.instance_classifier(features)  # [N, C]
         crit = ins_logits.argmax(dim=0)  # [C]
         q = self.q(features)  # [N, 128]
