@@ -132,16 +132,20 @@ def test_stream_killed_mid_cohort_resumes_to_identical_files(tmp_path, slides, s
 
 
 def test_reader_processes_give_the_thread_readers_features(tmp_path, slides, streamed, monkeypatch):
-    """The GPU machine's reader processes (spawned, one slide handle each) read what threads read."""
+    """The GPU machine's reader processes (spawned, one slide handle each, PIL's resize, no torch
+    loaded) read what threads read."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     import wsi_mil.features.stream as stream
+    from wsi_mil.features.stream_workers import start_reader_process
 
     used = []
 
     def pool(most, device_type):
-        used.append(ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")))
+        used.append(
+            ProcessPoolExecutor(2, mp_context=mp.get_context("spawn"), initializer=start_reader_process)
+        )
         return used[-1]
 
     monkeypatch.setattr(stream, "reader_pool", pool)
@@ -154,6 +158,14 @@ def test_reader_processes_give_the_thread_readers_features(tmp_path, slides, str
         jobs.append(StreamJob(f"s{i}", slides / f"s{i}.tif", None, grid, writer))
     run_stream(iter(jobs), runner, cfg, done.append)
     assert used and all(j.error is None for j in done) and len(done) == 4
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=start_reader_process) as p:
+        from wsi_mil.features.reading import read_piece
+
+        grid = read_patches(streamed / "patches" / "s0.h5")
+        p.submit(
+            read_piece, slides / "s0.tif", None, grid.coords[:2], grid.patch_size_level0, 128, 224
+        ).result()
+        assert not p.submit(eval, "'torch' in __import__('sys').modules").result()
     for i in range(4):
         a = h5py.File(tmp_path / f"s{i}.h5")["features"][:]
         b = h5py.File(streamed / "features" / "resnet18" / f"s{i}.h5")["features"][:]

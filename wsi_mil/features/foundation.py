@@ -22,7 +22,7 @@ against `transformers`).
 
 Resizing follows the authors' transforms: patches are read at the model's resolution and
 resized to its input size with its interpolation, antialiased as torchvision's `Resize` does on
-the PIL images TRIDENT hands it (features/reading.py `resize_patch`).
+the PIL images TRIDENT hands it, within two grey levels (features/reading.py `resize_patch`).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ def reader_pool(most: int, device_type: str):
     workers), which cannot start children."""
     if device_type != "cuda" or most < 2 or mp.current_process().daemon:
         return None
-    return ProcessPoolExecutor(most, mp_context=mp.get_context("spawn"), initializer=one_thread_each)
+    return ProcessPoolExecutor(most, mp_context=mp.get_context("spawn"), initializer=start_reader_process)
 
 
 def one_thread_each() -> None:
@@ -33,6 +33,14 @@ def one_thread_each() -> None:
     import cv2
 
     cv2.setNumThreads(1)
+
+
+def start_reader_process() -> None:
+    """A reader process: OpenCV on one thread, patches resized with PIL (no torch to load)."""
+    from .reading import resize_with_pil
+
+    one_thread_each()
+    resize_with_pil()
 
 
 def reader_limits(cfg: ExtractConfig, device_type: str) -> tuple[int, int]:
