@@ -50,8 +50,9 @@ def resize_with_pil() -> None:
 def resize_patch(img: np.ndarray, size: int, interpolation: str = "bilinear") -> np.ndarray:
     """`img` resized to size x size with the encoder's filter ("bilinear" or "bicubic"),
     antialiased. torch's kernel, except in reader processes (PIL). The two agree within two grey
-    levels on under 1% of pixels (tested), features within cosine 0.99999; torch's costs 0.33 ms per 512 px patch on one core, PIL's 1.5 ms, which on
-    2 cores was a tenth of the encoder's CPU (docs/benchmarks.md, "Reading tiles directly")."""
+    levels on under 1% of pixels (tested), features within cosine 0.99999; torch's costs
+    0.33 ms per 512 px patch on one core, PIL's 1.5 ms, which on 2 cores was a tenth of the
+    encoder's CPU (docs/benchmarks.md, "Reading tiles directly")."""
     if img.shape[0] == size and img.shape[1] == size:
         return img
     return _RESIZE[0](img, size, interpolation)

@@ -90,17 +90,23 @@ def tile_levels(tiffslide_handle) -> tuple[list[TileLevel], int] | None:
     """A `TileLevel` for every level of a tiffslide slide and the file descriptor they share,
     or None when any level is not one `TileLevel` reads as tiffslide does (then tiffslide
     reads the slide)."""
-    props = tiffslide_handle.properties
-    if props.get("tiffslide.series-axes") != "YXS":
-        return None
-    if tiffslide_handle.zarr_group.attrs.get("tiffslide.series-composition") is not None:
-        return None
-    tif = tiffslide_handle.ts_tifffile
-    series = tif.series[int(props.get("tiffslide.series-index") or 0)]
-    pages = []
-    for level in series.levels:
-        if len(level.pages) != 1 or not TileLevel.supports(level.pages[0]):
+    try:
+        props = tiffslide_handle.properties
+        if props.get("tiffslide.series-axes") != "YXS":
             return None
-        pages.append(level.pages[0])
+        if tiffslide_handle.zarr_group.attrs.get("tiffslide.series-composition") is not None:
+            return None
+        tif = tiffslide_handle.ts_tifffile
+        series = tif.series[int(props.get("tiffslide.series-index") or 0)]
+        pages = []
+        for level in series.levels:
+            if len(level.pages) != 1 or not TileLevel.supports(level.pages[0]):
+                return None
+            pages.append(level.pages[0])
+        levels = [TileLevel(page, -1) for page in pages]
+    except Exception:  # a layout tifffile describes differently (frames, odd tags): tiffslide reads it
+        return None
     fd = os.open(tif.filehandle.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-    return [TileLevel(page, fd) for page in pages], fd
+    for level in levels:
+        level.fd = fd
+    return levels, fd
