@@ -45,7 +45,7 @@ class OpenSlideReader(Slide):
 class TiffSlideReader(Slide):
     """tiffslide: Aperio SVS and generic tiled TIFF through tifffile + imagecodecs. Levels stored
     as plain tiles are decoded tile by tile straight from the file (wsi/tiff_tiles.py: the same
-    pixels at a third of the CPU); any other layout goes through tiffslide's zarr reads."""
+    pixels for 0.5-0.7x the CPU); any other layout goes through tiffslide's zarr reads."""
 
     backend = "tiffslide"
 

@@ -1,13 +1,13 @@
 """Regions of a tiled TIFF level decoded tile by tile, straight from the file.
 
 tiffslide reads a region through zarr: an asyncio event loop in a second thread, a task per
-tile and zarr's chunk assembly. For the small regions patch reading asks for (a few tiles),
-that machinery costs more CPU than decoding the tiles themselves (2.5 ms vs 0.8 ms per
-512 px patch of a JPEG slide: docs/benchmarks.md, "Reading tiles directly"), and reads of one
+tile and zarr's chunk assembly. For the few tiles of a patch that machinery adds 40-90% to the
+CPU of decoding them (1.58 vs 1.15 ms per 512 px patch of a synthetic JPEG slide, 1.47 vs
+0.79 ms on the real SVS: docs/benchmarks.md, "Reading tiles directly"), and reads of one
 process serialise on the loop. `TileLevel` reads each tile's bytes with one `pread` and
-decodes it with tifffile's own decoder, with the arguments tifffile's zarr store passes it,
-so the pixels are those tiffslide returns (tests/test_readers.py checks every level of the
-real SVS and a synthetic pyramid, edges and outside included).
+decodes them with tifffile's own decoder, with the arguments tifffile's zarr store passes, so
+the pixels are those tiffslide returns (tests/test_slide.py checks every level of the real
+SVS and a synthetic pyramid, edges, outside and an unwritten tile).
 """
 
 from __future__ import annotations
