@@ -128,6 +128,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--decode-scaling", default="", help="reader counts to time, e.g. 1,4,8,15")
     ap.add_argument("--clam-loader-runs", type=int, default=None, help="runs of CLAM's loader (GPU; slow)")
+    ap.add_argument("--large-readers", default="default", help="e.g. default,8,15")
     args = ap.parse_args()
     dev = args.device
     tmp = Path(tempfile.mkdtemp())
@@ -213,38 +214,39 @@ def cohort(args, cfg, enc, batch, roof, eager, tmp):
 
     fresh = iter(range(10**6))
     said = StreamLog()
-    readers = [None] + (["ramp+1", 1, 15] if dev == "cuda" else [])
+    readers = [None] + (["spawned", 1, 8] if dev == "cuda" else [])
     for w in readers:
         scfg = cfg.model_copy(deep=True)
         scfg.extract.workers = w if isinstance(w, int) else None
-        earlier_policy(w == "ramp+1")
+        start_as_before(w == "spawned")
 
         def stream():
             result = run_stage(ExtractStage(Layout(tmp / f"stream{next(fresh)}"), scfg), entries)
             assert result.ok, result.summary()
 
         st = n / median(stream, args.runs)
-        label = {None: "default readers", "ramp+1": "earlier policy"}.get(w, f"{w} readers")
+        label = {None: "default readers", "spawned": "spawned, cold"}.get(w, f"{w} readers")
         print(f"stream (segment + tile + encode, {label:15s}) {st:6.1f} patches/s", flush=True)
         print(f"  stream / CLAM {st / clam:.2f}x, / per-slide {st / per:.2f}x, / roof {st / roof:.3f}, "
               f"/ encoder alone {st / eager:.2f}", flush=True)  # fmt: skip
         print(f"  last run: {said.last}", flush=True)
 
 
-def earlier_policy(on: bool) -> None:
-    """The GPU policy as first measured on the H100: one reader more per starved second, 4
-    planners (the same run's comparison for the current `readers_wanted` / `planner_count`)."""
+def start_as_before(on: bool) -> None:
+    """Reader and planning processes as before the third GPU session: spawned (each imports
+    numpy, OpenCV, the readers and wsi_mil itself), each at its first task, and readers grown
+    from 2 as the GPU waited (here: all of them from the start)."""
     import wsi_mil.features.stream as stream
     import wsi_mil.features.stream_workers as workers
 
     if not hasattr(stream, "_current"):
-        stream._current = (stream.readers_wanted, workers.planner_count, stream.WINDOW_S)
+        stream._current = (workers.START_METHOD, workers.warm_up)
     if on:
-        stream.readers_wanted = lambda n, waited, most: min(most, n + 1) if waited > workers.STARVED else n
-        workers.planner_count = lambda device_type: 1 if device_type != "cuda" else 4
-        stream.WINDOW_S = 1.0
+        workers.START_METHOD = "spawn"
+        stream.warm_up = workers.warm_up = lambda pool, n: None
     else:
-        stream.readers_wanted, workers.planner_count, stream.WINDOW_S = stream._current
+        workers.START_METHOD, workers.warm_up = stream._current
+        stream.warm_up = workers.warm_up
 
 
 class StreamLog(logging.Handler):
@@ -271,17 +273,21 @@ def large(args, enc, batch):
     compiled.maybe_compile(10**6)
     compiled(batch)
     enc_c = encoder_alone(compiled, batch, args.runs)
-    lcfg = ExtractConfig(batch_size=64, workers=None if dev == "cuda" else 1)
+    print(f"-- synthetic 40k x 30k, {len(g)} patches; compiled {compiled.precision_name} alone {enc_c:.1f}/s")
+    for readers in args.large_readers.split(","):
+        workers = (None if dev == "cuda" else 1) if readers == "default" else int(readers)
+        lcfg = ExtractConfig(batch_size=64, workers=workers)
+        said = []
 
-    def large():  # the stream's path with one slide
-        out = tmp / "large.h5"
-        out.unlink(missing_ok=True)
-        job = StreamJob("large", path, None, g, open_feature_writer(out, g, compiled, lcfg, path))
-        run_stream(iter([job]), compiled, lcfg, lambda j: None)
+        def large():  # the stream's path with one slide
+            out = tmp / "large.h5"
+            out.unlink(missing_ok=True)
+            job = StreamJob("large", path, None, g, open_feature_writer(out, g, compiled, lcfg, path))
+            said.append(run_stream(iter([job]), compiled, lcfg, lambda j: None))
 
-    e2e = len(g) / median(large, args.runs)
-    print(f"-- synthetic 40k x 30k, {len(g)} patches, compiled {compiled.precision_name}")
-    print(f"encoder alone {enc_c:.1f}, end to end {e2e:.1f} patches/s ({e2e / enc_c:.2f} of the encoder)")
+        e2e = len(g) / median(large, args.runs)
+        print(f"{readers} readers: end to end {e2e:.1f} patches/s ({e2e / enc_c:.2f} of the encoder); "
+              f"last run: {said[-1]}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,12 +6,17 @@ the ceiling of `wsi-mil extract` for this cohort. Counts of planners and readers
 explicitly, through the GPU machine's pools (`reader_pool`, `planning_pool`): 0 or 1
 planners is the planner thread alone, 1 reader a reader thread.
 
-Usage: python bench/bench_stream_feed.py --copies 96 --configs 8x15,1x15,8x1 [--runs 1]
+A config with "cold" starts each process at its first task instead of warming the pools up at
+once (`stream_workers.warm_up` off), with "spawn" spawns processes instead of forking them
+from a fork server (`stream_workers.START_METHOD`); "8x15spawncold" is the stream as it was.
+
+Usage: python bench/bench_stream_feed.py --copies 96 --configs 8x15,8x15spawncold,8x1 [--runs 1]
 """
 
 import argparse
 import logging
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -61,11 +66,14 @@ def main():
     runner.submit = lambda images, pad_to=None: _Done(len(images), runner.info.dim)
     runner.maybe_compile = lambda n: None
     print(f"{os.cpu_count()} CPUs, {args.copies} copies of {REAL.name}")
-    gpu_reader_pool = stream.reader_pool
+    gpu_reader_pool, warm_up, start_method = stream.reader_pool, workers.warm_up, workers.START_METHOD
     for conf in args.configs.split(","):
-        planners, readers = (int(x) for x in conf.split("x"))  # the library's pools, these counts
+        planners, readers, flags = re.fullmatch(r"(\d+)x(\d+)([a-z]*)", conf).groups()
+        planners, readers, cold, spawn = int(planners), int(readers), "cold" in flags, "spawn" in flags
+        stream.warm_up = workers.warm_up = (lambda pool, n: None) if cold else warm_up
+        workers.START_METHOD = "spawn" if spawn else start_method
         workers.planner_count = lambda device_type, k=planners: max(1, k)
-        stream.reader_limits = lambda cfg, device_type, r=readers: (r, r)
+        stream.reader_count = lambda cfg, device_type, r=readers: r
         stream.reader_pool = lambda most, device_type: gpu_reader_pool(most, "cuda")
         times = []
         if args.profile:
@@ -82,7 +90,8 @@ def main():
         t = statistics.median(times)
         n = sum(o.patches or 0 for o in result.outcomes.values())
         print(
-            f"{planners} planning processes, {readers} readers: {n / t:7.1f} patches/s "
+            f"{planners} planning processes, {readers} readers{' cold' * cold}{' spawned' * spawn}: "
+            f"{n / t:7.1f} patches/s "
             f"({t / args.copies * 1000:.0f} ms per slide; this process's CPU "
             f"{cpu / args.copies * 1000:.0f} ms per slide)",
             flush=True,

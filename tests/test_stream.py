@@ -17,7 +17,7 @@ from wsi_mil.features.encoders import create_encoder
 from wsi_mil.features.extract import extract_features, open_feature_writer
 from wsi_mil.features.runner import EncoderRunner
 from wsi_mil.features.stream import StreamJob, run_stream
-from wsi_mil.features.stream_workers import readers_wanted
+from wsi_mil.features.stream_workers import reader_count, reader_pool
 from wsi_mil.formats.patches import read_patches
 from wsi_mil.synthetic import write_synthetic_slide
 
@@ -132,20 +132,14 @@ def test_stream_killed_mid_cohort_resumes_to_identical_files(tmp_path, slides, s
 
 
 def test_reader_processes_give_the_thread_readers_features(tmp_path, slides, streamed, monkeypatch):
-    """The GPU machine's reader processes (spawned, one slide handle each, PIL's resize, no torch
-    loaded) read what threads read."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
+    """The GPU machine's reader processes (forked from the fork server, one slide handle each,
+    PIL's resize, no torch loaded) read what threads read."""
     import wsi_mil.features.stream as stream
-    from wsi_mil.features.stream_workers import start_reader_process
 
     used = []
 
     def pool(most, device_type):
-        used.append(
-            ProcessPoolExecutor(2, mp_context=mp.get_context("spawn"), initializer=start_reader_process)
-        )
+        used.append(reader_pool(most, "cuda"))
         return used[-1]
 
     monkeypatch.setattr(stream, "reader_pool", pool)
@@ -158,7 +152,7 @@ def test_reader_processes_give_the_thread_readers_features(tmp_path, slides, str
         jobs.append(StreamJob(f"s{i}", slides / f"s{i}.tif", None, grid, writer))
     run_stream(iter(jobs), runner, cfg, done.append)
     assert used and all(j.error is None for j in done) and len(done) == 4
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=start_reader_process) as p:
+    with reader_pool(2, "cuda") as p:
         from wsi_mil.features.reading import read_piece
 
         grid = read_patches(streamed / "patches" / "s0.h5")
@@ -211,11 +205,11 @@ def test_planning_processes_tile_what_the_planner_thread_tiles(tmp_path, slides,
         assert cos.min() >= 0.9999, (i, cos.min())
 
 
-def test_readers_grow_to_what_the_encoder_waited_for_in_one_step():
-    """A GPU starved 75% of a window gets 4x the readers at once, capped at the spare cores;
-    an encoder that hardly waited keeps its readers."""
-    assert readers_wanted(2, 0.75, 15) == 8
-    assert readers_wanted(2, 0.99, 15) == 15
-    assert readers_wanted(4, 0.10, 15) == 5  # a little starved: at least one more
-    assert readers_wanted(4, 0.02, 15) == 4
-    assert readers_wanted(15, 0.9, 15) == 15
+def test_readers_are_one_per_spare_core_on_a_gpu_one_on_the_cpu(monkeypatch):
+    """All of a GPU machine's readers from the start (growing them as the GPU waited fed a large
+    slide at half the rate on the H100); `--workers` fixes the count everywhere."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert reader_count(ExtractConfig(), "cuda") == 15
+    assert reader_count(ExtractConfig(), "cpu") == 1
+    fixed = ExtractConfig(workers=4)
+    assert reader_count(fixed, "cuda") == reader_count(fixed, "cpu") == 4

@@ -58,7 +58,7 @@ class ExtractConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"  # int8: CPU with VNNI, CNNs
     int8_calibration: str | None = None  # int8: the calibration patches (set by the extract stage)
     batch_size: int = 64
-    workers: int | None = None  # reader threads; None: 1 on the CPU, grown to the encoder on a GPU
+    workers: int | None = None  # readers; None: 1 thread on the CPU, a process per spare core on a GPU
     dtype: Literal["float32", "float16"] = "float32"
     compile: Literal["auto", "on", "off"] = "auto"
 

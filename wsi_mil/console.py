@@ -72,7 +72,8 @@ Precision = Annotated[
 ]
 BatchSize = Annotated[Optional[int], typer.Option(help="Patches per encoder batch")]
 Workers = Annotated[
-    Optional[int], typer.Option(help="Reader threads (default: 1 on the CPU; on a GPU, added while it waits)")
+    Optional[int],
+    typer.Option(help="Readers (default: a thread on a CPU, a process per spare core on a GPU)"),
 ]
 FeatureDtype = Annotated[Optional[str], typer.Option("--dtype", help="float32 or float16 features")]
 Compile = Annotated[Optional[str], typer.Option("--compile", help="torch.compile: auto, on, off")]

@@ -9,7 +9,7 @@ Three kinds of worker share the work of one process:
 - readers decode and resize pieces, each with its own slide handle: threads on the CPU (one by
   default; decoders and OpenCV release the GIL) and inside Dask's daemonic workers; on a GPU
   machine threads that hand each piece to a reader process (threads stop scaling at ~4
-  there), more of them started as the encoder waits for patches (features/stream_workers.py);
+  there), one per spare core (features/stream_workers.py);
 - the caller's thread takes pieces back in order, fills encoder batches of exactly
   `batch_size` patches across slide boundaries (only the cohort's last batch may be short),
   and writes each slide's rows to its own feature file, finished the moment its last row is
@@ -35,7 +35,7 @@ from ..wsi.readers import open_slide
 from ..wsi.tiling import PatchGrid
 from .reading import read_patches, read_piece, region_limit
 from .runner import EncoderRunner
-from .stream_workers import WINDOW_S, reader_limits, reader_pool, readers_wanted
+from .stream_workers import reader_count, reader_pool, warm_up
 
 _END = object()
 
@@ -152,19 +152,23 @@ def _reader(
 @dataclass
 class StreamStats:
     """What one stream did: patches encoded, its seconds, the seconds the encoder waited for
-    patches (reading or planning was the bottleneck when that is a large share), readers."""
+    patches (reading or planning was the bottleneck when that is a large share), readers, and
+    the seconds until the first batch was full (start-up: worker processes, the first slides'
+    planning)."""
 
     patches: int = 0
     seconds: float = 0.0
     waited_s: float = 0.0
     readers: int = 0
+    first_batch_s: float = 0.0
 
     def __str__(self) -> str:
         rate = self.patches / self.seconds if self.seconds else 0.0
         share = self.waited_s / self.seconds if self.seconds else 0.0
         return (
             f"{self.patches} patches in {self.seconds:.1f} s ({rate:.1f}/s); the encoder waited "
-            f"{share:.0%} of the time for patches; {self.readers} reader(s)"
+            f"{share:.0%} of the time for patches; {self.readers} reader(s); first batch after "
+            f"{self.first_batch_s:.1f} s"
         )
 
 
@@ -183,8 +187,8 @@ def run_stream(
     (the cohort's size as known when the first batch is full) decides `--compile auto`."""
     t_start = time.perf_counter()
     batch = cfg.batch_size
-    workers, most_workers = reader_limits(cfg, runner.device.type)
-    out = _Ordered(capacity=2 * most_workers + 4)
+    workers = reader_count(cfg, runner.device.type)
+    out = _Ordered(capacity=2 * workers + 4)
     work: list = []
     work_cond = threading.Condition()
     planner_error: list[BaseException] = []
@@ -221,34 +225,18 @@ def run_stream(
 
     threads = [threading.Thread(target=plan, daemon=True, name="wsi-mil-planner")]
 
-    pool = reader_pool(most_workers, runner.device.type)
-
-    def add_reader() -> None:
-        reader_args = (work, work_cond, out, runner.info.input_size, runner.info.interpolation, pool)
-        threads.append(threading.Thread(target=_reader, args=reader_args, daemon=True, name="wsi-mil-reader"))
-        threads[-1].start()
-
-    threads[0].start()
+    pool = reader_pool(workers, runner.device.type)
+    warm_up(pool, workers)
+    reader_args = (work, work_cond, out, runner.info.input_size, runner.info.interpolation, pool)
     for _ in range(workers):
-        add_reader()
-    window = {"t0": None, "waited": 0.0}
-
-    def grow_readers() -> None:
-        """More readers when the encoder waited for patches in the last window (`readers_wanted`)."""
-        now = time.perf_counter()
-        if window["t0"] is None:  # the first window opens with the first batch, not at start-up
-            window.update(t0=now, waited=out.waited)
-        if now - window["t0"] < WINDOW_S or len(threads) - 1 >= most_workers:
-            return
-        share = (out.waited - window["waited"]) / (now - window["t0"])
-        for _ in range(readers_wanted(len(threads) - 1, share, most_workers) - (len(threads) - 1)):
-            add_reader()
-        window.update(t0=now, waited=out.waited)
-
+        threads.append(threading.Thread(target=_reader, args=reader_args, daemon=True, name="wsi-mil-reader"))
+    for t in threads:
+        t.start()
     pending: deque = deque()  # (job, first row, images) waiting for a full batch
     n_pending = 0
     open_jobs: dict[int, StreamJob] = {}
     encoded = 0
+    first_batch_s = 0.0
 
     def finish(job: StreamJob) -> None:
         open_jobs.pop(id(job), None)
@@ -273,8 +261,9 @@ def run_stream(
             on_patches(encoded)
 
     def encode(n: int) -> None:
-        nonlocal n_pending
+        nonlocal n_pending, first_batch_s
         if encoded == 0 and not inflight:
+            first_batch_s = time.perf_counter() - t_start
             runner.maybe_compile(estimate_patches() if estimate_patches else n)
         parts, segments, taken = [], [], 0
         while taken < n:
@@ -318,14 +307,14 @@ def run_stream(
             n_pending += len(images)
             while n_pending >= batch:
                 encode(batch)
-                grow_readers()
         if planner_error:
             raise planner_error[0]
         if n_pending:
             encode(n_pending)  # the cohort's last batch: the only short one
         while inflight:
             write(*inflight.popleft())
-        return StreamStats(encoded, time.perf_counter() - t_start, out.waited, len(threads) - 1)
+        seconds = time.perf_counter() - t_start
+        return StreamStats(encoded, seconds, out.waited, len(threads) - 1, first_batch_s)
     finally:
         out.stop.set()
         with work_cond:

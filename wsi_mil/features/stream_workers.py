@@ -1,15 +1,15 @@
 """How many workers the cohort stream (features/stream.py) runs, and of which kind.
 
 On the CPU one reader thread and one planner thread: the encoder needs the cores. On a GPU
-machine the readers and planners are spawned processes (threads stop scaling at ~4 there:
-the GIL, and tiffslide reads of one process serialise on zarr's event loop), readers grown
-while the encoder waits for patches (docs/benchmarks.md, "Cohort stream on a GPU"). Inside
-Dask's daemonic workers, which cannot start children, everything stays in threads.
+machine the readers and planners are processes (threads stop scaling at ~4 there: the GIL,
+and tiffslide reads of one process serialise on zarr's event loop), one reader per spare
+core, all forked from a fork server that has imported what they need and started together
+(docs/benchmarks.md, "Cohort stream on a GPU" and "Third GPU session"). Inside Dask's
+daemonic workers, which cannot start children, everything stays in threads.
 """
 
 from __future__ import annotations
 
-import math
 import multiprocessing as mp
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -24,13 +24,31 @@ def reader_pool(most: int, device_type: str):
     workers), which cannot start children."""
     if device_type != "cuda" or most < 2 or mp.current_process().daemon:
         return None
-    return ProcessPoolExecutor(most, mp_context=mp.get_context("spawn"), initializer=start_reader_process)
+    return ProcessPoolExecutor(most, mp_context=process_context(), initializer=start_reader_process)
+
+
+START_METHOD = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+PRELOAD = ["wsi_mil.pipeline.stages", "wsi_mil.features.reading", "cv2", "openslide", "tiffslide"]
+
+
+def process_context():
+    """Where reader and planning processes come from. Never a plain fork of this process (its
+    torch and CUDA threads). Spawn starts a fresh interpreter that imports numpy, OpenCV, the
+    slide readers and wsi_mil again: ~0.8 s of CPU per process. A fork server does those
+    imports once (`PRELOAD`, no torch) and forks each process from itself, ready at once."""
+    ctx = mp.get_context(START_METHOD)
+    if START_METHOD == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD)
+    return ctx
 
 
 def one_thread_each() -> None:
     """In a reader or planning process: OpenCV on one thread. Its default pool (a thread per
-    core in every process) would put readers x planners x cores threads on the cores."""
+    core in every process) would put readers x planners x cores threads on the cores. The slide
+    readers' libraries are imported here too, at the process's start, not at its first slide."""
     import cv2
+    import openslide  # noqa: F401
+    import tiffslide  # noqa: F401
 
     cv2.setNumThreads(1)
 
@@ -43,37 +61,38 @@ def start_reader_process() -> None:
     resize_with_pil()
 
 
-def reader_limits(cfg: ExtractConfig, device_type: str) -> tuple[int, int]:
-    """(readers to start with, most readers): `--workers N` fixes N; by default one reader on
-    the CPU (the encoder needs the other cores) and, on a GPU, two to start with and more as
-    the encoder waits for patches (`readers_wanted`), up to one per spare core."""
+def _ready() -> None:
+    """A task that does nothing: submitted to start a process (`warm_up`)."""
+
+
+def warm_up(pool, processes: int) -> None:
+    """Start `processes` of `pool`'s processes now, in parallel, instead of one at a time at
+    their first tasks: a spawned process's start and imports took ~1 s each on 2 cores, and
+    the cohort's first batch waited for a planning process and then a reader process to start
+    (docs/benchmarks.md, "Start-up of the GPU stream")."""
+    if pool is not None:
+        for _ in range(processes):
+            pool.submit(_ready)
+
+
+def reader_count(cfg: ExtractConfig, device_type: str) -> int:
+    """Readers: `--workers N` fixes N; by default one on the CPU (the encoder needs the other
+    cores) and, on a GPU machine, one per spare core from the start. Forked from the fork
+    server, a reader process is ready at once; readers added only as the GPU waited for patches
+    (an earlier design) fed a large slide at half the rate of all of them from the start on the
+    H100 (docs/benchmarks.md, "Third GPU session")."""
     if cfg.workers is not None:
-        return max(1, cfg.workers), max(1, cfg.workers)
+        return max(1, cfg.workers)
     if device_type != "cuda":
-        return 1, 1
-    most = max(1, (os.cpu_count() or 2) - 1)
-    return min(2, most), most
-
-
-STARVED = 0.05  # the encoder's share of a window spent waiting for patches that adds readers
-WINDOW_S = 0.5  # how often the reader count is reconsidered
-
-
-def readers_wanted(readers: int, waited: float, most: int) -> int:
-    """Readers for the next window, from the last window's share of time the encoder waited
-    for patches: at share w the readers supplied about (1 - w) of what the encoder could
-    take, so their count grows by 1 / (1 - w) at once rather than one per window, which was
-    too slow a ramp for a GPU (docs/benchmarks.md). Below STARVED: no change."""
-    if waited <= STARVED:
-        return readers
-    return min(most, max(readers + 1, math.ceil(readers / max(1.0 - waited, 0.05))))
+        return 1
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def planner_count(device_type: str) -> int:
     """Planners that segment and tile upcoming slides: one thread on the CPU (its cores
     encode); on a GPU machine half the cores, at most 8. A 49-patch biopsy costs about as much
     CPU to plan (~200 ms, most of it decoding its thumbnail) as to read; on the H100 8 planners
-    with 15 readers fed 548 patches/s (docs/benchmarks.md)."""
+    with 15 readers fed 1,411 patches/s (docs/benchmarks.md)."""
     if device_type != "cuda":
         return 1
     return max(1, min(8, (os.cpu_count() or 2) // 2))
@@ -84,4 +103,4 @@ def planning_pool(planners: int):
     machine): in threads, thumbnail reads through tiffslide serialise on zarr's event loop."""
     if planners < 2 or mp.current_process().daemon:
         return None
-    return ProcessPoolExecutor(planners, mp_context=mp.get_context("spawn"), initializer=one_thread_each)
+    return ProcessPoolExecutor(planners, mp_context=process_context(), initializer=one_thread_each)
