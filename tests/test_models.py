@@ -342,6 +342,23 @@ def test_psmil_default_starts_at_the_first_bag_and_moves_only_the_label_column()
     torch.testing.assert_close(model.pool.prototypes, before)  # evaluation never moves Q
 
 
+def test_psmil_authors_attention_mixes_soft_and_hard_assignments_without_gradient_through_p():
+    """`hard_mix` + `detach_probs` + scale 1 is PSAMIL.py's psa pooling: the mean of softmax(P w)
+    and softmax(onehot(argmax P) w), P computed without gradient."""
+    torch.manual_seed(0)
+    model = PSMIL(D, 2, hard_mix=True, detach_probs=True, attn_scale=1.0).train()
+    x = torch.randn(20, D)
+    model.on_train_step(model(x), torch.tensor(1))  # prototypes initialised and apart
+    out = model(x)
+    pool, h = model.pool, out.extras["h"]
+    p = torch.softmax(h @ pool.prototypes, dim=-1)
+    hard = torch.nn.functional.one_hot(p.argmax(-1), 2).float()
+    expected = (torch.softmax(pool.w(p).squeeze(-1), 0) + torch.softmax(pool.w(hard).squeeze(-1), 0)) / 2
+    torch.testing.assert_close(out.instance_scores, expected)
+    out.instance_scores[0].backward()  # attention alone: reaches w, never the projection
+    assert pool.w.weight.grad.abs().sum() > 0 and model.fc[0].weight.grad is None
+
+
 def test_each_model_trains_with_its_registered_recipe_unless_overridden():
     from wsi_mil.config import TrainConfig
     from wsi_mil.training.optim import Lookahead, build_optimizer, resolve_recipe
