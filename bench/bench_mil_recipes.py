@@ -40,6 +40,9 @@ COHORTS = {
     "harder": dict(n_bags=64, dim=64, n_key=(1, 3), strength=2.5),
     # graded key instances, as bench_heatmap.py
     "graded": dict(n_bags=48, dim=64, n_cases=30, graded=True, n_key=(4, 12)),
+    # the two hard cohorts with 4x the bags: fewer seeds near chance, a smaller spread
+    "small256x4": dict(n_bags=192, dim=256, n_cases=120),
+    "harderx4": dict(n_bags=256, dim=64, n_key=(1, 3), strength=2.5),
 }
 
 
