@@ -233,9 +233,9 @@ def cohort(args, cfg, enc, batch, roof, eager, tmp):
 
 
 def start_as_before(on: bool) -> None:
-    """Reader and planning processes as before the third GPU session: spawned (each imports
-    numpy, OpenCV, the readers and wsi_mil itself), each at its first task, and readers grown
-    from 2 as the GPU waited (here: all of them from the start)."""
+    """Reader and planning processes started as before the third GPU session: spawned (each
+    imports numpy, OpenCV, the readers and wsi_mil itself), each at its first task. (The reader
+    count is today's, all from the start: the old growth is gone.)"""
     import wsi_mil.features.stream as stream
     import wsi_mil.features.stream_workers as workers
 

@@ -66,10 +66,11 @@ def _ready() -> None:
 
 
 def warm_up(pool, processes: int) -> None:
-    """Start `processes` of `pool`'s processes now, in parallel, instead of one at a time at
-    their first tasks: a spawned process's start and imports took ~1 s each on 2 cores, and
-    the cohort's first batch waited for a planning process and then a reader process to start
-    (docs/benchmarks.md, "Start-up of the GPU stream")."""
+    """Start `processes` of `pool`'s processes now, together, instead of one at a first task
+    each: otherwise the cohort's first batch waits for a planning process and then a reader
+    process to start, one after the other (spawned, each took ~1 s on 2 cores; on the H100 the
+    first batch came 3.4-5.5 s into the stream, 0.5 s with the fork server and this;
+    docs/benchmarks.md, "Third GPU session")."""
     if pool is not None:
         for _ in range(processes):
             pool.submit(_ready)
