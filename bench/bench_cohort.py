@@ -243,10 +243,9 @@ def start_as_before(on: bool) -> None:
         stream._current = (workers.START_METHOD, workers.warm_up)
     if on:
         workers.START_METHOD = "spawn"
-        stream.warm_up = workers.warm_up = lambda pool, n: None
+        workers.warm_up = lambda pool, n: pool
     else:
         workers.START_METHOD, workers.warm_up = stream._current
-        stream.warm_up = workers.warm_up
 
 
 class StreamLog(logging.Handler):

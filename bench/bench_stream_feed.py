@@ -70,7 +70,7 @@ def main():
     for conf in args.configs.split(","):
         planners, readers, flags = re.fullmatch(r"(\d+)x(\d+)([a-z]*)", conf).groups()
         planners, readers, cold, spawn = int(planners), int(readers), "cold" in flags, "spawn" in flags
-        stream.warm_up = workers.warm_up = (lambda pool, n: None) if cold else warm_up
+        workers.warm_up = (lambda pool, n: pool) if cold else warm_up
         workers.START_METHOD = "spawn" if spawn else start_method
         workers.planner_count = lambda device_type, k=planners: max(1, k)
         stream.reader_count = lambda cfg, device_type, r=readers: r

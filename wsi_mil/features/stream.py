@@ -35,7 +35,7 @@ from ..wsi.readers import open_slide
 from ..wsi.tiling import PatchGrid
 from .reading import read_patches, read_piece, region_limit
 from .runner import EncoderRunner
-from .stream_workers import reader_count, reader_pool, warm_up
+from .stream_workers import reader_count, reader_pool
 
 _END = object()
 
@@ -226,7 +226,6 @@ def run_stream(
     threads = [threading.Thread(target=plan, daemon=True, name="wsi-mil-planner")]
 
     pool = reader_pool(workers, runner.device.type)
-    warm_up(pool, workers)
     reader_args = (work, work_cond, out, runner.info.input_size, runner.info.interpolation, pool)
     for _ in range(workers):
         threads.append(threading.Thread(target=_reader, args=reader_args, daemon=True, name="wsi-mil-reader"))

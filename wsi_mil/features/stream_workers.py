@@ -24,7 +24,8 @@ def reader_pool(most: int, device_type: str):
     workers), which cannot start children."""
     if device_type != "cuda" or most < 2 or mp.current_process().daemon:
         return None
-    return ProcessPoolExecutor(most, mp_context=process_context(), initializer=start_reader_process)
+    pool = ProcessPoolExecutor(most, mp_context=process_context(), initializer=start_reader_process)
+    return warm_up(pool, most)
 
 
 START_METHOD = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
@@ -65,15 +66,15 @@ def _ready() -> None:
     """A task that does nothing: submitted to start a process (`warm_up`)."""
 
 
-def warm_up(pool, processes: int) -> None:
-    """Start `processes` of `pool`'s processes now, together, instead of one at a first task
+def warm_up(pool: ProcessPoolExecutor, processes: int) -> ProcessPoolExecutor:
+    """`pool` with its `processes` processes starting now, together, instead of one at a first task
     each: otherwise the cohort's first batch waits for a planning process and then a reader
     process to start, one after the other (spawned, each took ~1 s on 2 cores; on the H100 the
     first batch came 3.4-5.5 s into the stream, 0.5 s with the fork server and this;
     docs/benchmarks.md, "Third GPU session")."""
-    if pool is not None:
-        for _ in range(processes):
-            pool.submit(_ready)
+    for _ in range(processes):
+        pool.submit(_ready)
+    return pool
 
 
 def reader_count(cfg: ExtractConfig, device_type: str) -> int:
@@ -104,4 +105,5 @@ def planning_pool(planners: int):
     machine): in threads, thumbnail reads through tiffslide serialise on zarr's event loop."""
     if planners < 2 or mp.current_process().daemon:
         return None
-    return ProcessPoolExecutor(planners, mp_context=process_context(), initializer=one_thread_each)
+    pool = ProcessPoolExecutor(planners, mp_context=process_context(), initializer=one_thread_each)
+    return warm_up(pool, planners)

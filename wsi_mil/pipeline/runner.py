@@ -166,7 +166,7 @@ def _run_streamed(stage: Stage, todo: list[SlideEntry], finish, on_batch) -> lis
     from ..device import resolve_device
     from ..features.runner import runner_for
     from ..features.stream import StreamJob, run_stream
-    from ..features.stream_workers import planner_count, planning_pool, warm_up
+    from ..features.stream_workers import planner_count, planning_pool
     from .stages import prepare_grid
 
     if not todo:  # a finished cohort needs no encoder (and no weights)
@@ -198,7 +198,6 @@ def _run_streamed(stage: Stage, todo: list[SlideEntry], finish, on_batch) -> lis
 
     planners = planner_count(resolve_device(stage.cfg.extract.device).type)
     plan_pool = planning_pool(planners) if not stage.overwrite and stage.patches_dir is None else None
-    warm_up(plan_pool, planners)
     stage.tiling()  # resolved here, where torch is loaded anyway, not in each planning process
 
     def jobs():
