@@ -43,6 +43,10 @@ COHORTS = {
     # the two hard cohorts with 4x the bags: fewer seeds near chance, a smaller spread
     "small256x4": dict(n_bags=192, dim=256, n_cases=120),
     "harderx4": dict(n_bags=256, dim=64, n_key=(1, 3), strength=2.5),
+    # the tests' cohort with 2x, 4x and 8x the bags: where the authors' recipes meet the small-cohort ones
+    "testsx2": dict(n_bags=96, n_cases=60, strength=4.0),
+    "testsx4": dict(n_bags=192, n_cases=120, strength=4.0),
+    "testsx8": dict(n_bags=384, n_cases=240, strength=4.0),
 }
 
 

@@ -376,6 +376,22 @@ def test_each_model_trains_with_its_registered_recipe_unless_overridden():
     assert (shared.optimizer, shared.lr, shared.weight_decay) == ("adam", 2e-4, 1e-4)
 
 
+def test_small_cohorts_get_a_models_small_cohort_recipe_and_the_user_still_wins():
+    from wsi_mil.config import TrainConfig
+    from wsi_mil.models.recipe import SMALL_COHORT_BAGS
+    from wsi_mil.training.optim import resolve_recipe
+
+    small = resolve_recipe("dsmil", TrainConfig(), n_bags=SMALL_COHORT_BAGS - 1)
+    assert small.lr == 2e-3 and small.kwargs({}) == {"dropout_patch": 0.8}
+    assert small.betas == (0.5, 0.9) and small.schedule == "cosine"  # the rest stays the authors'
+    for cfg, n in ((TrainConfig(), SMALL_COHORT_BAGS), (TrainConfig(small_cohort=False), 10)):
+        authors = resolve_recipe("dsmil", cfg, n_bags=n)
+        assert authors.lr == 1e-4 and authors.kwargs({}) == {}
+    user = resolve_recipe("dsmil", TrainConfig(lr=1e-3), n_bags=10)
+    assert user.lr == 1e-3 and user.kwargs({"dropout_patch": 0.0}) == {"dropout_patch": 0.0}
+    assert resolve_recipe("abmil", TrainConfig(), n_bags=10) == resolve_recipe("abmil", TrainConfig())
+
+
 def test_dsmil_average_is_the_mean_of_both_streams_probabilities():
     torch.manual_seed(0)
     model = create_model("dsmil", D, 2, average=True).eval()

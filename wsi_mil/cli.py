@@ -159,6 +159,13 @@ def crossval(
         Optional[str],
         typer.Option(help="model: each model's authors' recipe (default); shared: one recipe for all"),
     ] = None,
+    small_cohort: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--small-cohort/--no-small-cohort",
+            help="Under 300 labelled slides, models with a small-cohort recipe use it (default on)",
+        ),
+    ] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for splits and training")] = None,
     max_instances: opt.MaxInstances = None,
     device: opt.Device = None,
@@ -175,7 +182,7 @@ def crossval(
 
     train = dict(
         folds=folds, test_frac=test_frac, epochs=epochs, patience=patience, lr=lr, seed=seed,
-        device=device, max_instances=max_instances, recipe=recipe,
+        device=device, max_instances=max_instances, recipe=recipe, small_cohort=small_cohort,
     )  # fmt: skip
     cfg = load_config(config, train=train)
     names = [m.strip() for m in (models or model or cfg.train.model).split(",") if m.strip()]

@@ -76,6 +76,8 @@ class TrainConfig(BaseModel):
     patience: int = 10
     min_epochs: int = 5
     recipe: Literal["model", "shared"] = "model"
+    # a model's small-cohort recipe for runs of fewer than 300 labelled bags (models/recipe.py)
+    small_cohort: bool = True
     # "inner": epoch and threshold chosen on an inner fold of the training folds, the reported
     # fold only scored (selection-free); "outer": chosen on the reported fold (optimistic)
     selection: Literal["inner", "outer"] = "inner"

@@ -98,6 +98,8 @@ def train_one_fold(
         def on_epoch(r):
             progress(f"{model_name} fold {k + 1} epoch {r['epoch']} val AUC {r['val_auc']:.3f}")
 
+    recipe = resolve_recipe(model_name, cfg, n_bags=len(splits))
+    kwargs = recipe.kwargs(cfg.model_kwargs)
     res = train_fold(
         model_name,
         cfg.model_kwargs,
@@ -108,10 +110,11 @@ def train_one_fold(
         cfg.seed * 100 + int(k),
         device,
         on_epoch=on_epoch,
+        recipe=recipe,
     )
     metrics = {**res.val_metrics, "selection": "outer", "selected_on": "outer fold (optimistic)"}
     if inner is not None:  # score the outer fold with the model and threshold chosen on the inner one
-        model = create_model(model_name, train_ds.in_dim, len(classes), **cfg.model_kwargs).to(device)
+        model = create_model(model_name, train_ds.in_dim, len(classes), **kwargs).to(device)
         model.load_state_dict(res.state_dict)
         prob = predict_probs(model, datasets(va, cfg, False, loaded), device)
         metrics = compute_metrics(va.label.values, prob, decide(prob, res.threshold))
@@ -119,7 +122,7 @@ def train_one_fold(
         metrics["selected_on"] = f"inner split of {int(inner.sum())} training slides (selection-free)"
     ckpt = {
         "model": model_name,
-        "kwargs": cfg.model_kwargs,
+        "kwargs": kwargs,
         "in_dim": train_ds.in_dim,
         "n_classes": len(classes),
         "classes": classes,
@@ -355,7 +358,7 @@ def _run(
         {
             "train": cfg.model_dump(),
             "models": models,
-            "recipes": {m: resolve_recipe(m, cfg).to_dict() for m in models},
+            "recipes": {m: resolve_recipe(m, cfg, n_bags=len(splits)).to_dict() for m in models},
             "features_dir": str(Path(features_dir).resolve()),
             "labels": str(Path(labels_csv).resolve()),
             "features": _feature_spec(cohort),

@@ -17,6 +17,7 @@ import torch
 
 from ..config import TrainConfig
 from ..models import MILModel, create_model
+from ..models.recipe import Recipe
 from .data import BagDataset
 from .metrics import auc_score, compute_metrics, decide, youden_threshold
 from .optim import Schedule, apply_init, build_optimizer, resolve_recipe
@@ -53,12 +54,14 @@ def train_fold(
     seed: int,
     device: torch.device,
     on_epoch: Callable[[dict], None] | None = None,
+    recipe: Recipe | None = None,
 ) -> FoldResult:
-    """Train with early stopping on validation AUC (ties: lower validation loss)."""
+    """Train with early stopping on validation AUC (ties: lower validation loss). `recipe`:
+    default the model's (`resolve_recipe`); its model settings go under `model_kwargs`."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = create_model(model_name, train.in_dim, n_classes, **model_kwargs)
-    recipe = resolve_recipe(model_name, cfg)
+    recipe = recipe or resolve_recipe(model_name, cfg)
+    model = create_model(model_name, train.in_dim, n_classes, **recipe.kwargs(model_kwargs))
     apply_init(model, recipe)
     model = model.to(device)
     opt = build_optimizer(model, recipe)

@@ -7,12 +7,15 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..models import model_class
-from ..models.recipe import SHARED, Recipe
+from ..models.recipe import SHARED, SMALL_COHORT_BAGS, Recipe
 
 
-def resolve_recipe(model_name: str, cfg: TrainConfig) -> Recipe:
-    """The model's registered recipe (or the shared one), with the fields `cfg` sets."""
+def resolve_recipe(model_name: str, cfg: TrainConfig, n_bags: int | None = None) -> Recipe:
+    """The model's registered recipe (or the shared one), with the fields `cfg` sets; its
+    small-cohort variant when the run has fewer than SMALL_COHORT_BAGS labelled bags."""
     base = SHARED if cfg.recipe == "shared" else model_class(model_name).recipe
+    if base.small_cohort and cfg.small_cohort and n_bags is not None and n_bags < SMALL_COHORT_BAGS:
+        base = base.small_cohort
     return base.override(
         optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
         grad_clip=cfg.grad_clip,

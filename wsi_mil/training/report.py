@@ -10,6 +10,7 @@ import pandas as pd
 from ..config import TrainConfig
 from ..io import save_figure, write_text
 from .metrics import METRICS
+from .optim import resolve_recipe
 
 
 def save_plots(
@@ -109,6 +110,14 @@ def write_report(out: Path, results: list[dict], splits: pd.DataFrame, cfg: Trai
             f"| {r['model']} | "
             + " | ".join(f"{r['val_mean'][m]:.3f} +/- {r['val_std'][m]:.3f}" for m in METRICS)
             + " |"
+        )
+    lines += ["", "## Training recipes (config.yaml has them in full)", ""]
+    for r in results:
+        rec = resolve_recipe(r["model"], cfg, n_bags=len(splits))
+        settings = ", ".join(f"{k} {v}" for k, v in rec.kwargs(cfg.model_kwargs).items())
+        lines.append(
+            f"- {r['model']}: {rec.optimizer} lr {rec.lr:g}, weight decay {rec.weight_decay:g}, "
+            f"schedule {rec.schedule}" + (f"; {settings}" if settings else "") + f". {rec.source}"
         )
     lines += [
         "",
