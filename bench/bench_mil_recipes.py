@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from digit_bags import make_digit_bags
 from sklearn.metrics import roc_auc_score
 
 from wsi_mil.config import TrainConfig
@@ -47,6 +48,10 @@ COHORTS = {
     "testsx2": dict(n_bags=96, n_cases=60, strength=4.0),
     "testsx4": dict(n_bags=192, n_cases=120, strength=4.0),
     "testsx8": dict(n_bags=384, n_cases=240, strength=4.0),
+    # real images with instance labels: Ilse et al.'s MNIST-bags on sklearn's 8x8 digits
+    # (bench/digit_bags.py); bags of 8-12 digits as theirs, and sparser bags of 40-60
+    "digits": dict(digits=True, n_bags=100),
+    "digits50": dict(digits=True, n_bags=100, bag_size=(40, 61)),
 }
 
 
@@ -55,7 +60,9 @@ def evaluate(
 ) -> dict:
     d = root / f"{cohort}_{seed}"
     if not (d / "labels.csv").exists():
-        keys = make_feature_cohort(d, seed=seed, **COHORTS[cohort])
+        spec = dict(COHORTS[cohort])
+        build = make_digit_bags if spec.pop("digits", False) else make_feature_cohort
+        keys = build(d, seed=seed, **spec)
         np.savez(d / "keys.npz", **keys)
     keys = dict(np.load(d / "keys.npz"))
     out = d / f"run_{recipe}_{abs(hash(json.dumps([kwargs, TRAIN], sort_keys=True)))}"
