@@ -15,6 +15,7 @@ import pandas as pd
 from sklearn.datasets import load_digits
 
 from wsi_mil.formats.features import write_features
+from wsi_mil.synthetic import grid_coords
 
 
 def make_digit_bags(
@@ -48,8 +49,7 @@ def make_digit_bags(
         )  # fmt: skip
         order = rng.permutation(n)
         members, key = members[order], (np.arange(n) < k)[order]
-        side = int(np.ceil(np.sqrt(n)))
-        coords = np.stack([np.arange(n) % side, np.arange(n) // side], 1).astype(np.int64) * 256
+        coords = grid_coords(n)
         name = f"bag_{i:03d}"
         attrs = {"patch_size": 256, "patch_size_level0": 256, "encoder": "digits8x8", "encoder_dim": 64}
         write_features(out_dir / "features" / f"{name}.h5", x[members], coords, attrs)

@@ -295,6 +295,12 @@ def make_cohort(
     return cohort
 
 
+def grid_coords(n: int, patch: int = 256) -> np.ndarray:
+    """Level-0 coordinates [n, 2] of n patches laid out row by row on a square grid."""
+    side = int(np.ceil(np.sqrt(n)))
+    return np.stack([np.arange(n) % side, np.arange(n) // side], 1).astype(np.int64) * patch
+
+
 def make_feature_cohort(
     out_dir: str | Path,
     n_bags: int = 40,
@@ -337,8 +343,7 @@ def make_feature_cohort(
             s = strength * (rng.uniform(0.5, 1.5, k) if graded else np.ones(k))
             x[idx] += (s[:, None] * direction).astype(np.float32)
             key[idx] = True
-        side = int(np.ceil(np.sqrt(n)))
-        coords = np.stack([np.arange(n) % side, np.arange(n) // side], 1).astype(np.int64) * 256
+        coords = grid_coords(n)
         name = f"bag_{i:03d}"
         attrs = {"patch_size": 256, "patch_size_level0": 256, "encoder": "synthetic", "encoder_dim": dim}
         write_features(feat_dir / f"{name}.h5", x, coords, attrs)

@@ -98,8 +98,6 @@ def train_one_fold(
         def on_epoch(r):
             progress(f"{model_name} fold {k + 1} epoch {r['epoch']} val AUC {r['val_auc']:.3f}")
 
-    recipe = resolve_recipe(model_name, cfg, n_bags=len(splits))
-    kwargs = recipe.kwargs(cfg.model_kwargs)
     res = train_fold(
         model_name,
         cfg.model_kwargs,
@@ -110,11 +108,11 @@ def train_one_fold(
         cfg.seed * 100 + int(k),
         device,
         on_epoch=on_epoch,
-        recipe=recipe,
+        recipe=resolve_recipe(model_name, cfg, n_bags=len(splits)),
     )
     metrics = {**res.val_metrics, "selection": "outer", "selected_on": "outer fold (optimistic)"}
     if inner is not None:  # score the outer fold with the model and threshold chosen on the inner one
-        model = create_model(model_name, train_ds.in_dim, len(classes), **kwargs).to(device)
+        model = create_model(model_name, train_ds.in_dim, len(classes), **res.model_kwargs).to(device)
         model.load_state_dict(res.state_dict)
         prob = predict_probs(model, datasets(va, cfg, False, loaded), device)
         metrics = compute_metrics(va.label.values, prob, decide(prob, res.threshold))
@@ -122,7 +120,7 @@ def train_one_fold(
         metrics["selected_on"] = f"inner split of {int(inner.sum())} training slides (selection-free)"
     ckpt = {
         "model": model_name,
-        "kwargs": kwargs,
+        "kwargs": res.model_kwargs,
         "in_dim": train_ds.in_dim,
         "n_classes": len(classes),
         "classes": classes,

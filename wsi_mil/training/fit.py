@@ -30,6 +30,7 @@ class FoldResult:
     threshold: float | None
     val_metrics: dict
     history: list[dict] = field(default_factory=list)
+    model_kwargs: dict = field(default_factory=dict)  # the constructor arguments used (recipe's merged in)
 
 
 @torch.no_grad()
@@ -61,7 +62,8 @@ def train_fold(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     recipe = recipe or resolve_recipe(model_name, cfg)
-    model = create_model(model_name, train.in_dim, n_classes, **recipe.kwargs(model_kwargs))
+    model_kwargs = recipe.kwargs(model_kwargs)
+    model = create_model(model_name, train.in_dim, n_classes, **model_kwargs)
     apply_init(model, recipe)
     model = model.to(device)
     opt = build_optimizer(model, recipe)
@@ -115,4 +117,5 @@ def train_fold(
     prob = predict_probs(model, val, device)
     threshold = youden_threshold(y_val, prob[:, 1]) if n_classes == 2 else None
     metrics = compute_metrics(y_val, prob, decide(prob, threshold))
-    return FoldResult({k: v.cpu() for k, v in best_state.items()}, best_epoch, threshold, metrics, history)
+    state = {k: v.cpu() for k, v in best_state.items()}
+    return FoldResult(state, best_epoch, threshold, metrics, history, model_kwargs)
