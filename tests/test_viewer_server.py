@@ -108,10 +108,9 @@ def test_page_in_headless_chromium_at_overview_and_full_zoom(served, tmp_path):
     assert review.max_level_served < review.dz.max_level  # the overview never reads level 0
     zoom = tmp_path / "full.png"
     url = base + "/?zoom=full&x=700&y=500&score=attention"
-    for _ in range(3):  # on a loaded machine the zoom animation can outlast one page load
-        subprocess.run(CHROMIUM + [profile, f"--screenshot={zoom}", url], capture_output=True, timeout=120)
-        if review.max_level_served == review.dz.max_level:
-            break
+    # The lower levels are cached by now; a link to a point must still fetch level 0 first
+    # (immediateRender), not stop at the cached level below it (5 of 10 runs did without it).
+    subprocess.run(CHROMIUM + [profile, f"--screenshot={zoom}", url], capture_output=True, timeout=120)
     assert review.max_level_served == review.dz.max_level  # level-0 pixels were served
     full = cv2.imread(str(zoom))[:, :, ::-1][:, :900]
     assert (full.std(axis=(0, 1)) > 5).all()

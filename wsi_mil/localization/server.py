@@ -141,7 +141,8 @@ PAGE = """<!DOCTYPE html>
 const params = new URLSearchParams(window.location.search);
 let info = null, overlay = null;
 const viewer = OpenSeadragon({{ id: 'viewer', tileSources: 'slide.dzi', drawer: 'canvas',
-  showNavigationControl: false, maxZoomPixelRatio: 2, crossOriginPolicy: false }});
+  showNavigationControl: false, maxZoomPixelRatio: 2, crossOriginPolicy: false,
+  immediateRender: params.get('zoom') === 'full' }});  // a link to a point: its level-0 tiles first
 function toViewport(x, y, w) {{
   return viewer.world.getItemAt(0).imageToViewportRectangle(x, y, w, w);
 }}
