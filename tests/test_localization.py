@@ -280,6 +280,19 @@ def test_scores_are_gated_by_the_slide_probability_and_mapped_to_the_positive_cl
     assert s2.combined.max() < s.combined.max()
 
 
+def test_a_collapsed_attention_is_reported_not_shown_as_a_silent_blank_layer():
+    from wsi_mil.localization.scores import flat_attention_warning, score_bag
+
+    coords = torch.zeros(4, 2, dtype=torch.long)
+    x = torch.tensor([[3.0, 1.0], [0.0, 1.0], [0.5, 1.0], [0.2, 1.0]])
+    s = score_bag([MeanLinear(), MeanLinear()], x, coords, classes=["normal", "tumor"], steps=3)
+    assert s.flat_attention == 2 and not s.attention.any()  # uniform 1/N attention: blank layer
+    assert s.inversion.argmax() == 0  # the inversion layer still finds the evidence
+    assert "2 of 2 models" in flat_attention_warning(s, 2, "slide.svs")
+    one = score_bag([MeanLinear()], x[:1], coords[:1], classes=["normal", "tumor"], steps=3)
+    assert one.flat_attention == 0 and flat_attention_warning(one, 1, "x") is None  # one patch: no claim
+
+
 def test_static_viewer_urls_are_percent_encoded(tmp_path):
     slide = np.full((200, 300, 3), 230, np.uint8)
     coords = np.array([[0, 0], [200, 0]], np.int64)

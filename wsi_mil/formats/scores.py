@@ -39,6 +39,7 @@ class PatchScores:
     target: str = ""  # name of the class whose evidence is scored
     mpp: float = 0.0  # level-0 um/px of the slide (0: unknown)
     slide_size: tuple[int, int] = (0, 0)  # level-0 width, height (0: unknown)
+    flat_attention: int = 0  # models whose attention was the same on every patch (not stored)
 
     def __post_init__(self) -> None:
         n = len(self.coords)

@@ -109,14 +109,32 @@ def score_bag(
         names = classes or [str(i) for i in range(len(prob))]
         target = mapped_class(names, prob)
     gate = calibration.apply(probs, target) if calibration is not None else probs[:, target]
-    att = [g * relative(o.instance_scores.cpu().numpy()) for g, o in zip(gate, outputs)]
+    rel = [relative(o.instance_scores.cpu().numpy()) for o in outputs]
+    att = [g * r for g, r in zip(gate, rel)]
     inv = [
         g * relative(sparse_inversion(m, features, coords, target, **kw).scores.cpu().numpy())
         for g, m in zip(gate, models)
     ]
     attention, inversion = np.mean(att, 0), np.mean(inv, 0)
     combined = (1 - inversion_weight) * attention + inversion_weight * inversion
-    return PatchScores(coords.cpu().numpy().astype(np.int64), attention, inversion, combined, prob, target)
+    flat = sum(len(r) > 1 and not r.any() for r in rel)
+    xy = coords.cpu().numpy().astype(np.int64)
+    return PatchScores(xy, attention, inversion, combined, prob, target, flat_attention=flat)
+
+
+def flat_attention_warning(scores: PatchScores, n_models: int, where: str) -> str | None:
+    """The warning for an ensemble whose attention was constant over a bag, or None.
+
+    A collapsed attention (a model that learned to weigh every instance the same; DSMIL on
+    the digit bags, docs/benchmarks.md) is exactly constant, so `relative` maps it to 0 and
+    the attention layer is blank: the user should read the inversion layer instead."""
+    if not scores.flat_attention:
+        return None
+    return (
+        f"{where}: the attention of {scores.flat_attention} of {n_models} models is the same on "
+        "every patch (collapsed attention), so the attention layer is blank for them; read the "
+        "inversion layer, or train another model"
+    )
 
 
 def score_with_config(

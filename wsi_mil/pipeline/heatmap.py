@@ -22,7 +22,13 @@ from ..formats.run import RunFolder, load_ensemble
 from ..formats.scores import write_scores
 from ..localization.export import write_geojson, write_ome_tiff, write_viewer
 from ..localization.render import heatmap_overlay, overlay_figure
-from ..localization.scores import SCALE_LEGEND, SCALES, display_values, score_with_config
+from ..localization.scores import (
+    SCALE_LEGEND,
+    SCALES,
+    display_values,
+    flat_attention_warning,
+    score_with_config,
+)
 from ..wsi.collect import SlideEntry
 from ..wsi.readers import open_slide
 from .layout import Layout
@@ -133,6 +139,8 @@ def heatmap_slide(
     x = torch.from_numpy(bag.features).float().to(req.device)
     c = torch.from_numpy(bag.coords).to(req.device)
     scores = score_with_config(models, x, c, classes, calibration, hcfg, req.target)
+    if warning := flat_attention_warning(scores, len(models), f"{entry.path} ({name})"):
+        log.warning(warning)
     scores.size0 = size0 = float(bag.attrs.get("patch_size_level0", 256))
     scores.target = target = classes[scores.predicted]
     stride0 = size0 * (1 - float(bag.attrs.get("overlap", 0.0)))

@@ -3,6 +3,7 @@ per-instance key-instance scores for any bags (`wsi-mil predict --scores`)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ from ..localization.scores import score_with_config
 from .crossval import ensemble
 from .data import BagDataset, load_bags, validate_bags
 from .fit import predict_probs
+
+log = logging.getLogger("wsi_mil")
 
 
 def _checked_bags(run_folder: RunFolder, features_dir: Path, keep: bool = True) -> tuple[list[Path], dict]:
@@ -84,9 +87,18 @@ def score_bags(
                 "instances": len(scores.combined),
                 "top_instance": top,
                 "top_combined": float(scores.combined[top]),
+                "flat_attention_models": scores.flat_attention,
             }
         )
     table = pd.DataFrame(rows)
+    flat = table.flat_attention_models.gt(0).sum() if len(table) else 0
+    if flat:
+        log.warning(
+            "%s: in %d of %d bags some of the %d %s models weigh every instance the same (collapsed "
+            "attention; column flat_attention_models of bags.csv): their attention scores are 0 there; "
+            "read the inversion scores, or train another model",
+            out_dir, flat, len(table), len(models), name,
+        )  # fmt: skip
     with atomic_path(out_dir / "bags.csv") as tmp:
         table.to_csv(tmp, index=False)
     return table
