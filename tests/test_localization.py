@@ -288,9 +288,9 @@ def test_a_collapsed_attention_is_reported_not_shown_as_a_silent_blank_layer():
     s = score_bag([MeanLinear(), MeanLinear()], x, coords, classes=["normal", "tumor"], steps=3)
     assert s.flat_attention == 2 and not s.attention.any()  # uniform 1/N attention: blank layer
     assert s.inversion.argmax() == 0  # the inversion layer still finds the evidence
-    assert "2 of 2 models" in flat_attention_warning(s, 2, "slide.svs")
+    assert "2 of 2 models" in flat_attention_warning(s.flat_attention, 2, "slide.svs")
     one = score_bag([MeanLinear()], x[:1], coords[:1], classes=["normal", "tumor"], steps=3)
-    assert one.flat_attention == 0 and flat_attention_warning(one, 1, "x") is None  # one patch: no claim
+    assert one.flat_attention == 0 and flat_attention_warning(0, 1, "x") is None  # one patch: no claim
 
 
 def test_static_viewer_urls_are_percent_encoded(tmp_path):

@@ -122,18 +122,18 @@ def score_bag(
     return PatchScores(xy, attention, inversion, combined, prob, target, flat_attention=flat)
 
 
-def flat_attention_warning(scores: PatchScores, n_models: int, where: str) -> str | None:
-    """The warning for an ensemble whose attention was constant over a bag, or None.
+def flat_attention_warning(flat: int, n_models: int, where: str) -> str | None:
+    """The warning when `flat` of the ensemble's models had a constant attention, or None.
 
     A collapsed attention (a model that learned to weigh every instance the same; DSMIL on
     the digit bags, docs/benchmarks.md) is exactly constant, so `relative` maps it to 0 and
     the attention layer is blank: the user should read the inversion layer instead."""
-    if not scores.flat_attention:
+    if not flat:
         return None
     return (
-        f"{where}: the attention of {scores.flat_attention} of {n_models} models is the same on "
-        "every patch (collapsed attention), so the attention layer is blank for them; read the "
-        "inversion layer, or train another model"
+        f"{where}: the attention of {flat} of {n_models} models is the same on every patch "
+        "(collapsed attention), so their attention scores are 0; read the inversion layer, or "
+        "train another model"
     )
 
 

@@ -139,7 +139,7 @@ def heatmap_slide(
     x = torch.from_numpy(bag.features).float().to(req.device)
     c = torch.from_numpy(bag.coords).to(req.device)
     scores = score_with_config(models, x, c, classes, calibration, hcfg, req.target)
-    if warning := flat_attention_warning(scores, len(models), f"{entry.path} ({name})"):
+    if warning := flat_attention_warning(scores.flat_attention, len(models), f"{entry.path} ({name})"):
         log.warning(warning)
     scores.size0 = size0 = float(bag.attrs.get("patch_size_level0", 256))
     scores.target = target = classes[scores.predicted]

@@ -17,7 +17,7 @@ from ..formats.features import check_compatible, read_feature_attrs, read_featur
 from ..formats.run import RunFolder, load_ensemble, load_fold_model
 from ..formats.scores import write_scores
 from ..io import atomic_path
-from ..localization.scores import score_with_config
+from ..localization.scores import flat_attention_warning, score_with_config
 from .crossval import ensemble
 from .data import BagDataset, load_bags, validate_bags
 from .fit import predict_probs
@@ -91,14 +91,12 @@ def score_bags(
             }
         )
     table = pd.DataFrame(rows)
-    flat = table.flat_attention_models.gt(0).sum() if len(table) else 0
-    if flat:
-        log.warning(
-            "%s: in %d of %d bags some of the %d %s models weigh every instance the same (collapsed "
-            "attention; column flat_attention_models of bags.csv): their attention scores are 0 there; "
-            "read the inversion scores, or train another model",
-            out_dir, flat, len(table), len(models), name,
-        )  # fmt: skip
+    flat = table.flat_attention_models if len(table) else pd.Series([0])
+    where = (
+        f"{out_dir} ({name}), {int(flat.gt(0).sum())} of {len(table)} bags (bags.csv: flat_attention_models)"
+    )
+    if warning := flat_attention_warning(int(flat.max()), len(models), where):
+        log.warning(warning)
     with atomic_path(out_dir / "bags.csv") as tmp:
         table.to_csv(tmp, index=False)
     return table
