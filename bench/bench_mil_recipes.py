@@ -38,7 +38,6 @@ from wsi_mil.training.crossval import run_crossval
 from wsi_mil.training.predict import predict_run
 
 TRAIN: dict = {}  # TrainConfig overrides (--train)
-FRESH = [0]  # --fresh: bags from the same generator scored after training (not digit bags)
 COHORTS = {
     # the test suite's key-instance cohort (tests/test_crossval.py `cohort_dir`, seed 1)
     "tests": dict(n_bags=48, n_cases=30, strength=4.0),
@@ -94,11 +93,11 @@ def fresh_auc(d: Path, run: Path) -> dict[str, float]:
 
 
 def evaluate(
-    cohort: str, seed: int, models: list[str], recipe: str, epochs: int, root: Path, kwargs: dict
+    cohort: str, seed: int, models: list[str], recipe: str, epochs: int, root: Path, kwargs: dict, fresh: int
 ) -> dict:
     d = root / f"{cohort}_{seed}"
     if not (d / "labels.csv").exists():
-        build_cohort(d, cohort, seed, FRESH[0])
+        build_cohort(d, cohort, seed, fresh)
     keys = dict(np.load(d / "keys.npz"))
     out = d / f"run_{recipe}_{abs(hash(json.dumps([kwargs, TRAIN], sort_keys=True)))}"
     train = {"folds": 3, "test_frac": 0.25, "epochs": epochs, "patience": 8, "bootstrap": 50, **TRAIN}
@@ -106,7 +105,7 @@ def evaluate(
     t0 = time.perf_counter()
     results = run_crossval(d / "features", d / "labels.csv", out, cfg, models)
     seconds = time.perf_counter() - t0
-    fresh = fresh_auc(d, out)
+    fresh_aucs = fresh_auc(d, out)
     splits = RunFolder(out).read_splits()
     test = splits[(splits.split == "test") & (splits.label == 1)].slide_id.tolist()
     rows = {}
@@ -125,7 +124,7 @@ def evaluate(
             inst.append([roc_auc_score(keys[bag], v) for v in values])
         rows[name] = {
             "bag_auc": res["test"]["auc"],
-            "fresh_auc": fresh.get(name),
+            "fresh_auc": fresh_aucs.get(name),
             "val_auc": res["val_mean"]["auc"],
             "key_auc": np.mean(inst, 0).round(3).tolist() if inst else None,
             "seconds": round(seconds / len(models), 1),
@@ -148,7 +147,6 @@ def main():
     )
     args = ap.parse_args()
     TRAIN.update(json.loads(args.train))
-    FRESH[0] = args.fresh
     torch.set_num_threads(max(1, torch.get_num_threads()))
     root = Path(tempfile.mkdtemp())
     models = args.models.split(",")
@@ -163,7 +161,7 @@ def main():
         for seed in [int(s) for s in args.seeds.split(",")]:
             for recipe in args.recipes.split(","):
                 for name, r in evaluate(
-                    cohort, seed, models, recipe, args.epochs, root, json.loads(args.kwargs)
+                    cohort, seed, models, recipe, args.epochs, root, json.loads(args.kwargs), args.fresh
                 ).items():
                     key = " / ".join(f"{v:.3f}" for v in r["key_auc"]) if r["key_auc"] else "-"
                     fresh = "" if r["fresh_auc"] is None else f" (fresh {r['fresh_auc']:.3f})"

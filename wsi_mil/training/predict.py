@@ -91,10 +91,9 @@ def score_bags(
             }
         )
     table = pd.DataFrame(rows)
-    flat = table.flat_attention_models if len(table) else pd.Series([0])
-    where = (
-        f"{out_dir} ({name}), {int(flat.gt(0).sum())} of {len(table)} bags (bags.csv: flat_attention_models)"
-    )
+    flat = table.flat_attention_models  # the folder holds at least one bag (_checked_bags)
+    hit = int(flat.gt(0).sum())
+    where = f"{out_dir} ({name}), {hit} of {len(table)} bags (bags.csv: flat_attention_models)"
     if warning := flat_attention_warning(int(flat.max()), len(models), where):
         log.warning(warning)
     with atomic_path(out_dir / "bags.csv") as tmp:
