@@ -133,14 +133,31 @@ def test_abmil_and_psmil_reach_high_test_auc_and_predict_works(cohort_dir, tmp_p
     bags = pd.read_csv(scores_dir / "bags.csv")
     assert len(bags) == 48 and set(bags.model) == {"psmil"}
     assert (bags.flat_attention_models == 0).all()  # PSMIL's attention never collapsed here
-    aucs = []
+    assert bags.inversion_steps_kept.astype(str).str.count(",").eq(2).all()  # one count per fold model
+    aucs, key_p, negative_p = [], [], []
     for bag, key in keys.items():
         table = pd.read_csv(scores_dir / f"{bag}_scores.csv")
-        assert list(table.columns) == ["instance", "x", "y", "attention", "inversion", "combined"]
+        assert list(table.columns) == [
+            "instance",
+            "x",
+            "y",
+            "combined",
+            "patch_alone",
+            "attention",
+            "inversion",
+        ]
         assert len(table) == len(key) and (table.instance.values == np.arange(len(key))).all()
         if key.any():
             aucs.append(roc_auc_score(key, table.combined))
-    assert np.mean(aucs) >= 0.9, np.mean(aucs)
+            key_p.append(table.patch_alone[key])
+        else:
+            negative_p.append(np.r_[table.patch_alone, table.combined])
+    assert np.mean(aucs) >= 0.95, np.mean(aucs)
+    # probabilities calibrated from the negative bags alone (no instance labels): key instances
+    # mostly above 0.5, the instances of negative bags almost never
+    cal = json.loads((out / "psmil" / "patch_calibration.json").read_text())["classes"]["1"]
+    assert cal["mode"] == "negatives" and 0 < cal["prior"] < 0.3
+    assert (np.concatenate(key_p) > 0.5).mean() > 0.7 and (np.concatenate(negative_p) > 0.5).mean() < 0.01
 
 
 def test_dsmil_reaches_high_test_auc_with_its_small_cohort_recipe(cohort_dir, tmp_path):

@@ -3,6 +3,7 @@ clean resume), a non-zero exit where something failed, and never a half-written 
 docs/reliability.md lists each fault, the behaviour and the test that holds it."""
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -94,6 +95,13 @@ def test_rerun_with_other_settings_refuses_naming_them(cohort, tmp_path):
     assert (run / "config.yaml").read_text() == config
     r = _crossval(cohort, run)  # the same call resumes: nothing to train
     assert r.exit_code == 0 and "fold 1/3" not in r.output, r.output
+    # a run made before a setting existed resumes while the setting is at its default
+    fp = json.loads((run / "fingerprint.json").read_text())
+    del fp["config"]["selection_fallback"]
+    (run / "fingerprint.json").write_text(json.dumps(fp))
+    r = _crossval(cohort, run)
+    assert r.exit_code == 0 and "fold 1/3" not in r.output, r.output
+    _one_line_error(_crossval(cohort, run, None, "--selection-fallback"), "selection_fallback")
 
 
 # -- bad feature files ----------------------------------------------------------------------
@@ -151,7 +159,26 @@ def test_heatmap_refuses_bad_and_foreign_features(cohort, tmp_path):
     write_features(bad, np.ones((n, 32), np.float32), coords, attrs)
     _poison(bad, "rows")
     _one_line_error(runner.invoke(app, [*args, "--features", str(bad)]), "bad.h5", "coords")
+    # a grid unlike the run's (its features: 256-px patches) is refused by heatmap and predict
+    (tmp_path / "grid").mkdir()
+    grid = tmp_path / "grid" / "grid.h5"
+    write_features(grid, np.ones((n, 32), np.float32), coords, {**attrs, "patch_size": 128})
+    _one_line_error(runner.invoke(app, [*args, "--features", str(grid)]), "128-px", "--patch-size 256")
+    r = runner.invoke(app, ["predict", "--run", str(cohort / "run"), "--features", str(tmp_path / "grid")])
+    _one_line_error(r, "grid.h5", "128-px")
     assert not list(out.glob("*_scores.*"))
+
+
+def test_model_and_models_together_duplicate_rows_and_a_missing_slide_to_view(cohort, tmp_path):
+    r = _crossval(cohort, tmp_path / "run", None, "--models", "psmil,abmil")  # TRAIN has --model
+    _one_line_error(r, "--model and --models")
+    df = pd.read_csv(cohort / "labels.csv")
+    pd.concat([df, df.iloc[[3]]]).to_csv(tmp_path / "dup.csv", index=False)  # the same row twice
+    r = _crossval(cohort, tmp_path / "run2", tmp_path / "dup.csv", "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    assert "1 repeated row(s) of the same slide" in r.output
+    r = runner.invoke(app, ["view", str(tmp_path / "nosuch.svs"), "--run", str(cohort / "run")])
+    _one_line_error(r, "nosuch.svs", "no such slide file")
 
 
 # -- exit codes, flags, duplicates ----------------------------------------------------------
@@ -166,6 +193,29 @@ def test_conflicting_duplicate_labels_name_both_lines(cohort, tmp_path):
     pd.concat([df, dup]).to_csv(tmp_path / "dup.csv", index=False)
     r = _crossval(cohort, tmp_path / "run", tmp_path / "dup.csv")
     _one_line_error(r, "bag_002", "lines 4 and 26")
+
+
+def test_a_given_split_with_a_patient_on_both_sides_is_refused_naming_the_cases(cohort, tmp_path):
+    df = pd.read_csv(cohort / "labels.csv")
+    df["case_id"] = [f"p{i // 2}" for i in range(len(df))]
+    df["split"] = ["test" if i % 4 == 1 else "train" for i in range(len(df))]  # p0: slides 0 and 1
+    df.to_csv(tmp_path / "split.csv", index=False)
+    r = _crossval(cohort, tmp_path / "run", tmp_path / "split.csv")
+    _one_line_error(r, "6 case(s) have slides on both sides", "p0", "same split")
+    assert not (tmp_path / "run").exists()
+
+
+def test_too_few_cases_for_the_inner_selection_stop_unless_the_fallback_is_asked_for(tmp_path):
+    make_feature_cohort(tmp_path, n_bags=12, dim=16, seed=9, strength=4.0)
+    base = ["crossval", "--features", str(tmp_path / "features"), "--labels", str(tmp_path / "labels.csv")]
+    r = runner.invoke(app, [*base, "--out", str(tmp_path / "run"), *TRAIN])
+    _one_line_error(r, "too few for the inner selection split", "--selection-fallback")
+    assert not (tmp_path / "run").exists()
+    r = runner.invoke(app, [*base, "--out", str(tmp_path / "run"), *TRAIN, "--selection-fallback"])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((tmp_path / "run" / "abmil" / "metrics.json").read_text())
+    assert metrics["selection"] == "outer" and metrics["selection_fallback_folds"]
+    assert "Partly optimistic" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_two_slides_with_one_name_are_refused(tmp_path, synthetic_slide):

@@ -175,3 +175,26 @@ def test_detections_equal_ncrf_nms_loop():
     ours = camelyon.detections(prob, 32, radius=5, min_prob=0.3)
     assert ours == _official_nms(prob, 32, 5, 0.3)
     assert ours[0][1:] == (int(10.5 * 32), int(10.5 * 32)) and len(ours) > 3
+
+
+def test_patch_detections_sit_at_patch_centres_and_find_a_lesion_under_one_patch_centre():
+    """A lesion that covers only the middle of one 256-px patch: the patch's detection lands on
+    it at the patch centre; a point at the patch's top-left map cell (the old placement, 112
+    level-0 pixels from the centre) would miss it."""
+    size0, ds = 256, 2**LEVEL
+    coords = np.array([[x, y] for y in range(0, 2048, 256) for x in range(0, 2048, 256)], np.int64)
+    values = np.full(len(coords), 0.1)
+    hot = int(np.flatnonzero((coords == [768, 768]).all(1))[0])
+    values[hot] = 0.9
+    dets = camelyon.patch_detections(coords, values, size0, radius0=5 * ds, min_prob=0.05)
+    assert dets[0] == (0.9, 768 + 128, 768 + 128)
+    # suppression: no second detection within the square of half-side 5 cells around the first
+    assert all(max(abs(x - 896), abs(y - 896)) >= 5 * ds for _, x, y in dets[1:])
+    mask = np.zeros((64, 64), np.uint8)
+    mask[25:31, 25:31] = 255  # level-0 800-992 around the patch centre (896, 896); the patch spans 768-1024
+    lesions = camelyon.evaluation_mask(mask, 2.0, LEVEL)  # 2 um/px: wide enough not to be an ITC
+    fp, tp, n = camelyon.hits(dets[:1], lesions, camelyon.itc_labels(lesions, 2.0, LEVEL), LEVEL)
+    assert n == 1 and tp.max() == pytest.approx(0.9) and fp == []
+    old = [(0.9, 768 + ds // 2, 768 + ds // 2)]  # the top-left cell's centre
+    fp_old, tp_old, _ = camelyon.hits(old, lesions, set(), LEVEL)
+    assert fp_old == [0.9] and tp_old.max() == 0

@@ -1,7 +1,6 @@
 import json
-import shutil
-import subprocess
 
+import browser
 import numpy as np
 import pytest
 import tifffile
@@ -39,29 +38,60 @@ def test_soft_threshold():
     torch.testing.assert_close(soft_threshold(x, 0.5), torch.tensor([-1.5, 0.0, 0.0, 0.0, 1.0]))
 
 
+class MeanLinearBias(MeanLinear):
+    """MeanLinear whose class-1 logit is mean(feature 0) - 1: shrinking the bag flips it."""
+
+    def forward(self, x, coords=None):
+        out = super().forward(x, coords)
+        return MILOutput(out.logits - torch.tensor([0.0, 1.0]), out.instance_scores)
+
+
 def test_inversion_keeps_positive_evidence_and_zeroes_the_rest():
     model = MeanLinear()
     x = torch.tensor([[3.0, 1.0], [0.1, 1.0], [0.2, 1.0], [2.5, 1.0]])
-    res = sparse_inversion(model, x, target=1, steps=10, lr=0.5, lam=0.4)
+    res = sparse_inversion(model, x, target=1, steps=10, lr=0.5, lam=0.4, score="evidence")
     z = res.x
     assert (z[:, 1] == 0).all()  # no evidence in feature 1: shrunk to zero everywhere
     assert z[0, 0] > 0 and z[3, 0] > 0  # strong positive evidence survives
     assert z[1, 0] == 0 and z[2, 0] == 0  # weak evidence is thresholded away
     assert res.scores[0] > res.scores[1] and res.scores[3] > res.scores[2]
-    assert len(res.losses) == 10
+    assert len(res.losses) == 10 and res.steps_kept == 10 and res.kept
     # weights frozen and restored
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_inversion_and_attention_instance_auc_on_graded_key_instances(tmp_path):
-    """The bench_heatmap.py protocol on one of its cohorts: a 3-fold PSMIL run, scores as the
-    heatmap computes them (fold ensemble, rank-averaged), instance AUC per positive bag."""
+def test_inversion_stops_before_the_step_that_would_change_the_prediction():
+    model = MeanLinearBias()
+    x = torch.tensor([[3.0, 1.0], [0.5, 1.0], [0.4, 1.0], [0.6, 1.0]])  # mean 1.125: class 1
+    assert model(x).logits.argmax() == 1
+    res = sparse_inversion(model, x, target=1, steps=50, lr=0.5, lam=0.2)
+    assert 0 < res.steps_kept < 50 and res.kept and res.prob > 0.5
+    assert model(res.x).logits.argmax() == 1  # the inverted bag still predicts class 1
+    # one more ISTA step from there would have flipped it (or emptied the bag): why it stopped
+    scale = x.abs().mean()
+    z = (res.x / scale).clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(model(z * scale).logits.unsqueeze(0), torch.tensor([1]))
+    (grad,) = torch.autograd.grad(loss, z)
+    nxt = soft_threshold(z.detach() - 0.5 * grad, 0.5 * 0.2) * scale
+    assert not nxt.any() or model(nxt).logits.argmax() == 0
+    # a class the bag is not called: the inversion keeps that class's probability from falling
+    neg = sparse_inversion(model, x, target=0, steps=50, lr=0.5, lam=0.2)
+    with torch.no_grad():
+        assert neg.prob >= float(torch.softmax(model(x).logits, -1)[0]) - 1e-6
+
+
+def test_patch_scores_on_graded_key_instances(tmp_path):
+    """The bench_patch_scores.py protocol on one graded cohort (seed 2, the one the combined
+    layer's weights were designed on): a 3-fold PSMIL run calibrated from its negative bags
+    alone, every bag scored as the heatmap scores it. Key-instance AUC of the combined layer at
+    least attention's; key instances mostly above 0.5, negative bags' instances almost never;
+    every inversion kept its bag's prediction."""
     from sklearn.metrics import roc_auc_score
 
-    from wsi_mil.config import TrainConfig
+    from wsi_mil.config import HeatmapConfig, TrainConfig
     from wsi_mil.formats.features import read_features
-    from wsi_mil.formats.run import load_fold_model
-    from wsi_mil.localization.scores import score_bag
+    from wsi_mil.formats.run import RunFolder, load_ensemble
+    from wsi_mil.localization.scores import read_calibrations, score_with_config
     from wsi_mil.synthetic import make_feature_cohort
     from wsi_mil.training.crossval import run_crossval
 
@@ -73,25 +103,33 @@ def test_inversion_and_attention_instance_auc_on_graded_key_instances(tmp_path):
         TrainConfig(folds=3, test_frac=0.25, epochs=20, patience=8, lr=5e-4, bootstrap=50),
         ["psmil"],
     )
-    models = [load_fold_model(p)[0] for p in sorted((tmp_path / "run" / "psmil").glob("fold_*"))]
-    att, inv, comb = [], [], []
+    run = RunFolder(tmp_path / "run")
+    _, models, _ = load_ensemble(run, "psmil")
+    calibrations, inversion = read_calibrations(run, "psmil", HeatmapConfig())
+    assert calibrations["1"].mode == "negatives" and inversion["score"] == "inverted_attention"
+    att, inv, comb, key_p, neg_p, steps = [], [], [], [], [], []
     for name, key in keys.items():
-        if not key.any():
-            continue
         bag = read_features(tmp_path / "features" / f"{name}.h5")
-        s = score_bag(models, torch.from_numpy(bag.features), torch.from_numpy(bag.coords), target=1)
+        x, c = torch.from_numpy(bag.features), torch.from_numpy(bag.coords)
+        s = score_with_config(models, x, c, ["0", "1"], calibrations, inversion, "1")
+        assert len(s.steps_kept) == 3  # inversion steps kept, per fold model
+        if not key.any():
+            neg_p.append(s.combined)
+            continue
+        steps.extend(s.steps_kept)
         att.append(roc_auc_score(key, s.attention))
         inv.append(roc_auc_score(key, s.inversion))
         comb.append(roc_auc_score(key, s.combined))
+        key_p.append((s.combined, key))
     att, inv, comb = np.mean(att), np.mean(inv), np.mean(comb)
-    # with today's PSMIL defaults attention, inversion and their combination (the heatmap's
-    # default) all localize well, the combination within 0.005 of the better of the two and
-    # inversion within 0.01 of attention (this cohort: 0.950 / 0.944 / 0.950; five such
-    # cohorts: 0.943 / 0.931 / 0.939, docs/benchmarks.md "Localization with PSMIL's attention
-    # scale")
-    assert min(att, inv, comb) >= 0.93, (att, inv, comb)
-    assert comb >= max(att, inv) - 0.005, (att, inv, comb)
-    assert inv >= att - 0.01, (att, inv, comb)
+    assert min(att, inv, comb) >= 0.9, (att, inv, comb)
+    assert comb >= att, (att, inv, comb)
+    assert np.mean(steps) > 3  # positive bags: the inversion removes before it must stop
+    # without instance labels: key instances far above the other instances of their bags, the
+    # negative bags' instances below 0.5 (the weakest keys, 1.5 sd, stay ambiguous and low)
+    p = np.concatenate([v for v, _ in key_p])
+    truth = np.concatenate([k for _, k in key_p])
+    assert p[truth].mean() > 5 * p[~truth].mean() and (np.concatenate(neg_p) > 0.5).mean() < 0.02
 
 
 def test_score_raster_averages_overlaps():
@@ -120,7 +158,7 @@ def test_geojson_is_valid_qupath_tiles():
         assert f["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) == 5
         assert f["properties"]["objectType"] == "tile" and f["properties"]["isLocked"] is True
         m = f["properties"]["measurements"]
-        assert set(m) == {"attention", "inversion", "combined"}
+        assert set(m) == {"attention", "inversion", "combined", "patch_alone"}
         assert all(np.isfinite(v) for v in m.values())
     json.dumps(data, allow_nan=False)
 
@@ -185,8 +223,11 @@ def test_asap_xml_exclusion_groups_patch_auc_and_folder_evaluation(tmp_path):
     write_scores(heat / "m_scores.h5", PatchScores(grid, vm, vm, vm, np.array([0.2, 0.8]), 1, **common))
     res = evaluate_folder(heat, ann)
     assert res["slide_auc"] == 1.0
-    assert res["per_slide"]["t"]["combined"] == 1.0 and res["per_slide"]["n"]["combined"] is None
+    t, n = res["per_slide"]["t"]["combined"], res["per_slide"]["n"]["combined"]
+    assert t["auc"] == 1.0 and n["auc"] is None and t["tumor_above_half"] == 1.0 and n["above_half"] == 0
+    assert res["mean_slide_patch_auc"]["combined"] == 1.0
     assert res["pooled_patch_auc"]["combined"] > 0.95
+    assert res["reliability"]["combined"]["patches"] > 0 and "attention" not in res["reliability"]
     f = res["froc"]["combined"]
     # the XML's square (250 um) and the mask's lesion count; the XML's triangle (125 um across at
     # 0.25 um/px) is an isolated-tumour-cell region, neither hit nor false positive
@@ -205,7 +246,7 @@ def test_rank_scores_from_old_files_are_refused_for_cross_slide_metrics(tmp_path
         evaluate([SlideLocalization("s", old, box(0, 0, 10, 10).buffer(0))])
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
+@pytest.mark.skipif(not browser.available(), reason="Debian chromium not installed")
 def test_html_viewer_loads_in_headless_chromium(tmp_path):
     rng = np.random.default_rng(0)
     slide = np.full((600, 800, 3), 240, np.uint8)
@@ -215,35 +256,13 @@ def test_html_viewer_loads_in_headless_chromium(tmp_path):
     scores = PatchScores(coords * 4, v, v, v, np.array([0.2, 0.8]), 1, 200.0)
     html = write_viewer(tmp_path / "s.html", slide, 4.0, scores, 200.0, None, "s", "tumor", 6)
     assert (tmp_path / "s_viewer" / "openseadragon.min.js").exists()
-    base = [
-        "chromium",
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--virtual-time-budget=8000",
-        "--window-size=1200,800",
-    ]
-    dom = subprocess.run(base + ["--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120)
-    assert 'id="status">loaded combined<' in dom.stdout, dom.stdout[-1500:] + dom.stderr[-1500:]
-    assert '<pre id="errors"></pre>' in dom.stdout
-    assert dom.stdout.count('src="s_viewer/top/combined_') == 6
-    shot = tmp_path / "shot.png"
-    subprocess.run(base + [f"--screenshot={shot}", html.as_uri()], capture_output=True, timeout=120)
-    import cv2
-
-    img = cv2.imread(str(shot))[:, :, ::-1]
-    viewer = img[:, :900]
-    # the jet overlay puts strongly blue or red pixels over the tissue
-    strong = (viewer[..., 2].astype(int) - viewer[..., 0] > 80) | (
-        viewer[..., 0].astype(int) - viewer[..., 2] > 120
-    )
-    assert strong.mean() > 0.05
+    with browser.Chromium() as b:
+        assert b.open(html.as_uri()) == "combined"  # the page says the slide and overlay are drawn
+        dom = b.dom()
+        assert 'id="status">loaded combined<' in dom and '<pre id="errors"></pre>' in dom
+        assert dom.count('src="s_viewer/top/combined_') == 6
+        frame = browser.viewer_frame_checks(b.screenshot(), width=900)
+    assert frame["overlay"] > 0.05, frame  # the jet overlay's blues and reds over the tissue
 
 
 def test_platt_scaling_spreads_uncalibrated_probabilities_and_stays_finite_when_separable():
@@ -261,23 +280,45 @@ def test_platt_scaling_spreads_uncalibrated_probabilities_and_stays_finite_when_
     assert PlattScaling.from_dict(cal.to_dict()).apply(prob, 1) == pytest.approx(out)
 
 
-def test_scores_are_gated_by_the_slide_probability_and_mapped_to_the_positive_class():
-    from wsi_mil.calibration import PlattScaling
-    from wsi_mil.localization.scores import display_values, mapped_class, score_bag
+def test_mapped_class_reads_negative_names_and_asks_when_ambiguous():
+    from wsi_mil.errors import WsiMilError
+    from wsi_mil.localization.scores import calibration_targets, mapped_class
 
-    assert mapped_class(["normal", "tumor"], np.array([0.9, 0.1])) == 1
-    assert mapped_class(["Tumor", "Normal"], np.array([0.9, 0.1])) == 0
-    assert mapped_class(["LUAD", "LUSC"], np.array([0.3, 0.7])) == 1  # subtyping: the prediction
+    assert mapped_class(["normal", "tumor"]) == 1 and mapped_class(["Tumor", "Normal"]) == 0
+    assert mapped_class(["non-tumor", "tumor"]) == 1 and mapped_class(["tumor", "not tumor"]) == 0
+    assert mapped_class(["no_metastasis", "metastasis"]) == 1 and mapped_class(["nontumor", "tumor"]) == 1
+    for ambiguous in (["LUAD", "LUSC"], ["normal", "benign"]):
+        with pytest.raises(WsiMilError, match="--target"):
+            mapped_class(ambiguous, np.array([0.3, 0.7]))
+        assert calibration_targets(ambiguous) == [0, 1]  # both calibrated: either may be asked for
+    assert mapped_class(["LUAD", "LUSC"], target="LUSC") == 1
+    with pytest.raises(WsiMilError, match="not a class"):
+        mapped_class(["LUAD", "LUSC"], target="tumor")
+    assert mapped_class(["a", "b", "c"], np.array([0.2, 0.5, 0.3])) == 1  # several: the prediction
+    assert calibration_targets(["normal", "tumor"]) == [1]
+
+
+def test_a_patch_keeps_its_probability_on_a_slide_called_negative_and_a_one_patch_bag_gets_its_own():
+    """No slide gate: the instance probability of a lone strong patch (a micro-metastasis) is
+    the same whatever the rest of the slide says."""
+    from wsi_mil.localization.patch_calibration import PatchCalibration, ScoreMap
+    from wsi_mil.localization.scores import score_bag
+
     model = MeanLinear()
     coords = torch.zeros(4, 2, dtype=torch.long)
-    negative = torch.tensor([[-3.0, 1.0], [-2.0, 1.0], [-2.5, 1.0], [-1.0, 1.0]])  # P(class 1) ~ 0.1
-    s = score_bag([model], negative, coords, classes=["normal", "tumor"], steps=3)
-    assert s.predicted == 1 and s.prob[1] < 0.15
-    assert s.combined.max() <= s.prob[1] + 1e-6  # a slide called negative stays cold
-    assert display_values(s, "combined", "rank").max() == 1.0  # ranks: an explicit display option
-    cal = PlattScaling([1.0, 3.0], [0.0, -1.0])  # sharper: P -> sigmoid(3 logit(P) - 1)
-    s2 = score_bag([model], negative, coords, classes=["normal", "tumor"], calibration=cal, steps=3)
-    assert s2.combined.max() < s.combined.max()
+    x = torch.tensor([[-3.0, 1.0], [-2.5, 1.0], [-2.0, 1.0], [4.0, 1.0]])  # mean -0.875: P(1) 0.29
+    s = score_bag([model], x, coords, classes=["normal", "tumor"], steps=3)
+    assert s.predicted == 1 and s.prob[1] < 0.5
+    assert s.combined.argmax() == 3 and s.combined[3] == pytest.approx(1 / (1 + np.exp(-4.0)))
+    assert s.calibrated == "none" and s.patch_alone[3] == s.combined[3]
+    one = score_bag([model], x[3:], coords[3:], classes=["normal", "tumor"], steps=3)
+    assert one.combined[0] == pytest.approx(s.combined[3]) and one.attention[0] == 1.0
+    # with a patch calibration, both probability layers go through its maps
+    flat = ScoreMap([1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], a=2.0, b=-1.0)
+    cal = PatchCalibration("tumor", "negatives", flat, flat)
+    c = score_bag([model], x, coords, 1, ["normal", "tumor"], cal, steps=3)
+    assert c.combined[3] == pytest.approx(1 / (1 + np.exp(-(2 * 4.0 - 1))))
+    assert c.calibrated == "negatives"
 
 
 def test_a_collapsed_attention_is_reported_not_shown_as_a_silent_blank_layer():
@@ -286,8 +327,8 @@ def test_a_collapsed_attention_is_reported_not_shown_as_a_silent_blank_layer():
     coords = torch.zeros(4, 2, dtype=torch.long)
     x = torch.tensor([[3.0, 1.0], [0.0, 1.0], [0.5, 1.0], [0.2, 1.0]])
     s = score_bag([MeanLinear(), MeanLinear()], x, coords, classes=["normal", "tumor"], steps=3)
-    assert s.flat_attention == 2 and not s.attention.any()  # uniform 1/N attention: blank layer
-    assert s.inversion.argmax() == 0  # the inversion layer still finds the evidence
+    assert s.flat_attention == 2 and np.ptp(s.attention) == 0  # uniform 1/N attention: one flat colour
+    assert s.combined.argmax() == 0  # the probability layers still find the evidence
     assert "2 of 2 models" in flat_attention_warning(s.flat_attention, 2, "slide.svs")
     one = score_bag([MeanLinear()], x[:1], coords[:1], classes=["normal", "tumor"], steps=3)
     assert one.flat_attention == 0 and flat_attention_warning(0, 1, "x") is None  # one patch: no claim
@@ -301,7 +342,8 @@ def test_static_viewer_urls_are_percent_encoded(tmp_path):
     html = write_viewer(tmp_path / "a#1 50%?.html", slide, 2.0, scores, 200.0, None, "a#1", "tumor", 2)
     text = html.read_text()
     assert 'src="a%231%2050%25%3F_viewer/openseadragon.min.js"' in text
-    assert "a%231%2050%25%3F_viewer/slide_files/" in text and "same 0-1 scale" in text
+    assert "a%231%2050%25%3F_viewer/slide_files/" in text
+    assert "probability that this patch is tumor" in text and "rank within this slide" in text
 
 
 def test_report_markdown_renders_as_html_tables():
@@ -310,3 +352,13 @@ def test_report_markdown_renders_as_html_tables():
     out = markdown_html("# Title\n\ntext with `code`\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
     assert "<h2>Title</h2>" in out and "<code>code</code>" in out
     assert "<table><tr><th>a</th><th>b</th></tr><tr><td>1</td><td>2</td></tr></table>" in out
+
+
+def test_report_markdown_inlines_its_images(tmp_path):
+    from wsi_mil.io import save_png
+    from wsi_mil.training.report import markdown_html
+
+    save_png(tmp_path / "r.png", np.zeros((4, 4, 3), np.uint8))
+    out = markdown_html("text\n\n![psmil: reliability](r.png)\n", tmp_path)
+    assert '<img alt="psmil: reliability" src="data:image/png;base64,' in out
+    assert "![" in markdown_html("![x](missing.png)\n", tmp_path)  # a missing file stays text

@@ -309,6 +309,36 @@ def test_sparse_inversion_runs_on_every_model(name):
     x, coords = torch.randn(30, D), torch.randint(0, 5000, (30, 2))
     res = sparse_inversion(model, x, coords, 1, steps=3)
     assert res.scores.shape == (30,) and torch.isfinite(res.scores).all() and res.scores.abs().sum() > 0
+    assert (
+        res.kept
+        and 0 <= res.steps_kept <= 3
+        and set(res.readings) == {"evidence", "inverted_attention", "survival", "change"}
+    )
+
+
+VARIANTS = [(n, {}) for n in ALL] + [
+    ("dsmil", {"average": True}), ("dsmil", {"binary": False}), ("dtfd", {"distill": "MaxMinS"}),
+    ("dtfd", {"distill": "MaxS"}), ("psmil", {"hard_mix": True}), ("abmil", {"pooling": "prob"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,kwargs", VARIANTS)
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_instance_logits_are_the_model_on_each_patch_as_a_bag_of_one(name, kwargs, n_classes):
+    """The batched instance stream the heatmap's probabilities come from equals running the bag
+    model once per patch on a one-instance bag (what `instance_logits` promises)."""
+    from wsi_mil.models.base import single_instance_logits
+
+    torch.manual_seed(1)
+    model = create_model(name, D, n_classes, **kwargs).eval()
+    x, coords = torch.randn(9, D), torch.randint(0, 5000, (9, 2))
+    with torch.no_grad():
+        batched = model.instance_logits(x, coords)
+        one_by_one = single_instance_logits(model, x, coords)
+    assert batched.shape == (9, n_classes)
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # and a one-patch bag's own logits are its instance logits
+        torch.testing.assert_close(model(x[:1], coords[:1]).logits, batched[0], atol=1e-5, rtol=1e-5)
 
 
 def test_transmil_ppeg_matches_torchmil():
@@ -323,6 +353,33 @@ def test_transmil_ppeg_matches_torchmil():
     x = torch.randn(1, 1 + 36, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x, 6), theirs(x, 6, 6), atol=1e-6, rtol=1e-5)
+
+
+def test_transmil_nystrom_attention_matches_the_package_its_authors_import():
+    """TransMIL imports `nystrom_attention.NystromAttention` (dim_head dim // 8, 8 heads, dim // 2
+    landmarks, 6 pseudo-inverse steps, residual conv 33). With its weights copied ours equals it
+    on sequences longer than the landmarks; on shorter ones ours is exact softmax attention (a
+    deliberate difference, docs/methods.md), the package's an approximation of it."""
+    pkg = pytest.importorskip("nystrom_attention")
+    from wsi_mil.models.nystrom import NystromAttention
+
+    torch.manual_seed(0)
+    dim = 64
+    ours = NystromAttention(dim, 8, dim // 8, dim // 2).eval()
+    theirs = pkg.NystromAttention(dim=dim, dim_head=dim // 8, heads=8, num_landmarks=dim // 2,
+                                  pinv_iterations=6, residual=True, dropout=0.1).eval()  # fmt: skip
+    theirs.load_state_dict(ours.state_dict())  # the same parameter names: loaded strictly
+    with torch.no_grad():
+        for n in (33, 64 + 5, 200):  # longer than the 32 landmarks, padded or not
+            x = torch.randn(1, n, dim)
+            torch.testing.assert_close(ours(x), theirs(x), atol=2e-5, rtol=1e-4)
+        short = torch.randn(1, 20, dim)
+        q, k, v = ours._qkv(short)
+        exact = torch.softmax(q * ours.scale @ k.transpose(-1, -2), -1) @ v + ours.res_conv(v)
+        exact = ours.to_out(exact.transpose(1, 2).reshape(1, 20, -1))
+        torch.testing.assert_close(ours(short), exact, atol=1e-5, rtol=1e-4)
+        gap = (theirs(short) - exact).abs().max() / exact.abs().max()
+        assert gap > 1e-3  # the package approximates even here: that is the difference kept
 
 
 def test_psmil_default_starts_at_the_first_bag_and_moves_only_the_label_column():
@@ -416,3 +473,30 @@ def test_dsmil_patch_dropout_trains_on_a_random_subset_and_infers_on_the_whole_b
         a, b = model(x), model(x)
     assert len(a.instance_scores) == 50
     torch.testing.assert_close(a.logits, b.logits)
+
+
+def test_dtfd_clips_each_module_as_its_authors_do_not_one_global_norm():
+    """Main_DTFD_MIL.py clips dimReduction, attention, classifier and the tier-2 attCls one by
+    one (norm 5 each): the groups cover every parameter once, and each ends at norm <= 5 where
+    one global clip would have left the four together at 5."""
+    model = create_model("dtfd", D, 2)
+    groups = model.clip_groups()
+    ids = [id(p) for g in groups for p in g]
+    assert len(groups) == 4 and sorted(ids) == sorted(id(p) for p in model.parameters())
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    for g in groups:  # what training does with the recipe's grad_clip
+        torch.nn.utils.clip_grad_norm_(g, 5.0)
+    norms = [torch.norm(torch.stack([p.grad.norm() for p in g])) for g in groups]
+    assert all(abs(float(n) - 5.0) < 1e-3 for n in norms)
+    total = torch.norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert float(total) == pytest.approx(10.0, rel=1e-3)  # sqrt(4) x 5
+    assert len(create_model("abmil", D, 2).clip_groups()) == 1  # the default: one global norm
+
+
+def test_camil_trains_without_weight_decay_as_its_authors_optimiser_does():
+    """ICLR_CAMIL's Adam gets no decay and its custom train step never adds the layers' l2
+    regularisers to the loss: the recipe must not decay either."""
+    from wsi_mil.models.camil import CAMIL
+
+    assert CAMIL.recipe.weight_decay == 0 and CAMIL.recipe.optimizer == "adam" and CAMIL.recipe.lr == 2e-4

@@ -1,12 +1,12 @@
 """`wsi-mil view`: Deep Zoom from the reader, score layers, patch lookup, and the page in Chromium."""
 
 import json
-import shutil
-import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 
+import browser
 import cv2
 import numpy as np
 import pytest
@@ -74,7 +74,8 @@ def test_server_tiles_reach_level0_pixels_and_overlays_are_transparent_outside_p
     assert hit["x"] == 256 and hit["y"] == 0 and set(hit) >= {"attention", "inversion", "combined"}
     assert json.loads(_get(f"{base}/api/patch?x={slide.dimensions[0] - 5}&y=5")) is None
     info = json.loads(_get(base + "/api/info"))
-    assert info["target"] == "tumor" and "same 0-1 scale" in info["legend"]
+    assert info["target"] == "tumor" and "probability that this patch is tumor" in info["legend"]
+    assert "rank within this slide" in info["legends"]["attention"]
     assert info["top"]["combined"][0]["value"] == pytest.approx(1.0)
     assert _get(f"{base}/api/thumb/{info['top']['combined'][0]['index']}.jpg")[:2] == b"\xff\xd8"
     for bad in ("/slide_files/99/0_0.jpeg", "/overlay/nope_files/1/0_0.png", "/api/thumb/99999.jpg", "/x"):
@@ -83,34 +84,37 @@ def test_server_tiles_reach_level0_pixels_and_overlays_are_transparent_outside_p
         assert err.value.code == 404
 
 
-CHROMIUM = [
-    "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--virtual-time-budget=10000", "--window-size=1200,800",
-]  # fmt: skip
+def _zoom_full_frame(b: browser.Chromium, base: str, review: Review) -> dict:
+    review.max_level_served = -1
+    assert b.open(base + "/?zoom=full&x=700&y=500&score=attention") == "attention"
+    assert review.max_level_served == review.dz.max_level  # level-0 pixels were served
+    return browser.viewer_frame_checks(b.screenshot())
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
-def test_page_in_headless_chromium_at_overview_and_full_zoom(served, tmp_path):
+@pytest.mark.skipif(not browser.available(), reason="Debian chromium not installed")
+def test_page_in_headless_chromium_at_overview_and_full_zoom(served):
+    """The page in a real browser, screenshots taken once it says it is drawn (tests/browser.py):
+    the overview never reads level 0; a `?zoom=full` link draws level 0 with its overlay on the
+    first load, with the lower levels cached and in a new browser."""
     base, review, slide = served
     review.max_level_served = -1  # count only what the page asks for
-    profile = f"--user-data-dir={tmp_path / 'profile'}"
-    dom = subprocess.run(
-        CHROMIUM + [profile, "--dump-dom", base + "/"], capture_output=True, text=True, timeout=120
-    )
-    assert 'id="status">loaded combined<' in dom.stdout, dom.stdout[-1500:] + dom.stderr[-1500:]
-    assert '<pre id="errors"></pre>' in dom.stdout
-    assert dom.stdout.count('src="api/thumb/') == 12
-    shot = tmp_path / "overview.png"
-    subprocess.run(CHROMIUM + [profile, f"--screenshot={shot}", base + "/"], capture_output=True, timeout=120)
-    img = cv2.imread(str(shot))[:, :, ::-1][:, :900]
-    assert (img.std(axis=(0, 1)) > 5).all()  # the slide and overlay drawn, not a blank canvas
-    assert review.max_level_served < review.dz.max_level  # the overview never reads level 0
-    zoom = tmp_path / "full.png"
-    url = base + "/?zoom=full&x=700&y=500&score=attention"
-    # The lower levels are cached by now; a link to a point must still fetch level 0 first
-    # (immediateRender), not stop at the cached level below it (5 of 10 runs did without it).
-    subprocess.run(CHROMIUM + [profile, f"--screenshot={zoom}", url], capture_output=True, timeout=120)
-    assert review.max_level_served == review.dz.max_level  # level-0 pixels were served
-    full = cv2.imread(str(zoom))[:, :, ::-1][:, :900]
-    assert (full.std(axis=(0, 1)) > 5).all()
+    with browser.Chromium() as b:
+        assert b.open(base + "/") == "combined"
+        dom = b.dom()
+        assert 'id="status">loaded combined<' in dom and '<pre id="errors"></pre>' in dom
+        assert dom.count('src="api/thumb/') == 12
+        frame = browser.viewer_frame_checks(b.screenshot())
+        assert frame["unpainted"] < 0.6 and frame["overlay"] > 0.05, frame  # slide and overlay drawn
+        assert review.max_level_served < review.dz.max_level  # the overview never reads level 0
+        frame = _zoom_full_frame(b, base, review)  # the lower levels are cached by now
+        assert frame["unpainted"] < 0.01 and frame["overlay"] > 0.5, frame
+        # the checks see what is missing: the overlay hidden, then the slide hidden too
+        b.evaluate("viewer.world.getItemAt(1).setOpacity(0); viewer.forceRedraw(); 1")
+        time.sleep(0.5)
+        assert browser.viewer_frame_checks(b.screenshot())["overlay"] < 0.01
+        b.evaluate("viewer.world.getItemAt(0).setOpacity(0); viewer.forceRedraw(); 1")
+        time.sleep(0.5)
+        assert browser.viewer_frame_checks(b.screenshot())["unpainted"] > 0.99
+    with browser.Chromium() as b:  # a new browser: nothing cached
+        frame = _zoom_full_frame(b, base, review)
+        assert frame["unpainted"] < 0.01 and frame["overlay"] > 0.5, frame

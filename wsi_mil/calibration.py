@@ -3,9 +3,10 @@
 Platt (1999), "Probabilistic outputs for support vector machines": P = sigmoid(a * x + b) with
 x the model's logit, fitted by maximum likelihood against the smoothed targets
 t+ = (N+ + 1) / (N+ + 2) and t- = 1 / (N- + 2), which keeps (a, b) finite when the classes are
-separable (as small MIL cohorts often are). One (a, b) per class, one-vs-rest, on
-x = logit(P(class)). Used by the heatmap to gate per-patch evidence with a probability that
-means the same on every slide (localization/scores.py).
+separable (as small MIL cohorts often are). Two classes: one (a, b) on x = logit(P(class 1)),
+P(class 0) = 1 - P(class 1). More classes: one (a, b) per class, one-vs-rest, on
+x = logit(P(class)), then normalised so the classes' probabilities sum to 1. The heatmap and
+`predict` report the calibrated slide probability beside the raw one.
 """
 
 from __future__ import annotations
@@ -54,12 +55,25 @@ class PlattScaling:
     @classmethod
     def fit(cls, prob: np.ndarray, labels: np.ndarray) -> PlattScaling:
         prob, labels = np.asarray(prob, np.float64), np.asarray(labels)
+        if prob.shape[1] == 2:
+            a, b = fit_platt(logit(prob[:, 1]), labels == 1)
+            return cls([-a, a], [-b, b], len(labels))  # class 0 mirrors class 1 (unused by apply)
         ab = [fit_platt(logit(prob[:, c]), labels == c) for c in range(prob.shape[1])]
         return cls([a for a, _ in ab], [b for _, b in ab], len(labels))
 
+    def apply_all(self, prob: np.ndarray) -> np.ndarray:
+        """[..., C] calibrated probabilities of every class, summing to 1."""
+        prob = np.asarray(prob, np.float64)
+        if prob.shape[-1] == 2:
+            p1 = 1 / (1 + np.exp(-(self.a[1] * logit(prob[..., 1]) + self.b[1])))
+            return np.stack([1 - p1, p1], -1)
+        z = np.asarray(self.a) * logit(prob) + np.asarray(self.b)
+        p = 1 / (1 + np.exp(-z))
+        return p / p.sum(-1, keepdims=True)
+
     def apply(self, prob: np.ndarray, c: int) -> np.ndarray:
-        z = self.a[c] * logit(np.asarray(prob)[..., c]) + self.b[c]
-        return 1 / (1 + np.exp(-z))
+        """The calibrated probability of class c."""
+        return self.apply_all(prob)[..., c]
 
     def to_dict(self) -> dict:
         return {"method": "platt", "a": self.a, "b": self.b, "n": self.n}

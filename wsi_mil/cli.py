@@ -171,25 +171,43 @@ def crossval(
     device: opt.Device = None,
     config: opt.Config = None,
     allow_missing: opt.AllowMissing = False,
+    selection_fallback: Annotated[
+        bool,
+        typer.Option(
+            "--selection-fallback",
+            help="Where a class has under 4 cases in a fold's training folds, choose epoch and threshold on that fold (optimistic, marked) instead of stopping",
+        ),
+    ] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Retrain from scratch into an existing run folder")
     ] = False,
     cluster: opt.Cluster = None,
+    annotations: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Folder of <slide>.xml/.geojson patch annotations: calibrate heatmap probabilities on them (default: from the negative slides)"
+        ),
+    ] = None,
 ):
     """k-fold training + held-out test + majority-vote ensemble; writes report.md."""
     from .config import load_config
+    from .localization.scores import inversion_settings
     from .training.crossval import run_crossval
 
     train = dict(
         folds=folds, test_frac=test_frac, epochs=epochs, patience=patience, lr=lr, seed=seed,
         device=device, max_instances=max_instances, recipe=recipe, small_cohort=small_cohort,
+        selection_fallback=selection_fallback or None,
     )  # fmt: skip
     cfg = load_config(config, train=train)
+    if model and models:
+        raise WsiMilError("--model and --models both given: use --models for several, --model for one")
     names = [m.strip() for m in (models or model or cfg.train.model).split(",") if m.strip()]
     with cluster_map(cluster) as map_fn:
         run_crossval(
             features, labels, out, cfg.train, names, allow_missing,
             lambda msg: say(f"[cyan]crossval[/cyan] {msg}"), map_fn, overwrite=overwrite,
+            annotations=annotations, inversion=inversion_settings(cfg.heatmap),
         )  # fmt: skip
     Console().print((out / "report.md").read_text(), highlight=False, markup=False)
 
@@ -244,7 +262,11 @@ def demo(
 
     summary = run_demo(out, slides, encoder, epochs, folds, log=lambda m: say(f"[cyan]demo[/cyan] {m}"))
     aucs = ", ".join(f"{k} {v:.3f}" for k, v in summary["test_auc"].items())
-    say(f"test AUC: {aucs}; patch AUC (combined): {summary['patch_auc']['combined']:.3f}")
+    loc = summary["localization"]
+    say(
+        f"test AUC: {aucs}; combined layer: per-slide patch AUC {loc['mean_slide_patch_auc']['combined']:.3f}, "
+        f"patch ECE {summary['ece']['combined']:.3f}"
+    )
     say(f"timings (s): {summary['timings_s']}")
     say(f"report: {out / 'report.html'}")
 

@@ -34,7 +34,10 @@ def register(app: typer.Typer) -> None:
             Optional[str], typer.Option(help="Which model of the run (default: its first)")
         ] = None,
         score: Annotated[
-            str, typer.Option(help="combined, attention or inversion (PNG and OME-TIFF)")
+            str,
+            typer.Option(
+                help="Layer for the PNG and OME-TIFF: combined, patch_alone, attention or inversion"
+            ),
         ] = "combined",
         overlap: Annotated[
             float, typer.Option(help="Patch overlap when extracting (0.5 for a finer map)")
@@ -52,7 +55,7 @@ def register(app: typer.Typer) -> None:
         device: opt.DeviceAuto = "auto",
         no_viewer: Annotated[bool, typer.Option("--no-viewer", help="Skip the HTML viewer")] = False,
     ):
-        """Per-patch attention + sparse-inversion scores -> PNG, QuPath GeoJSON, OME-TIFF, HTML."""
+        """Per-patch probability (calibrated), attention and inversion -> PNG, QuPath GeoJSON, OME-TIFF, HTML."""
         from .config import load_config
         from .device import resolve_device
         from .formats.scores import SCORE_NAMES
@@ -67,9 +70,15 @@ def register(app: typer.Typer) -> None:
             slide, run, out or Path("heatmaps"), features=features, work=work, request=request,
             cfg=load_config(config), mpp=mpp,
         )  # fmt: skip
+        calibrated = summary["calibrated_probabilities"]
         say(
             f"{summary['slide']}: {summary['model']} ({summary['folds']} fold(s)) predicts "
-            f"{summary['predicted']} (p = {summary['probability']:.3f})"
+            f"{summary['predicted']}: {summary['probabilities']}"
+            + (f" (calibrated: {calibrated})" if calibrated else "")
+        )
+        say(
+            f"  patch probabilities for {summary['target']}: calibration {summary['patch_calibration']}; "
+            f"inversion steps kept per fold {summary['inversion_steps_kept']}"
         )
         for key in ("png", "geojson", "ome_tiff", "html", "scores"):
             if key in summary:
@@ -128,6 +137,8 @@ def register(app: typer.Typer) -> None:
         from .localization.server import Review, make_server
         from .wsi.readers import open_slide
 
+        if not slide.exists():
+            raise WsiMilError(f"{slide}: no such slide file; give the path of the slide to review")
         if (run is None) == (scores is None):
             raise WsiMilError("give --run RUN (score the slide now) or --scores FILE (scored before)")
         if scale not in SCALES:

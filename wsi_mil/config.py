@@ -81,6 +81,9 @@ class TrainConfig(BaseModel):
     # "inner": epoch and threshold chosen on an inner fold of the training folds, the reported
     # fold only scored (selection-free); "outer": chosen on the reported fold (optimistic)
     selection: Literal["inner", "outer"] = "inner"
+    # "inner" with a class of fewer than 4 cases in a fold's training folds: an error, unless
+    # this allows choosing on that outer fold (marked in metrics.json and report.md)
+    selection_fallback: bool = False
     lr: float | None = None
     weight_decay: float | None = None
     optimizer: Literal["adam", "adamw", "sgd", "radam_lookahead"] | None = None
@@ -94,11 +97,10 @@ class TrainConfig(BaseModel):
 
 
 class HeatmapConfig(BaseModel):
-    combine_weight: float = Field(0.5, description="weight of inversion in the combined score")
     inversion_steps: int = 50
     inversion_lr: float = 0.1
     inversion_lambda: float = 1.6
-    inversion_score: Literal["evidence", "survival", "change"] = "evidence"
+    inversion_score: Literal["inverted_attention", "evidence", "survival", "change"] = "inverted_attention"
     blur: bool = True
     thumb_mpp: float = 8.0
     viewer_mpp: float = 2.0

@@ -223,14 +223,26 @@ def print_slide_info(infos: list[dict]) -> None:
 
 def print_localization(result: dict) -> None:
     rates = ("0.25", "1", "8")
-    table = Table("score", "pooled patch AUC", "FROC", *[f"sens@{r}" for r in rates])
+    table = Table(
+        "layer", "scale", "per-slide patch AUC", "pooled AUC", "pooled, shuffled", "ECE", "FROC",
+        *[f"sens@{r}" for r in rates],
+    )  # fmt: skip
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
-    for n, auc in result["pooled_patch_auc"].items():
+    for n, auc in result["mean_slide_patch_auc"].items():
         f = result["froc"][n]
-        table.add_row(n, fmt(auc), fmt(f["froc"]), *[fmt(f["sensitivity"][r]) for r in rates])
-    Console().print(table)
+        ece = result["reliability"].get(n, {}).get("ece")
+        table.add_row(
+            n, result["layers"][n], fmt(auc), fmt(result["pooled_patch_auc"][n]),
+            fmt(result["pooled_patch_auc_shuffled"][n]), fmt(ece), fmt(f["froc"]),
+            *[fmt(f["sensitivity"][r]) for r in rates],
+        )  # fmt: skip
+    Console(width=max(160, Console().width)).print(table)
     lesions = next(iter(result["froc"].values()))["lesions"]
-    say(f"slide AUC {fmt(result.get('slide_auc'))}; {lesions} lesion(s), isolated tumour cells excluded")
+    tumor = sum(1 for r in result["per_slide"].values() if r["tumor"])
+    say(
+        f"per-slide AUC: mean over {tumor} tumour slide(s); slide AUC {fmt(result.get('slide_auc'))}; "
+        f"{lesions} lesion(s), isolated tumour cells excluded"
+    )
 
 
 def print_encoders(rows: list[dict]) -> None:

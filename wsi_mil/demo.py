@@ -1,9 +1,11 @@
 """`wsi-mil demo`: a synthetic cohort through every stage, with a report at the end.
 
-synthesise slides (with ground-truth tumor masks) -> extract (segment, tile, encode) ->
-crossval (PSMIL and ABMIL on the same splits) -> heatmap on test slides ->
-evaluate-localization -> report.html. Every stage skips work already done, so a second run
-resumes at once. Encoder weights are random (nothing can be downloaded offline); the
+synthesise slides (with ground-truth tumor masks; one tumour slide holds only a
+micro-metastasis of 1-3 patches) -> extract (segment, tile, encode) -> crossval (PSMIL and ABMIL
+on the same splits, patch calibration on the annotated out-of-fold slides) -> heatmap on the
+test slides -> evaluate-localization -> report.html. The test split is written into labels.csv
+(whole cases, the micro-metastasis among them, so the report shows it on held-out slides).
+Every stage skips work already done, so a second run resumes at once. Encoder weights are random (nothing can be downloaded offline); the
 synthetic tumor differs from normal tissue in colour and texture, which random
 convolutional features still separate.
 """
@@ -30,6 +32,20 @@ from .training.report import markdown_html
 from .wsi.collect import SlideEntry
 
 DEMO_TILING = TilingConfig(target_mpp=1.0, patch_size=128, min_tissue=0.5)
+
+
+def test_split(labels: pd.DataFrame, micro: str, n_each: int = 3, seed: int = 0) -> list[str]:
+    """'test' for whole cases until at least `n_each` tumour and `n_each` normal slides are in,
+    starting with the micro-metastasis slide's case; 'train' for the rest."""
+    case_of = dict(zip(labels.slide_id, labels.case_id))
+    cases = [case_of[micro]] + list(np.random.default_rng(seed).permutation(sorted(set(labels.case_id))))
+    chosen: set = set()
+    for case in cases:
+        test = labels[labels.case_id.isin(chosen)]
+        if (test.label == "tumor").sum() >= n_each and (test.label == "normal").sum() >= n_each:
+            break
+        chosen.add(case)
+    return ["test" if c in chosen else "train" for c in labels.case_id]
 
 
 def _num(v) -> str:
@@ -65,11 +81,16 @@ def run_demo(
     slides_dir = cohort_dir / "slides"
     truth_dir = cohort_dir / "tumor_annotations"
     if not (cohort_dir / "labels.csv").exists() or len(list(slides_dir.glob("*.tif"))) < n_slides:
-        log(f"synthesising {n_slides} slides")
-        cohort = make_cohort(cohort_dir, n_slides, seed=0)
+        log(f"synthesising {n_slides} slides (one with a micro-metastasis)")
+        cohort = make_cohort(cohort_dir, n_slides, seed=0, micro=1)
         truth_dir.mkdir(parents=True, exist_ok=True)
         for s in cohort:
             (truth_dir / f"{s.path.stem}.geojson").write_text(json.dumps(s.tumor_geojson()))
+        micro = next(s.path.stem for s in cohort if s.is_tumor)  # make_cohort's first tumour slide
+        labels = pd.read_csv(cohort_dir / "labels.csv")
+        labels["split"] = test_split(labels, micro, n_each=max(1, round(n_slides / 8)))
+        labels["lesion"] = ["micro-metastasis" if sid == micro else "" for sid in labels.slide_id]
+        labels.to_csv(cohort_dir / "labels.csv", index=False)
     timings["synthesise"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -107,7 +128,8 @@ def run_demo(
         run_dir,
         train,
         ["psmil", "abmil"],
-        progress=lambda m: None,
+        progress=log,
+        annotations=truth_dir,
     )
     timings["crossval"] = time.perf_counter() - t0
 
@@ -115,7 +137,11 @@ def run_demo(
     splits = pd.read_csv(run_dir / "splits.csv")
     test = splits[splits.split == "test"].sort_values("label", ascending=False)
     heat_dir = out / "heatmaps"
-    shown = test.slide_id.tolist()[:n_heatmaps]
+    labels = pd.read_csv(cohort_dir / "labels.csv").fillna("")
+    micro = set(labels.slide_id[labels.get("lesion", pd.Series(dtype=str)) == "micro-metastasis"])
+    tumours = sorted(test.slide_id[test.label_name == "tumor"], key=lambda sid: sid not in micro)
+    normals = test.slide_id[test.label_name != "tumor"].tolist()
+    shown = (tumours[: max(1, n_heatmaps - 1)] + normals)[:n_heatmaps]
     summaries = []
     for sid in test.slide_id:  # score every test slide (cheap); full exports for a few
         if (
@@ -135,6 +161,8 @@ def run_demo(
                 )
             )
             log(f"heatmap {sid}")
+        else:
+            summaries.append({"slide": sid, "probabilities": ""})
     timings["heatmap"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -142,14 +170,30 @@ def run_demo(
     write_json(heat_dir / "localization.json", loc)
     timings["evaluate"] = time.perf_counter() - t0
 
+    slide_p = {r["slide"]: r["probabilities"] for r in summaries}
     summary = {
         "test_auc": {r["model"]: r["test"]["auc"] for r in results},
-        "patch_auc": loc["pooled_patch_auc"],
+        "localization": {
+            k: loc[k]
+            for k in ("mean_slide_patch_auc", "pooled_patch_auc", "pooled_patch_auc_shuffled", "slide_auc")
+        },
+        "ece": {k: v["ece"] for k, v in loc["reliability"].items()},
         "froc": {k: v["froc"] for k, v in loc["froc"].items()},
-        "slide_auc": loc["slide_auc"],
+        "per_slide": {
+            sid: {
+                "tumor": r["tumor"],
+                "micro_metastasis": sid in micro,
+                "tumor_patches": r["tumor_patches"],
+                **{k: r["combined"][k] for k in ("auc", "top", "tumor_above_half", "above_half")},
+            }
+            for sid, r in loc["per_slide"].items()
+        },
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
-    _write_report(out, run_dir, heat_dir, truth_dir, slides_dir, shown, summary, encoder)
+    from .localization.render import plot_reliability
+
+    plot_reliability({"tumor": loc["reliability"]}, heat_dir / "reliability.png", "psmil: test slides")
+    _write_report(out, run_dir, heat_dir, truth_dir, slides_dir, shown, summary, encoder, slide_p)
     write_json(out / "summary.json", summary)
     return summary
 
@@ -172,39 +216,60 @@ def _truth_png(slide_path: Path, truth: Path, png: Path) -> None:
     save_png(png, img)
 
 
-def _write_report(out, run_dir, heat_dir, truth_dir, slides_dir, shown, summary, encoder):
+def _write_report(out, run_dir, heat_dir, truth_dir, slides_dir, shown, summary, encoder, slide_p):
     report_md = (run_dir / "report.md").read_text()
+    report_md = "\n".join(report_md.splitlines()[1:])  # its title: this page has its own
     rows = []
     for sid in shown:
         truth_png = heat_dir / f"{sid}_truth.png"
         if not truth_png.exists():
             _truth_png(slides_dir / f"{sid}.tif", truth_dir / f"{sid}.geojson", truth_png)
         rows.append(
-            f"<tr><td>{sid}<br><a href='heatmaps/{sid}.html'>open viewer</a></td>"
+            f"<tr><td>{sid}<br>{html.escape(slide_p.get(sid, ''))}<br><a href='heatmaps/{sid}.html'>open viewer</a></td>"
             f"<td>{_img_tag(truth_png)}</td><td>{_img_tag(heat_dir / f'{sid}_heatmap.png', 460)}</td></tr>"
         )
+    loc = summary["localization"]
     loc_rows = "".join(
-        f"<tr><td>{n}</td><td>{_num(summary['patch_auc'][n])}</td><td>{_num(summary['froc'][n])}</td></tr>"
-        for n in summary["patch_auc"]
+        f"<tr><td>{n}</td><td>{_num(loc['mean_slide_patch_auc'][n])}</td><td>{_num(loc['pooled_patch_auc'][n])}</td>"
+        f"<td>{_num(loc['pooled_patch_auc_shuffled'][n])}</td><td>{_num(summary['ece'].get(n))}</td>"
+        f"<td>{_num(summary['froc'][n])}</td></tr>"
+        for n in loc["mean_slide_patch_auc"]
+    )
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"
+    slide_rows = "".join(
+        f"<tr><td>{sid}{' (micro-metastasis)' if r['micro_metastasis'] else ''}</td><td>{html.escape(slide_p.get(sid, ''))}</td>"
+        f"<td>{r['tumor_patches']}</td><td>{_num(r['auc'])}</td><td>{_num(r['top'])}</td>"
+        f"<td>{pct(r['tumor_above_half'])}</td><td>{pct(r['above_half'])}</td></tr>"
+        for sid, r in summary["per_slide"].items()
     )
     timing_rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in summary["timings_s"].items())
     page = f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>wsi-mil demo report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:auto;padding:20px}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}</style></head><body>
 <h1>wsi-mil demo report</h1>
-<p>A synthetic cohort (tumor and normal slides with ground-truth tumor masks) run through
-segmentation, tiling, feature extraction ({html.escape(encoder)}, <b>random weights</b>: no
-download is possible offline, so features are random convolutional features), 5-fold
-cross-validation of PSMIL and ABMIL with a held-out test set, heatmaps (PSMIL attention +
-sparse network inversion) and localization against the ground truth.</p>
-<h2>Slide-level classification</h2>{markdown_html(report_md)}
+<p>A synthetic cohort (tumor and normal slides with ground-truth tumor masks; one tumour slide
+holds only a micro-metastasis of a few patches) run through segmentation, tiling, feature
+extraction ({html.escape(encoder)}, <b>random weights</b>: no download is possible offline, so
+features are random convolutional features), 5-fold cross-validation of PSMIL and ABMIL with a
+held-out test set, patch calibration on the annotated out-of-fold slides, heatmaps and
+localization against the ground truth.</p>
+<h2>Slide-level classification</h2>{markdown_html(report_md, run_dir)}
 <p>{_img_tag(run_dir / "psmil" / "roc.png", 320)} {_img_tag(run_dir / "abmil" / "roc.png", 320)}</p>
-<h2>Localization (test slides)</h2>
-<p>Patch AUC pooled over the test slides (scores on one absolute scale) and Camelyon16's
-lesion-level FROC (its Evaluation_FROC.py protocol); slide AUC {_num(summary.get("slide_auc"))}.</p>
-<table><tr><th>score</th><th>patch AUC</th><th>FROC</th></tr>{loc_rows}</table>
+<h2>Localization on the test slides (PSMIL)</h2>
+<p>combined and patch_alone: the probability that a patch is tumour (calibrated out of fold);
+attention and inversion: ranks within each slide. Per-slide patch AUC is the mean over the
+tumour slides; the pooled AUC is shown beside the pooled AUC of the same scores shuffled within
+each slide (what the pooled number owes to telling slides apart, not patches); ECE is the
+expected calibration error of the probability layers over all labelled test patches; FROC is
+Camelyon16's lesion-level score (its Evaluation_FROC.py protocol). Slide AUC
+{_num(loc.get("slide_auc"))}.</p>
+<table><tr><th>layer</th><th>per-slide patch AUC</th><th>pooled AUC</th><th>pooled, shuffled within slides</th><th>ECE</th><th>FROC</th></tr>{loc_rows}</table>
+<h3>Per test slide (combined layer)</h3>
+<table><tr><th>slide</th><th>slide probabilities</th><th>tumour patches</th><th>patch AUC</th><th>top patch</th><th>tumour patches above 0.5</th><th>all patches above 0.5</th></tr>{slide_rows}</table>
+<h3>Reliability of the patch probabilities (test slides)</h3>
+<p>{_img_tag(heat_dir / "reliability.png", 460)}</p>
 <h2>Heatmaps next to ground truth</h2>
-<table><tr><th>slide</th><th>ground truth (black outline)</th><th>PSMIL combined score</th></tr>{"".join(rows)}</table>
+<table><tr><th>slide</th><th>ground truth (black outline)</th><th>PSMIL combined: P(patch is tumor)</th></tr>{"".join(rows)}</table>
 <h2>Stage timings (s)</h2><table>{timing_rows}</table>
 </body></html>"""
     write_text(out / "report.html", page)

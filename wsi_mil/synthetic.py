@@ -246,6 +246,9 @@ def write_blank_slide(path: str | Path, width: int = 2048, height: int = 2048, m
     return write_synthetic_slide(path, width * mpp, height * mpp, mpp, masks=(empty, empty)).path
 
 
+MICRO_RADIUS_UM = (90.0, 130.0)  # a micro-metastasis: about 1-3 patches of 128 um (the demo's grid)
+
+
 def make_cohort(
     out_dir: str | Path,
     n_slides: int = 24,
@@ -254,8 +257,12 @@ def make_cohort(
     height_um: float = 2000,
     mpp: float = 0.5,
     seed: int = 0,
+    micro: int = 0,
 ) -> list[SyntheticSlide]:
-    """Tumor and normal synthetic slides plus `labels.csv` (slide_id,label,case_id)."""
+    """Tumor and normal synthetic slides plus `labels.csv` (slide_id,label,case_id).
+
+    The first `micro` tumour slides hold one micro-metastasis (a lesion of radius
+    MICRO_RADIUS_UM, about 1-3 patches at 1 um/px and 128 px) instead of 1-2 larger ones."""
     import pandas as pd
 
     out_dir = Path(out_dir)
@@ -264,18 +271,20 @@ def make_cohort(
     n_tumor = int(round(n_slides * tumor_ratio))
     labels = np.array([1] * n_tumor + [0] * (n_slides - n_tumor))
     rng.shuffle(labels)
+    micro_slides = set(np.flatnonzero(labels)[:micro].tolist())
     cohort, rows = [], []
     for i, label in enumerate(labels):
         name = f"{'tumor' if label else 'normal'}_{i:03d}"
+        small = i in micro_slides
         s = write_synthetic_slide(
             slides_dir / f"{name}.tif",
             width_um,
             height_um,
             mpp,
-            tumor_regions=int(rng.integers(1, 3)) if label else 0,
+            tumor_regions=(1 if small else int(rng.integers(1, 3))) if label else 0,
             n_pieces=int(rng.integers(2, 4)),
             seed=seed * 1000 + i,
-            tumor_radius_um=(200, 450),
+            tumor_radius_um=MICRO_RADIUS_UM if small else (200, 450),
         )
         if label and not s.is_tumor:  # a tumor blob can miss eroded tissue: retry bigger
             s = write_synthetic_slide(
@@ -283,9 +292,10 @@ def make_cohort(
                 width_um,
                 height_um,
                 mpp,
-                tumor_regions=2,
+                tumor_regions=1 if small else 2,
                 n_pieces=2,
                 seed=seed * 1000 + i + 500,
+                tumor_radius_um=MICRO_RADIUS_UM if small else (250, 600),
             )
         cohort.append(s)
         rows.append(

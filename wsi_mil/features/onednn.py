@@ -19,6 +19,8 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..device import cpu_has_bf16
+
 log = logging.getLogger("wsi_mil")
 
 _ADDS = (operator.add, operator.iadd, torch.add)
@@ -53,8 +55,11 @@ def fuse_conv_pointwise(net: nn.Module, dtype: torch.dtype, input_size: int) -> 
     """`net` with conv+relu, conv+add and conv+add+relu fused (oneDNN post-ops), and how many
     convolutions were fused. Returns `(net, 0)` unchanged when nothing can be fused: a net
     torch.fx cannot trace, no plain (groups 1, 2-d) convolution followed by relu or add, no
-    oneDNN, or a dtype other than fp32/bf16."""
+    oneDNN, a dtype other than fp32/bf16, or bf16 on a CPU without bf16 units (oneDNN's fused
+    bf16 kernels need AVX-512 or AVX-NE-CONVERT; the unfused bf16 path runs everywhere)."""
     if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+        return net, 0
+    if dtype == torch.bfloat16 and not cpu_has_bf16():
         return net, 0
     if sum(_plain_conv(m) for m in net.modules()) < 2:  # a ViT's patch embedding: nothing to fuse
         return net, 0

@@ -124,6 +124,23 @@ def check_compatible(path, dim: int, encoder: str | None, run_dim: int, run_enco
         )
 
 
+def check_grid(path, attrs: dict, spec: dict, source: str) -> None:
+    """Refuse features tiled on another grid (microns per pixel, patch size) than the run's:
+    a patch of another size or magnification is another input to the models."""
+    mpp, run_mpp = attrs.get("target_mpp"), spec.get("target_mpp")
+    if mpp is not None and run_mpp is not None and abs(float(mpp) - float(run_mpp)) > 0.01 * float(run_mpp):
+        raise WsiMilError(
+            f"{path}: patches at {float(mpp):g} um/px, but {source} was trained on {float(run_mpp):g} um/px; "
+            f"extract with --target-mpp {float(run_mpp):g}"
+        )
+    size, run_size = attrs.get("patch_size"), spec.get("patch_size")
+    if size is not None and run_size is not None and int(size) != int(run_size):
+        raise WsiMilError(
+            f"{path}: {int(size)}-px patches, but {source} was trained on {int(run_size)}-px patches; "
+            f"extract with --patch-size {int(run_size)}"
+        )
+
+
 def write_features(path: str | Path, features: np.ndarray, coords: np.ndarray, attrs: dict) -> None:
     """Write a whole bag at once (synthetic cohorts, conversions), atomically."""
     dtype = str(np.asarray(features).dtype)

@@ -57,6 +57,12 @@ class RunFolder:
         path = self.model_dir(model) / "calibration.json"
         return PlattScaling.from_dict(read_json(path)) if path.exists() else None
 
+    def read_patch_calibration(self, model: str) -> dict | None:
+        """`<model>/patch_calibration.json` as written by crossval (localization/
+        patch_calibration.py reads it into maps); None for runs made before it existed."""
+        path = self.model_dir(model) / "patch_calibration.json"
+        return read_json(path) if path.exists() else None
+
     def model_dir(self, model: str) -> Path:
         return self.root / model
 

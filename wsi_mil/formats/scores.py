@@ -1,19 +1,22 @@
 """Per-patch score files `<slide>_scores.h5` / `.csv` written by `wsi-mil heatmap`.
 
-HDF5: `coords` int64 [N, 2] (level-0 top-left) and one float32 [N] dataset per score
-(`attention`, `inversion`, `combined`), attrs `prob` (slide-level class probabilities),
-`predicted` (the index of the class whose evidence is scored), `target` (its name), `scale`
-("absolute": P(class) x relative evidence, the same [0, 1] scale on every slide, see
-localization/scores.py), `patch_size_level0`, `mpp` (level-0 um/px), `slide_size` (level-0
-width, height) and `qupath_offset` (what QuPath-frame annotations must be shifted by to meet
-these coords). The CSV holds the same
-columns (x, y, attention, inversion, combined). Files from wsi-mil 0.1 (within-slide ranks,
-`scale` read as "rank"; the combined score called `score`) are read too.
+HDF5: `coords` int64 [N, 2] (level-0 top-left) and one float32 [N] dataset per layer
+(localization/scores.py): `combined` and `patch_alone` (the probability that the patch shows the
+target class), `attention` and `inversion` (within-slide ranks). Attrs: `prob` (the slide's
+class probabilities), `predicted` (the index of the class whose evidence is scored), `target`
+(its name), `scale` ("probability" since wsi-mil 0.3), `calibration` (the patch calibration's
+mode: "annotations", "negatives" or "none"), `inversion_steps_kept` (per fold model),
+`patch_size_level0`, `mpp` (level-0 um/px), `slide_size` (level-0 width, height) and
+`qupath_offset` (what QuPath-frame annotations must be shifted by to meet these coords). The
+CSV holds the same columns (instance, x, y and the layers). Older files are read too: wsi-mil
+0.2 (`scale` "absolute": slide probability x within-slide min-max, no `patch_alone`) and 0.1
+(within-slide ranks, `scale` read as "rank", the combined score called `score`); their
+`patch_alone` layer is their combined one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -22,7 +25,8 @@ import numpy as np
 from ..errors import WsiMilError
 from ..io import atomic_path
 
-SCORE_NAMES = ("attention", "inversion", "combined")
+SCORE_NAMES = ("combined", "patch_alone", "attention", "inversion")
+PROBABILITY_LAYERS = ("combined", "patch_alone")  # the others are within-slide ranks
 
 
 @dataclass
@@ -35,14 +39,19 @@ class PatchScores:
     predicted: int  # the class whose evidence the scores map
     size0: float = 256.0  # patch side in level-0 pixels
     qupath_offset: tuple[int, int] = (0, 0)  # our level-0 minus QuPath's (Slide.qupath_offset)
-    scale: str = "absolute"  # "absolute" (same meaning on every slide) or "rank" (wsi-mil 0.1 files)
+    scale: str = "probability"  # "probability"; "absolute" (wsi-mil 0.2) or "rank" (0.1) in old files
     target: str = ""  # name of the class whose evidence is scored
     mpp: float = 0.0  # level-0 um/px of the slide (0: unknown)
     slide_size: tuple[int, int] = (0, 0)  # level-0 width, height (0: unknown)
+    patch_alone: np.ndarray | None = None  # P(class) from the patch alone; None: the combined layer's
+    calibrated: str = "none"  # the patch calibration's mode (patch_calibration.MODES) or "none"
+    steps_kept: list[int] = field(default_factory=list)  # inversion steps kept, per fold model
     flat_attention: int = 0  # models whose attention was the same on every patch (not stored)
 
     def __post_init__(self) -> None:
         n = len(self.coords)
+        if self.patch_alone is None:
+            self.patch_alone = np.asarray(self.combined)
         for name in SCORE_NAMES:
             values = np.asarray(getattr(self, name))
             if len(values) != n:
@@ -77,6 +86,8 @@ def write_scores(path: str | Path, scores: PatchScores) -> None:
             f.attrs["patch_size_level0"] = scores.size0
             f.attrs["qupath_offset"] = np.asarray(scores.qupath_offset, np.int64)
             f.attrs["scale"] = scores.scale
+            f.attrs["calibration"] = scores.calibrated
+            f.attrs["inversion_steps_kept"] = np.asarray(scores.steps_kept, np.int64)
             f.attrs["target"] = scores.target
             f.attrs["mpp"] = float(scores.mpp)
             f.attrs["slide_size"] = np.asarray(scores.slide_size, np.int64)
@@ -102,6 +113,9 @@ def read_scores(path: str | Path) -> PatchScores:
                 str(f.attrs.get("target", "")),
                 float(f.attrs.get("mpp", 0.0)),
                 tuple(int(v) for v in f.attrs.get("slide_size", (0, 0))),
+                f["patch_alone"][:] if "patch_alone" in f else None,
+                str(f.attrs.get("calibration", "none")),
+                [int(v) for v in f.attrs.get("inversion_steps_kept", [])],
             )
     except (OSError, KeyError, ValueError) as exc:
         raise WsiMilError(f"{path}: not a readable score file ({exc}); re-run 'wsi-mil heatmap'") from exc

@@ -24,7 +24,7 @@ from ..formats.scores import SCORE_NAMES, PatchScores
 from ..formats.tissue_geojson import qupath_feature, square
 from ..io import atomic_path
 from .render import colourise, score_raster
-from .scores import SCALE_LEGEND, display_values
+from .scores import display_values, legend, probability_text
 
 STATIC = Path(__file__).parent / "static"
 
@@ -85,7 +85,7 @@ def write_ome_tiff(
                 cols = np.clip(((np.arange(tx, tx + tile) + 0.5) * ds / cell).astype(int), 0, shape[1] - 1)
                 yield rgba_cells[np.ix_(rows, cols)]
 
-    legend = SCALE_LEGEND[scale].format(target=scores.target or "the mapped class")
+    label = legend(name, scores.target or "the mapped class", scale)
     meta = {
         "axes": "YXS",
         "Channel": {"Name": ["red", "green", "blue", "alpha"]},
@@ -93,7 +93,7 @@ def write_ome_tiff(
         "PhysicalSizeXUnit": "µm",
         "PhysicalSizeY": mpp,
         "PhysicalSizeYUnit": "µm",
-        "Name": f"wsi-mil {name} heatmap ({legend})",
+        "Name": f"wsi-mil heatmap ({label})",
     }
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=width * height > 2**31, ome=True) as tif:
         opts = dict(
@@ -175,12 +175,28 @@ OPACITY_AND_COLOUR_BAR = """<label>Overlay opacity <input id="opacity" type="ran
 <div class="bar"></div><div style="display:flex;justify-content:space-between"><span>0</span><span>0.5</span><span>1</span></div>"""
 
 
+# Marks the page drawn once the slide and the overlay hold every tile the view needs
+# (body data-ready = the layer's name): what review scripts and the browser tests wait for.
+READY_JS = """
+let settled = true;  // false while a requested zoom has not been applied yet
+function watchReady(name) {{
+  document.body.dataset.ready = '';
+  const timer = setInterval(function () {{
+    const n = viewer.world.getItemCount();
+    let done = n >= 2 && settled;
+    for (let i = 0; i < n && done; i++) done = viewer.world.getItemAt(i).getFullyLoaded();
+    if (done) {{ clearInterval(timer); document.body.dataset.ready = name; }}
+  }}, 50);
+}}
+"""
+
+
 VIEWER_HTML = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>wsi-mil: {title}</title>
 {style}</head>
 <body><div id="viewer"></div><div id="side">
 <h3 style="margin-top:0">{title}</h3>
-<p>Prediction: <b>{prediction}</b> (p = {probability:.3f})</p>
+<p>Slide: <b>{prediction}</b> ({probabilities})</p>
 <label>Score <select id="score">{options}</select></label><br><br>
 {colour_bar}
 <p id="legend">{legend}</p>
@@ -192,14 +208,16 @@ window.onerror = function (m) {{ document.getElementById('errors').textContent +
 <script src="{folder}/openseadragon.min.js"></script>
 <script>
 const data = {data};
+{ready_js}
 const viewer = OpenSeadragon({{ id: 'viewer', tileSources: [data.slide], drawer: 'canvas',
   showNavigationControl: false, crossOriginPolicy: false, maxZoomPixelRatio: 4 }});
 let overlay = null;
 function showScore(name) {{
   const opacity = parseFloat(document.getElementById('opacity').value);
+  document.getElementById('legend').textContent = data.legends[name];
   if (overlay) {{ viewer.world.removeItem(overlay); overlay = null; }}
   viewer.addTiledImage({{ tileSource: data.overlays[name], opacity: opacity,
-    success: function (e) {{ overlay = e.item; document.getElementById('status').textContent = 'loaded ' + name; }} }});
+    success: function (e) {{ overlay = e.item; document.getElementById('status').textContent = 'loaded ' + name; watchReady(name); }} }});
   const g = document.getElementById('gallery'); g.innerHTML = '';
   data.top[name].forEach(function (p) {{
     const im = document.createElement('img'); im.src = p.src;
@@ -226,6 +244,7 @@ def write_viewer(
     prediction: str,
     k: int = 12,
     scale: str = "absolute",
+    classes: list[str] | None = None,
 ) -> Path:
     """The HTML viewer plus its tile folder `<name>_viewer/` next to it (URLs percent-encoded,
     so slide names with `#`, `%` or `?` work)."""
@@ -270,22 +289,24 @@ def write_viewer(
         top[name] = items
     for src in [slide_src, *overlays.values()]:  # URLs relative to the HTML file
         src["Image"]["Url"] = f"{url}/{quote(src['Image']['Url'])}"
-    data = {"slide": slide_src, "overlays": overlays, "top": top}
+    target = scores.target or "the mapped class"
+    legends = {n: legend(n, target, scale) for n in SCORE_NAMES}
+    data = {"slide": slide_src, "overlays": overlays, "top": top, "legends": legends}
     options = "".join(
         f'<option value="{n}"{" selected" if n == "combined" else ""}>{n}</option>' for n in SCORE_NAMES
     )
     esc = html_lib.escape
-    legend = SCALE_LEGEND[scale].format(target=scores.target or "the mapped class")
     html = VIEWER_HTML.format(
         style=VIEWER_STYLE,
         colour_bar=OPACITY_AND_COLOUR_BAR,
         title=esc(title),
         prediction=esc(prediction),
-        probability=float(scores.prob.max()),
+        probabilities=esc(probability_text(scores.prob, classes)),
         options=options,
         k=k,
         folder=esc(url),
-        legend=esc(legend),
+        legend=esc(legends["combined"]),
+        ready_js=READY_JS.format(),
         data=json.dumps(data).replace("</", "<\\/"),
     )
     shutil.rmtree(folder, ignore_errors=True)

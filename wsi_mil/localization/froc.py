@@ -18,10 +18,12 @@ in NCRF's repository, `bin/Evaluation_FROC.py`). Steps, each named after the scr
   non-ITC lesions), then (0, 0).
 - `froc_score`: sensitivity linearly interpolated at 1/4, 1/2, 1, 2, 4 and 8 false positives
   per slide (np.interp on the reversed curve, as the script does) and their mean.
-Detections (`detections`): local maxima of the probability map by non-maximum suppression as
-in NCRF's `nms.py`: repeatedly take the map's maximum (first in row-major order), report it at
-its cell centre, zero a square of `radius` cells around it, until the maximum falls below
-`min_prob`.
+Detections: local maxima by non-maximum suppression as in NCRF's `nms.py`: repeatedly take
+the maximum (first in order), report it at its centre, suppress a square of `radius` around
+it, until the maximum falls below `min_prob`. `detections` runs it on a probability map (the
+cells of NCRF's map); `patch_detections` on the scored patches themselves, reporting each at
+its patch centre (NCRF and the challenge's entries report centres; a map cell of a 256-px
+patch rasterised at level 5 is 112 level-0 pixels off it).
 """
 
 from __future__ import annotations
@@ -73,6 +75,26 @@ def detections(
             continue
         out.append((float(values[k]), int((c + 0.5) * cell), int((r + 0.5) * cell)))
         taken[max(r - radius, 0) : r + radius, max(c - radius, 0) : c + radius] = True
+    return out
+
+
+def patch_detections(
+    coords: np.ndarray, values: np.ndarray, size0: float, radius0: float, min_prob: float = 0.5
+) -> list[tuple[float, int, int]]:
+    """(p, x, y) at the centres of the patches that are local maxima: the highest-scoring
+    patch first (ties: the first listed), then patches whose centre is not within the square of
+    half-side `radius0` level-0 pixels around an earlier detection."""
+    values = np.asarray(values, np.float64)
+    centres = np.asarray(coords, np.float64) + size0 / 2
+    out, taken = [], []
+    for i in np.argsort(-values, kind="stable"):
+        if values[i] <= min_prob:
+            break
+        c = centres[i]
+        if taken and (np.abs(np.asarray(taken) - c) < radius0).all(1).any():
+            continue
+        taken.append(c)
+        out.append((float(values[i]), int(c[0]), int(c[1])))
     return out
 
 

@@ -87,6 +87,8 @@ def overlay_figure(overlay: np.ndarray, title: str, out_png, legend: str = "scor
     import matplotlib
 
     matplotlib.use("Agg")
+    import textwrap
+
     import matplotlib.pyplot as plt
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -95,16 +97,46 @@ def overlay_figure(overlay: np.ndarray, title: str, out_png, legend: str = "scor
 
     h, w = overlay.shape[:2]
     fig_w = 8.0
-    fig, ax = plt.subplots(figsize=(fig_w, fig_w * h / w + 0.8))
+    fig, ax = plt.subplots(figsize=(fig_w, fig_w * h / w + 1.6))
     ax.imshow(overlay)
     ax.set_axis_off()
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(
-        ScalarMappable(Normalize(0, 1), "jet"),
-        ax=ax,
-        fraction=0.03,
-        pad=0.01,
-        label=legend,
+    ax.set_title(textwrap.fill(title, 90), fontsize=10)
+    bar = fig.colorbar(
+        ScalarMappable(Normalize(0, 1), "jet"), ax=ax, orientation="horizontal", fraction=0.05, pad=0.03
     )
+    bar.set_label(textwrap.fill(legend, 90), fontsize=10)
+    bar.ax.tick_params(labelsize=9)
     fig.tight_layout()
     save_figure(out_png, fig, dpi=110)
+
+
+def plot_reliability(result: dict, path, title: str) -> None:
+    """Reliability diagram(s) of `{class: {layer: reliability()}}`: each bin's mean predicted
+    probability against the share of its patches that are of the class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import save_figure
+
+    fig, axes = plt.subplots(1, len(result), figsize=(5.2 * len(result), 4.8), squeeze=False)
+    for ax, (name, layers) in zip(axes[0], result.items()):
+        ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
+        for layer, rel in layers.items():
+            xs = [b["mean_p"] for b in rel["bins"]]
+            ys = [b["positive"] for b in rel["bins"]]
+            (line,) = ax.plot(
+                xs, ys, "-", alpha=0.6, label=f"{layer}: ECE {rel['ece']:.3f} ({rel['patches']} patches)"
+            )
+            sizes = [12 + 60 * np.log10(b["n"]) for b in rel["bins"]]  # marker area: patches in the bin
+            ax.scatter(xs, ys, s=sizes, color=line.get_color(), zorder=3)
+            for x, y, b in zip(xs, ys, rel["bins"]):
+                ax.annotate(str(b["n"]), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        ax.set_xlabel(f"predicted P(patch is {name})", fontsize=10)
+        ax.set_ylabel(f"share of the bin's patches that are {name}", fontsize=10)
+        ax.set(xlim=(0, 1), ylim=(0, 1))
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=9, loc="upper left")
+    fig.tight_layout()
+    save_figure(path, fig, dpi=110)

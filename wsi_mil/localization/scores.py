@@ -1,46 +1,62 @@
-"""Per-patch scores for a slide on one absolute [0, 1] scale: attention, inversion, combined.
+"""Per-patch scores of a slide: the probability that a patch shows a class, and where the
+model looked.
 
-For each model m of the ensemble (the folds of a run) and the mapped class c:
+For each fold model m of a run's ensemble and the mapped class c (`mapped_class`), a patch i
+carries three pieces of evidence (`model_evidence`):
+- instance: the log-odds of c given by the bag model applied to patch i alone, as a bag of one
+  (`MILModel.instance_logits`; for ABMIL and PSMIL the classifier on the patch's embedding);
+- attention: log(N a_i), the model's attention on the patch relative to a uniform 1/N;
+- inversion: the sparse inversion's reading for the patch (inversion.py), towards c, stopped
+  before the inverted bag would change the prediction.
+The layers a heatmap shows (`score_bag`):
+- combined: P(patch i shows c), the three pieces weighed and mapped to a probability by the
+  run's patch calibration (patch_calibration.py, fitted out of fold); the fold models' are
+  averaged in log-odds;
+- patch_alone: the same probability from the instance evidence alone;
+- attention, inversion: where the model looked and what the inversion kept, as within-slide
+  ranks in (0, 1] (mean over fold models): relative layers, not comparable across slides.
+A probability never depends on the slide's other patches through the slide probability: a
+micro-metastasis on a slide the model calls negative keeps its patches' probabilities. Runs
+without a patch calibration (made before wsi-mil 0.3) get the uncalibrated instance
+probability in both probability layers.
 
-    attention_m,i = P_m(c | slide) * relative(a_m)_i
-    inversion_m,i = P_m(c | slide) * relative(e_m)_i
-
-where a_m are the model's instance (attention) scores, e_m the sparse-inversion scores,
-`relative` min-max scales a slide's values to [0, 1] (its strongest patch 1, its weakest 0),
-and P_m(c | slide) is the model's slide probability after the run's Platt scaling
-(calibration.py, fitted on out-of-fold validation predictions; the raw probability for runs
-made before it). The ensemble's score is the mean over models; combined = (1 - w) attention +
-w inversion. So a score reads "the calibrated probability that the slide is c, times how much
-of the slide's strongest evidence this patch carries": a slide the model calls negative stays
-cold everywhere, the key patches of a confidently positive slide approach 1, and 0.5 means the
-same on every slide (pooled patch AUC, FROC and thresholds are meaningful across slides).
-Measured on the demo (docs/benchmarks.md): calibration matters, because MIL models trained
-briefly on small cohorts give slide probabilities near 0.5 for every slide.
-Within-slide ranks (`rank_normalise`) remain a display option, labelled as such.
-
-The mapped class c (`mapped_class`): the one the user names; else, for two classes where one
-is named like a negative (normal, negative, benign, ...), the other one; else the predicted
-class, so a subtyping map (LUAD vs LUSC) shows the evidence for what the model predicts.
+The mapped class c (`mapped_class`): `--target` when given; for two classes, the one that is
+not named like a negative (normal, negative, benign, non-X, not X, no_X, ...); two classes
+neither or both of which are so named (LUAD vs LUSC) need `--target`; with more classes, the
+predicted one.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+from scipy.special import expit
 from scipy.stats import rankdata
 
-from ..calibration import PlattScaling
 from ..config import HeatmapConfig
+from ..errors import WsiMilError
 from ..formats.scores import PatchScores
 from ..models import MILModel
 from .inversion import DEFAULTS, sparse_inversion
+from .patch_calibration import PatchCalibration, load_calibrations
 
+log = logging.getLogger("wsi_mil")
 SCALES = ("absolute", "rank")
-NEGATIVE_NAMES = {"normal", "negative", "benign", "healthy", "control", "0", "false", "no", "neg"}
-SCALE_LEGEND = {
-    "absolute": "P(slide is {target}) x relative evidence; same 0-1 scale on every slide",
-    "rank": "rank within this slide (0-1); not comparable across slides",
+NEGATIVE_NAMES = {"normal", "negative", "benign", "healthy", "control", "0", "false", "no", "neg", "none"}
+NEGATION = re.compile(r"^(non|not|no|without)[\s_\-]+\S")
+LAYER_LEGEND = {
+    "combined": "probability that this patch is {target} (instance, attention and inversion, calibrated)",
+    "patch_alone": "probability that this patch is {target} (from the patch alone, calibrated)",
+    "attention": "where the model looked: rank within this slide (0-1), not comparable across slides",
+    "inversion": "what the sparse inversion kept: rank within this slide (0-1), not comparable across slides",
 }
+RANK_LEGEND = "{name}: rank within this slide (0-1), not comparable across slides"
+LOGODDS_CLIP = 30.0  # |log-odds| beyond this carry no more information in float32
+LOG_ATTENTION_FLOOR = 1e-4  # N a_i floor: log(N a) >= -9.2 (softmax can underflow to 0)
 
 
 def _check_finite(x: np.ndarray) -> np.ndarray:
@@ -58,83 +74,201 @@ def rank_normalise(x: np.ndarray) -> np.ndarray:
     return rankdata(x, method="average") / len(x)
 
 
-def relative(x: np.ndarray) -> np.ndarray:
-    """Min-max scaled to [0, 1] within the slide (all 0 when every patch scores the same)."""
-    x = _check_finite(x)
-    if len(x) == 0:
-        return x
-    span = x.max() - x.min()
-    return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+def is_negative_name(name: str, other: str = "") -> bool:
+    """A class named like the absence of something: normal, benign, non-tumor, no_X, ..."""
+    n = name.strip().lower()
+    return (
+        n in NEGATIVE_NAMES or bool(NEGATION.match(n)) or (bool(other) and n == "non" + other.strip().lower())
+    )
 
 
-def mapped_class(classes: list[str], prob: np.ndarray, target: str | None = None) -> int:
+def mapped_class(classes: list[str], prob: np.ndarray | None = None, target: str | None = None) -> int:
     """The class whose evidence a heatmap shows (see the module docstring)."""
     if target is not None:
+        if target not in classes:
+            raise WsiMilError(f"--target {target}: not a class of this run ({', '.join(classes)})")
         return classes.index(target)
     if len(classes) == 2:
-        negative = [i for i, c in enumerate(classes) if c.strip().lower() in NEGATIVE_NAMES]
+        negative = [i for i, c in enumerate(classes) if is_negative_name(c, classes[1 - i])]
         if len(negative) == 1:
             return 1 - negative[0]
+        raise WsiMilError(
+            f"classes {classes[0]!r} and {classes[1]!r}: neither reads as the negative one, so which "
+            f"to map is ambiguous; pass --target {classes[0]} or --target {classes[1]}"
+        )
+    if prob is None:
+        raise WsiMilError(f"classes {', '.join(classes)}: pass --target with the class to map")
     return int(np.argmax(prob))
 
 
+def calibration_targets(classes: list[str]) -> list[int]:
+    """The classes a run calibrates patch probabilities for: the positive one of a two-class
+    run with a negative-named class, else every class (any may be asked for with --target)."""
+    try:
+        return [mapped_class(classes)] if len(classes) == 2 else list(range(len(classes)))
+    except WsiMilError:
+        return list(range(len(classes)))
+
+
 def display_values(scores: PatchScores, name: str, scale: str = "absolute") -> np.ndarray:
-    """The values a map shows: the stored absolute score, or its within-slide rank."""
+    """The values a map shows: the stored score, or its within-slide rank."""
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, not {scale!r}")
     values = scores.get(name)
     return rank_normalise(values) if scale == "rank" else values
 
 
+def legend(name: str, target: str, scale: str = "absolute") -> str:
+    """The colour bar's label of a layer, saying what its values mean."""
+    if scale == "rank":
+        return RANK_LEGEND.format(name=name)
+    return f"{name}: " + LAYER_LEGEND[name].format(target=target)
+
+
+def probability_text(prob: np.ndarray, classes: list[str] | None = None) -> str:
+    """'p(normal) = 0.44, p(tumor) = 0.56': which class each slide probability is for."""
+    names = classes or [str(i) for i in range(len(prob))]
+    return ", ".join(f"p({c}) = {float(p):.2f}" for c, p in zip(names, prob))
+
+
+def log_odds(logits: torch.Tensor, c: int) -> np.ndarray:
+    """log p_c - log(1 - p_c) of softmax(logits) per row, clipped to +-LOGODDS_CLIP."""
+    lp = torch.log_softmax(logits.double(), -1)
+    others = torch.logsumexp(torch.cat([lp[:, :c], lp[:, c + 1 :]], 1), 1)
+    return (lp[:, c] - others).clamp(-LOGODDS_CLIP, LOGODDS_CLIP).cpu().numpy()
+
+
+@dataclass
+class ModelEvidence:
+    """One fold model's evidence for class `target` on one bag (see the module docstring)."""
+
+    instance: np.ndarray  # [N] log-odds of the class, each patch as a bag of one
+    attention: np.ndarray  # [N] attention weights (sum 1 over the bag)
+    inversion: np.ndarray  # [N] the inversion's reading
+    prob: np.ndarray  # [C] the model's slide probabilities
+    steps_kept: int  # inversion steps taken before the prediction would have changed
+
+    def inputs(self) -> np.ndarray:
+        """[N, 3] the patch calibration's inputs (patch_calibration.INPUTS)."""
+        n = len(self.instance)
+        log_att = np.log(np.maximum(n * self.attention, LOG_ATTENTION_FLOOR))
+        return np.stack([self.instance, log_att, self.inversion], 1)
+
+
+def inversion_input(values: np.ndarray, reading: str, n: int) -> np.ndarray:
+    """A reading put on a scale comparable across bags of different sizes: attention readings
+    as log(N a), evidence scaled by N (a gradient spreads over the bag's N instances)."""
+    if reading == "inverted_attention":
+        return np.log(np.maximum(n * values, LOG_ATTENTION_FLOOR))
+    if reading == "evidence":
+        return values * n
+    return values
+
+
+@torch.no_grad()
+def slide_probability(
+    models: list[MILModel], features: torch.Tensor, coords: torch.Tensor | None
+) -> np.ndarray:
+    """[C] the ensemble's slide probabilities (mean over models)."""
+    return np.mean(
+        [torch.softmax(m.eval()(features, coords).logits.float(), -1).cpu().numpy() for m in models], 0
+    )
+
+
+@torch.no_grad()
+def _forward(model: MILModel, features: torch.Tensor, coords: torch.Tensor, target: int):
+    out = model.eval()(features, coords)
+    inst = log_odds(model.instance_logits(features, coords), target)
+    return out, inst
+
+
+def model_evidence(
+    model: MILModel, features: torch.Tensor, coords: torch.Tensor | None, target: int, **inversion_kw
+) -> ModelEvidence:
+    """Instance, attention and inversion evidence of one fold model for class `target`."""
+    kw = {**DEFAULTS, **inversion_kw}
+    out, inst = _forward(model, features, coords, target)
+    attention = _check_finite(out.instance_scores.float().cpu().numpy())
+    inv = sparse_inversion(model, features, coords, target, **kw)
+    reading = inversion_input(_check_finite(inv.scores.cpu().numpy()), kw["score"], len(features))
+    prob = torch.softmax(out.logits.float(), -1).cpu().numpy()
+    return ModelEvidence(inst, attention, reading, prob, inv.steps_kept)
+
+
 def score_bag(
     models: list[MILModel],
     features: torch.Tensor,
     coords: torch.Tensor,
-    inversion_weight: float = 0.5,
     target: int | None = None,
     classes: list[str] | None = None,
-    calibration: PlattScaling | None = None,
+    calibration: PatchCalibration | None = None,
     **inversion_kw,
 ) -> PatchScores:
-    """Attention, inversion and combined scores of one bag, averaged over `models`.
+    """Every layer of one bag, averaged over `models` (the module docstring says what each is).
 
-    `target` is the class index to map; None picks `mapped_class(classes, prob)`.
-    `calibration` maps each model's slide probability before it gates the evidence."""
-    kw = {**DEFAULTS, **inversion_kw}
-    with torch.no_grad():
-        outputs = [m.eval()(features, coords) for m in models]
-    probs = np.stack([torch.softmax(o.logits.float(), -1).cpu().numpy() for o in outputs])
-    prob = probs.mean(0)
+    `target` is the class index to map; None picks `mapped_class(classes, prob)`."""
+    prob = slide_probability(models, features, coords)
+    names = classes or [str(i) for i in range(len(prob))]
     if target is None:
-        names = classes or [str(i) for i in range(len(prob))]
         target = mapped_class(names, prob)
-    gate = calibration.apply(probs, target) if calibration is not None else probs[:, target]
-    rel = [relative(o.instance_scores.cpu().numpy()) for o in outputs]
-    att = [g * r for g, r in zip(gate, rel)]
-    inv = [
-        g * relative(sparse_inversion(m, features, coords, target, **kw).scores.cpu().numpy())
-        for g, m in zip(gate, models)
-    ]
-    attention, inversion = np.mean(att, 0), np.mean(inv, 0)
-    combined = (1 - inversion_weight) * attention + inversion_weight * inversion
-    flat = sum(len(r) > 1 and not r.any() for r in rel)
+    evidence = [model_evidence(m, features, coords, target, **inversion_kw) for m in models]
+    # folds are averaged in log-odds (the geometric mean of their odds): a mean of
+    # probabilities lets the most confident fold decide the patches' order
+    if calibration is not None:
+        inputs = [e.inputs() for e in evidence]
+        alone = expit(np.mean([calibration.instance.logit(x) for x in inputs], 0))
+        combined = expit(np.mean([calibration.combined.logit(x) for x in inputs], 0))
+    else:
+        alone = expit(np.mean([e.instance for e in evidence], 0))
+        combined = alone
+    attention = np.mean([rank_normalise(e.attention) for e in evidence], 0)
+    inversion = np.mean([rank_normalise(e.inversion) for e in evidence], 0)
+    flat = sum(len(e.attention) > 1 and np.ptp(e.attention) == 0 for e in evidence)
     xy = coords.cpu().numpy().astype(np.int64)
-    return PatchScores(xy, attention, inversion, combined, prob, target, flat_attention=flat)
+    return PatchScores(
+        xy, attention, inversion, combined, prob, target, patch_alone=alone,
+        calibrated=calibration.mode if calibration is not None else "none",
+        steps_kept=[e.steps_kept for e in evidence], flat_attention=flat,
+    )  # fmt: skip
 
 
 def flat_attention_warning(flat: int, n_models: int, where: str) -> str | None:
     """The warning when `flat` of the ensemble's models had a constant attention, or None.
 
     A collapsed attention (a model that learned to weigh every instance the same; DSMIL on
-    the digit bags, docs/benchmarks.md) is exactly constant, so `relative` maps it to 0 and
-    the attention layer is blank: the user should read the inversion layer instead."""
+    the digit bags, docs/benchmarks.md) is exactly constant, so its attention layer is one
+    flat colour: the user should read the probability layers instead."""
     if not flat:
         return None
     return (
         f"{where}: the attention of {flat} of {n_models} models is the same on every patch "
-        "(collapsed attention), so their attention scores are 0; read the inversion layer, or "
-        "train another model"
+        "(collapsed attention), so their attention layer is flat; read the combined or instance "
+        "layer, or train another model"
     )
+
+
+def inversion_settings(cfg: HeatmapConfig) -> dict:
+    """The sparse-inversion keyword arguments of a heatmap config."""
+    return {
+        "steps": cfg.inversion_steps,
+        "lr": cfg.inversion_lr,
+        "lam": cfg.inversion_lambda,
+        "score": cfg.inversion_score,
+    }
+
+
+def read_calibrations(run, model: str, cfg: HeatmapConfig) -> tuple[dict, dict]:
+    """(the model's patch calibrations by class, the inversion settings to score with): the
+    ones the calibration was fitted with, since the combined layer's map expects them."""
+    calibrations, inversion = load_calibrations(run.read_patch_calibration(model))
+    if not calibrations:
+        log.warning(
+            "%s: no patch_calibration.json for %s (a run from before wsi-mil 0.3): the probability "
+            "layers are uncalibrated instance probabilities; re-run 'wsi-mil crossval' to calibrate",
+            run.root,
+            model,
+        )
+    return calibrations, inversion or inversion_settings(cfg)
 
 
 def score_with_config(
@@ -142,22 +276,11 @@ def score_with_config(
     features: torch.Tensor,
     coords: torch.Tensor,
     classes: list[str],
-    calibration: PlattScaling | None,
-    cfg: HeatmapConfig,
+    calibrations: dict[str, PatchCalibration],
+    inversion: dict,
     target: str | None = None,
 ) -> PatchScores:
-    """`score_bag` with the heatmap settings of `cfg`: what `wsi-mil heatmap` and
-    `wsi-mil predict --scores` both compute."""
-    return score_bag(
-        models,
-        features,
-        coords,
-        cfg.combine_weight,
-        target=classes.index(target) if target is not None else None,
-        classes=classes,
-        calibration=calibration,
-        steps=cfg.inversion_steps,
-        lr=cfg.inversion_lr,
-        lam=cfg.inversion_lambda,
-        score=cfg.inversion_score,
-    )
+    """`score_bag` as `wsi-mil heatmap` and `wsi-mil predict --scores` both compute it: the
+    mapped class, its patch calibration and the inversion settings it was fitted with."""
+    t = mapped_class(classes, slide_probability(models, features, coords), target)
+    return score_bag(models, features, coords, t, classes, calibrations.get(classes[t]), **inversion)

@@ -26,9 +26,9 @@ import numpy as np
 from ..formats.scores import SCORE_NAMES, PatchScores, grid_step
 from ..wsi.deepzoom import DeepZoom, SlideDeepZoom
 from ..wsi.slide import Slide
-from .export import OPACITY_AND_COLOUR_BAR, STATIC, VIEWER_STYLE
+from .export import OPACITY_AND_COLOUR_BAR, READY_JS, STATIC, VIEWER_STYLE
 from .render import colourise, score_raster
-from .scores import SCALE_LEGEND, display_values
+from .scores import display_values, legend
 
 
 class ScoreLayer:
@@ -118,7 +118,8 @@ class Review:
             "prob": [float(p) for p in self.scores.prob],
             "target": target,
             "scale": self.scale,
-            "legend": SCALE_LEGEND[self.scale].format(target=target),
+            "legend": legend("combined", target, self.scale),
+            "legends": {n: legend(n, target, self.scale) for n in SCORE_NAMES},
             "scores": list(SCORE_NAMES),
             "top": {n: self.top(n) for n in SCORE_NAMES},
         }
@@ -138,8 +139,10 @@ PAGE = """<!DOCTYPE html>
 <script>window.onerror = function (m) {{ document.getElementById('errors').textContent += m + '\\n'; }};</script>
 <script src="static/openseadragon.min.js"></script>
 <script>
+{ready_js}
 const params = new URLSearchParams(window.location.search);
 let info = null, overlay = null;
+settled = params.get('zoom') !== 'full';
 const viewer = OpenSeadragon({{ id: 'viewer', tileSources: 'slide.dzi', drawer: 'canvas',
   showNavigationControl: false, maxZoomPixelRatio: 2, crossOriginPolicy: false,
   immediateRender: params.get('zoom') === 'full' }});  // a link to a point: its level-0 tiles first
@@ -148,9 +151,10 @@ function toViewport(x, y, w) {{
 }}
 function showScore(name) {{
   const opacity = parseFloat(document.getElementById('opacity').value);
+  document.getElementById('legend').textContent = info.legends[name];
   if (overlay) {{ viewer.world.removeItem(overlay); overlay = null; }}
   viewer.addTiledImage({{ tileSource: 'overlay/' + encodeURIComponent(name) + '.dzi', opacity: opacity,
-    success: function (e) {{ overlay = e.item; document.getElementById('status').textContent = 'loaded ' + name; }} }});
+    success: function (e) {{ overlay = e.item; document.getElementById('status').textContent = 'loaded ' + name; watchReady(name); }} }});
   const g = document.getElementById('gallery'); g.innerHTML = '';
   info.top[name].forEach(function (p) {{
     const im = document.createElement('img'); im.src = 'api/thumb/' + p.index + '.jpg';
@@ -172,6 +176,7 @@ viewer.addHandler('open', function () {{
       const item = viewer.world.getItemAt(0);
       viewer.viewport.panTo(item.imageToViewportCoordinates(x, y), true);
       viewer.viewport.zoomTo(item.imageToViewportZoom(1.0), null, true);
+      settled = true;
     }}
   }});
 }});
@@ -190,7 +195,10 @@ document.getElementById('opacity').oninput = function (e) {{ if (overlay) overla
 
 def make_handler(review: Review) -> type[BaseHTTPRequestHandler]:
     page = PAGE.format(
-        style=VIEWER_STYLE, colour_bar=OPACITY_AND_COLOUR_BAR, title=html.escape(review.title)
+        style=VIEWER_STYLE,
+        colour_bar=OPACITY_AND_COLOUR_BAR,
+        title=html.escape(review.title),
+        ready_js=READY_JS.format(),
     ).encode()
     info = json.dumps(review.info()).encode()
 

@@ -50,6 +50,10 @@ class ABMIL(MILModel):
         z, a = self.pool(h)
         return MILOutput(self.classifier(z), a, None, {"h": h})
 
+    def instance_logits(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
+        """A bag of one pools its instance with weight 1: the classifier on each embedding."""
+        return self.classifier(self.fc(features))
+
     def on_train_step(self, out: MILOutput, label: torch.Tensor) -> None:
         if hasattr(self.pool, "update_prototypes"):
             self.pool.update_prototypes(out.extras["h"], label)

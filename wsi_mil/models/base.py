@@ -4,6 +4,10 @@
 aux_loss)`, one bag per call. `loss(output, label)` is what the trainer minimises (cross-entropy
 plus the model's own auxiliary terms); `on_train_step` and `set_epoch` are hooks for models with
 training-time state (PSMIL's prototypes and alignment-loss ramp).
+`instance_logits(features, coords) -> [N, C]` is the bag model applied to every instance as a
+bag of its own: what the model says of one patch alone, the heatmap's instance probability
+(localization/scores.py). The base class loops over the instances; models whose one-instance
+forward has a closed form compute it batched (tests check that both agree).
 """
 
 from __future__ import annotations
@@ -39,6 +43,27 @@ class MILModel(nn.Module):
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the trainer at the start of each epoch."""
+
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """Parameter groups whose gradient norms a recipe's `grad_clip` bounds one by one (by
+        default one group: the global norm)."""
+        return [list(self.parameters())]
+
+    def instance_logits(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, C] logits of each instance as a one-instance bag (call in eval mode)."""
+        return single_instance_logits(self, features, coords)
+
+
+def single_instance_logits(
+    model: MILModel, features: torch.Tensor, coords: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[N, C]: `model` run on each instance as a bag of one, one forward per instance (the
+    reference the batched `instance_logits` overrides are tested against)."""
+    rows = [
+        model(features[i : i + 1], None if coords is None else coords[i : i + 1]).logits
+        for i in range(len(features))
+    ]
+    return torch.stack(rows) if rows else features.new_zeros(0, model.n_classes)
 
 
 def gated_attention_scores(h: torch.Tensor, a: nn.Linear, b: nn.Linear, w: nn.Linear) -> torch.Tensor:

@@ -101,6 +101,18 @@ class DSMIL(MILModel):
         col = 1 if self.n_classes == 2 else int(outputs.argmax())
         return MILOutput(outputs, attn[:, col], None, extras)
 
+    def instance_logits(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
+        """A bag of one: its instance is the critical one, attention 1, B = the instance in every
+        class row, so the bag output is `fcc` on the instance repeated over the rows."""
+        outputs = self.fcc(self.v(features).unsqueeze(1).expand(-1, self.fcc.in_channels, -1)).squeeze(-1)
+        if not self.binary:
+            return outputs
+        s = outputs[:, 0]
+        if self.average:
+            p = (torch.sigmoid(self.instance_classifier(features)[:, 0]) + torch.sigmoid(s)) / 2
+            s = torch.logit(p, eps=1e-7)
+        return torch.stack([-s / 2, s / 2], 1)
+
     def loss(self, out: MILOutput, label: torch.Tensor) -> torch.Tensor:
         n = len(out.extras["outputs"])
         target = label.view(1).float() if self.binary else F.one_hot(label.view(1), n).float().view(-1)

@@ -7,7 +7,8 @@ come from that classifier on attention-weighted instance features (the paper's G
 Distillation (`distill`): AFS (default, the attention-pooled feature), MaxS (the instance with
 the highest positive-class probability) or MaxMinS (highest and lowest). Tier 2: gated
 attention + classifier on the distilled set gives the bag logits.
-Deliberate difference: the authors update both tiers with two optimisers and
+Gradient clipping (the recipe's 5) bounds each module's norm separately, as the authors do
+(`clip_groups`). Deliberate difference: the authors update both tiers with two optimisers and
 `retain_graph=True`, which raises an in-place-modification error on current PyTorch. Here the
 tier-2 input is detached, the two losses are summed and one backward pass is made, which gives
 each tier the same gradients as the authors' scheme. In eval the split is seeded over a canonical instance
@@ -96,6 +97,17 @@ class DTFDMIL(MILModel):
         for idx, a, w in zip(groups, group_attn, per_group):
             scores[idx] = a * w
         return MILOutput(logits, scores, None, {"sub_logits": torch.stack(sub_logits)})
+
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """The authors clip each module's gradient norm on its own (Main_DTFD_MIL.py (10964f4):
+        dimReduction, attention, classifier, then the tier-2 attCls), not one global norm."""
+        groups = (self.reduce, self.attention, self.classifier, (self.attention2, self.classifier2))
+        return [[p for m in (g if isinstance(g, tuple) else (g,)) for p in m.parameters()] for g in groups]
+
+    def instance_logits(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
+        """A bag of one is one pseudo-bag whose distilled feature (AFS, MaxS or MaxMinS: the
+        instance itself, once or twice) tier 2 pools with weight 1: classifier2 on the embedding."""
+        return self.classifier2(self.reduce(features))
 
     def loss(self, out: MILOutput, label: torch.Tensor) -> torch.Tensor:
         sub = out.extras["sub_logits"]

@@ -207,5 +207,9 @@ class PSMIL(MILModel):
             aux = weight * alignment_loss(views)
         return MILOutput(self.classifier(z), a, aux, {"h": h})
 
+    def instance_logits(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
+        """A bag of one pools its instance with weight 1: the classifier on each embedding."""
+        return self.classifier(self.fc(features))
+
     def on_train_step(self, out: MILOutput, label: torch.Tensor) -> None:
         self.pool.update_prototypes(out.extras["h"], label, out.instance_scores)

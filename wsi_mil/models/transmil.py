@@ -39,7 +39,7 @@ class PPEG(nn.Module):
 
     def forward(self, x, side: int):
         cls, feat = x[:, :1], x[:, 1:]
-        grid = feat.transpose(1, 2).reshape(1, -1, side, side)
+        grid = feat.transpose(1, 2).reshape(len(x), -1, side, side)
         grid = self.proj(grid) + grid + self.proj1(grid) + self.proj2(grid)
         return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
 
@@ -82,3 +82,10 @@ class TransMIL(MILModel):
         x = self.layer2(x)
         logits = self.fc2(self.norm(x)[0, 0])
         return MILOutput(logits, attn.mean(0))
+
+    def instance_logits(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
+        """Every instance as a bag of one (a 1 x 1 grid after the class token), as one batch."""
+        h = self.fc1(features).unsqueeze(1)  # [N, 1, dim]
+        x = torch.cat([self.cls_token.expand(len(h), -1, -1), h], dim=1)
+        x = self.layer2(self.pos(self.layer1(x), 1))
+        return self.fc2(self.norm(x)[:, 0])

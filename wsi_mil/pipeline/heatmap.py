@@ -17,16 +17,18 @@ import torch
 
 from ..config import PipelineConfig, TilingConfig
 from ..errors import WsiMilError
-from ..formats.features import check_compatible, read_features
+from ..formats.features import check_compatible, check_grid, read_features
 from ..formats.run import RunFolder, load_ensemble
 from ..formats.scores import write_scores
 from ..localization.export import write_geojson, write_ome_tiff, write_viewer
 from ..localization.render import heatmap_overlay, overlay_figure
 from ..localization.scores import (
-    SCALE_LEGEND,
     SCALES,
     display_values,
     flat_attention_warning,
+    legend,
+    probability_text,
+    read_calibrations,
     score_with_config,
 )
 from ..wsi.collect import SlideEntry
@@ -113,14 +115,7 @@ def heatmap_slide(
         raise WsiMilError(f"--target {req.target}: not a class of this run ({', '.join(classes)})")
     if req.scale not in SCALES:
         raise WsiMilError(f"--scale {req.scale}: use one of {', '.join(SCALES)}")
-    calibration = run_folder.read_calibration(name)
-    if calibration is None:
-        log.warning(
-            "%s: no calibration.json for %s (a run from before wsi-mil 0.2); heatmap scores use "
-            "raw slide probabilities; re-run 'wsi-mil crossval' to calibrate",
-            run_folder.root,
-            name,
-        )
+    calibrations, inversion = read_calibrations(run_folder, name, cfg.heatmap)
     work = Path(work) if work else default_work_folder(run_folder, out)
     if features is None:
         stage = extraction_stage(run_folder, work, cfg, req.overlap, req.device)
@@ -136,9 +131,10 @@ def heatmap_slide(
     check_compatible(
         bag.path, bag.dim, bag.encoder, int(ckpts[0]["in_dim"]), run_encoder, f"run {run_folder.root}"
     )
+    check_grid(bag.path, bag.attrs, run_folder.feature_spec(), f"run {run_folder.root}")
     x = torch.from_numpy(bag.features).float().to(req.device)
     c = torch.from_numpy(bag.coords).to(req.device)
-    scores = score_with_config(models, x, c, classes, calibration, hcfg, req.target)
+    scores = score_with_config(models, x, c, classes, calibrations, inversion, req.target)
     if warning := flat_attention_warning(scores.flat_attention, len(models), f"{entry.path} ({name})"):
         log.warning(warning)
     scores.size0 = size0 = float(bag.attrs.get("patch_size_level0", 256))
@@ -155,6 +151,8 @@ def heatmap_slide(
     }
     predicted = int(scores.prob.argmax())
     label = classes[predicted]
+    slide_calibration = run_folder.read_calibration(name)
+    calibrated = slide_calibration.apply_all(scores.prob) if slide_calibration is not None else None
     with open_slide(entry.path, mpp) as slide:
         scores.qupath_offset, scores.mpp = slide.qupath_offset, slide.mpp
         scores.slide_size = tuple(int(v) for v in slide.dimensions)
@@ -166,12 +164,8 @@ def heatmap_slide(
         thumb_px = thumb_mpp / slide.mpp
         values = display_values(scores, req.score, req.scale)
         overlay = heatmap_overlay(thumb, thumb_px, scores.coords, values, size0, tissue, hcfg.blur)
-        title = (
-            f"{sid}: {name} predicts {label} (p = {scores.prob[predicted]:.3f}); "
-            f"{req.score} evidence for {target}"
-        )
-        legend = f"{req.score}: " + SCALE_LEGEND[req.scale].format(target=target)
-        overlay_figure(overlay, title, paths["png"], legend)
+        title = f"{sid}: {name} predicts {label} ({probability_text(scores.prob, classes)})"
+        overlay_figure(overlay, title, paths["png"], legend(req.score, target, req.scale))
         write_ome_tiff(
             paths["ome_tiff"], scores, size0, stride0, slide.dimensions, slide.mpp, req.score, req.scale
         )
@@ -180,7 +174,7 @@ def heatmap_slide(
             view_px = view_mpp / slide.mpp
             tmask = tissue.rasterize(view.shape[1], view.shape[0], view_px).astype(bool)
             write_viewer(
-                paths["html"], view, view_px, scores, size0, tmask, sid, label, hcfg.top_k, req.scale
+                paths["html"], view, view_px, scores, size0, tmask, sid, label, hcfg.top_k, req.scale, classes
             )
         else:
             paths.pop("html")
@@ -190,6 +184,10 @@ def heatmap_slide(
         "folds": len(models),
         "predicted": label,
         "probability": float(scores.prob[predicted]),
+        "probabilities": probability_text(scores.prob, classes),
+        "calibrated_probabilities": probability_text(calibrated, classes) if calibrated is not None else None,
+        "patch_calibration": scores.calibrated,
+        "inversion_steps_kept": scores.steps_kept,
         "target": target,
         "scale": req.scale,
         **{k: str(v) for k, v in paths.items()},

@@ -16,8 +16,6 @@ re-run resumes finished folds only when the fingerprint matches and refuses othe
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -29,21 +27,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import __version__
 from ..calibration import PlattScaling
-from ..config import TrainConfig
+from ..config import HeatmapConfig, TrainConfig
 from ..device import resolve_device
 from ..errors import WsiMilError
-from ..formats.features import read_feature_attrs
 from ..formats.run import RunFolder, load_fold_model
 from ..io import atomic_path, write_json
+from ..localization.patch_calibration import load_calibrations
+from ..localization.scores import inversion_settings
 from ..models import create_model
+from .calibrate import fit_run_calibration, test_reliability
 from .data import (
     BagDataset,
     Cohort,
     load_bags,
     load_labels,
-    make_splits,
     stratified_group_folds,
     validate_bags,
 )
@@ -51,6 +49,7 @@ from .fit import predict_probs, train_fold
 from .metrics import METRICS, bootstrap_ci, compute_metrics, decide, majority_vote
 from .optim import resolve_recipe
 from .report import save_plots, write_report
+from .run_inputs import feature_spec, prepare_run
 
 log = logging.getLogger("wsi_mil")
 
@@ -89,7 +88,7 @@ def train_one_fold(
     if progress:
         progress(f"{model_name} fold {k + 1}/{n_folds}")
     tr, va = train_df[train_df.fold != k], train_df[train_df.fold == k]
-    inner = inner_split(tr, cfg.selection, cfg.seed * 100 + int(k))
+    inner = inner_split(tr, cfg.selection, cfg.seed * 100 + int(k), cfg.selection_fallback, k)
     fit_df, select_df = (tr[~inner], tr[inner]) if inner is not None else (tr, va)
     train_ds, select_ds = datasets(fit_df, cfg, True, loaded), datasets(select_df, cfg, False, loaded)
     on_epoch = None
@@ -111,6 +110,10 @@ def train_one_fold(
         recipe=resolve_recipe(model_name, cfg, n_bags=len(splits)),
     )
     metrics = {**res.val_metrics, "selection": "outer", "selected_on": "outer fold (optimistic)"}
+    if inner is None and cfg.selection == "inner":
+        metrics["selected_on"] = (
+            "outer fold (optimistic): too few cases for an inner split (--selection-fallback)"
+        )
     if inner is not None:  # score the outer fold with the model and threshold chosen on the inner one
         model = create_model(model_name, train_ds.in_dim, len(classes), **res.model_kwargs).to(device)
         model.load_state_dict(res.state_dict)
@@ -139,13 +142,26 @@ def train_one_fold(
 INNER_PARTS = 4  # the inner split is 1/4 of the training folds
 
 
-def inner_split(train: pd.DataFrame, selection: str, seed: int) -> np.ndarray | None:
+def inner_split(
+    train: pd.DataFrame, selection: str, seed: int, fallback: bool = False, fold: int = 0
+) -> np.ndarray | None:
     """Boolean mask of the training folds' slides that choose epoch and threshold (1/4,
     stratified by label, grouped by case); None (choose on the outer fold, reported as
-    optimistic) for `selection="outer"` or when a class has fewer than 4 cases in the training
-    folds (the split would leave a class with no case on one side)."""
-    if selection != "inner" or train.groupby("label").case_id.nunique().min() < INNER_PARTS:
+    optimistic) for `selection="outer"`. When a class has fewer than 4 cases in the training
+    folds (the split would leave a class with no case on one side) that is an error, unless
+    `fallback` allows choosing on the outer fold for that fold (marked in its metrics)."""
+    if selection != "inner":
         return None
+    cases = train.groupby("label_name" if "label_name" in train else "label").case_id.nunique()
+    if cases.min() < INNER_PARTS:
+        if fallback:
+            return None
+        raise WsiMilError(
+            f"fold {fold + 1}: class {cases.idxmin()} has {int(cases.min())} case(s) in the training folds, "
+            f"too few for the inner selection split (needs {INNER_PARTS}); add cases, use fewer --folds, "
+            "or pass --selection-fallback to choose on the outer fold there (optimistic, marked in the "
+            "report)"
+        )
     with warnings.catch_warnings():  # fewer cases than parts: fewer parts, which is fine here
         warnings.simplefilter("ignore")
         part = stratified_group_folds(train.label.values, train.case_id.values, INNER_PARTS, seed, warn=False)
@@ -184,8 +200,12 @@ def summarise_model(
     out: Path,
     device: torch.device,
     loaded: dict | None = None,
+    inversion: dict | None = None,
+    annotations: Path | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Test-set ensemble, metrics, predictions and plots from a model's finished folds."""
+    """Test-set ensemble, metrics, predictions and plots from a model's finished folds, and the
+    slide (Platt) and patch calibrations fitted on their out-of-fold slides."""
     run = RunFolder(out)
     model_dir = run.model_dir(model_name)
     train_df = splits[splits.split == "train"]
@@ -208,9 +228,11 @@ def summarise_model(
         values = [np.nan if f[m] is None else f[m] for f in fold_val]
         return float(fn(values)) if np.isfinite(values).any() else float("nan")
 
+    fallback = [k for k, f in enumerate(fold_val) if "--selection-fallback" in str(f.get("selected_on"))]
     result = {
         "model": model_name,
         "selection": "inner" if all(f.get("selection") == "inner" for f in fold_val) else "outer",
+        "selection_fallback_folds": fallback,
         "folds": fold_val,
         "val_mean": {m: stat(np.nanmean, m) for m in METRICS},
         "val_std": {m: stat(np.nanstd, m) for m in METRICS},
@@ -236,86 +258,23 @@ def summarise_model(
             y_p, prob_p, vote_p = patients
             result["test_patient"] = {**compute_metrics(y_p, prob_p, vote_p), "patients": len(y_p)}
     calibration = PlattScaling.fit(np.concatenate(oof_probs), np.concatenate(oof_labels))
-    write_json(model_dir / "calibration.json", calibration.to_dict())
+    fitted_on = {"fitted_on": "out-of-fold predictions of the fold models", "selection": result["selection"]}
+    write_json(model_dir / "calibration.json", {**calibration.to_dict(), **fitted_on})
+    inversion = inversion or inversion_settings(HeatmapConfig())
+    result["patch_calibration"] = fit_run_calibration(
+        run, model_name, splits, cohort.classes, inversion, device, loaded, annotations,
+        result["selection"], cfg.seed, progress,
+    )  # fmt: skip
+    if annotations is not None:
+        maps = load_calibrations(run.read_patch_calibration(model_name))[0]
+        rel = test_reliability(
+            run, model_name, splits, cohort.classes, maps, inversion, device, annotations, loaded
+        )
+        if rel is not None:
+            result["patch_reliability"] = rel
     write_json(model_dir / "metrics.json", result)
     save_plots(model_dir, model_name, y, mean_prob, histories, cohort.classes)
     return result
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def input_fingerprint(cohort: Cohort, cfg: TrainConfig) -> dict:
-    """What a run's results depend on: labels, feature files (names, sizes, encoder), config."""
-    table = cohort.table
-    cols = [c for c in ("slide_id", "label_name", "case_id", "split") if c in table.columns]
-    labels = table[cols].sort_values("slide_id").astype(str).values.tolist()
-    files = []
-    for sid, path in sorted(zip(table.slide_id, table.path)):
-        attrs, shape = read_feature_attrs(path)
-        files.append([sid, os.path.getsize(path), attrs.get("encoder"), shape[-1]])
-    config = cfg.model_dump(exclude={"device"})
-    return {
-        "labels": _digest(labels),
-        "features": _digest(files),
-        "encoder": files[0][2] if files else None,
-        "config": config,
-        "wsi_mil_version": __version__,
-    }
-
-
-def _fingerprint_differences(old: dict, new: dict) -> list[str]:
-    diffs = [name for name in ("labels", "features", "wsi_mil_version") if old.get(name) != new.get(name)]
-    changed = [
-        f"{k} {old['config'].get(k)!r} -> {new['config'].get(k)!r}"
-        for k in sorted(set(old.get("config", {})) | set(new["config"]))
-        if old.get("config", {}).get(k) != new["config"].get(k)
-    ]
-    if changed:
-        diffs.append("config (" + ", ".join(changed[:4]) + ")")
-    return diffs
-
-
-def _prepare_run(run: RunFolder, cohort: Cohort, cfg: TrainConfig, overwrite: bool) -> pd.DataFrame:
-    """Start a new run, or resume one whose fingerprint matches; return its splits."""
-    fingerprint = input_fingerprint(cohort, cfg)
-    if overwrite and not run.is_empty():
-        if not (run.is_run() or run.splits_path.exists()):
-            raise WsiMilError(f"{run.root}: not a run folder; refusing to delete it for --overwrite")
-        shutil.rmtree(run.root)
-    if run.splits_path.exists():
-        old = run.read_fingerprint()
-        if old is None:  # a run from wsi-mil 0.1: compare what it recorded
-            conf = run.read_config() if run.config_path.exists() else {}
-            old = {**fingerprint, "config": conf.get("train", {})}
-            old["config"].pop("device", None)
-            old_labels = run.read_splits().set_index("slide_id").label_name.astype(str)
-            now = cohort.table.set_index("slide_id").label_name.astype(str)
-            if not old_labels.sort_index().equals(now.sort_index()):
-                old["labels"] = "changed"
-        diffs = _fingerprint_differences(old, fingerprint)
-        if diffs:
-            raise WsiMilError(
-                f"{run.root}: this run was trained on other inputs ({'; '.join(diffs)}); pass "
-                "--overwrite to retrain from scratch, or choose a new --out"
-            )
-        splits = run.read_splits()
-        splits = splits.drop(columns=["path"], errors="ignore").merge(
-            cohort.table[["slide_id", "path"]], on="slide_id"
-        )
-    else:
-        splits = make_splits(cohort, cfg.folds, cfg.test_frac, cfg.seed)
-        run.write_splits(splits)
-    run.write_fingerprint(fingerprint)
-    return splits
-
-
-def _feature_spec(cohort: Cohort) -> dict:
-    """Encoder and grid of the run's features: what predict and heatmap check new slides against."""
-    attrs, shape = read_feature_attrs(cohort.table.path.iloc[0])
-    keep = ("encoder", "encoder_weights", "target_mpp", "patch_size", "overlap", "min_tissue")
-    return {**{k: attrs[k] for k in keep if k in attrs}, "encoder_dim": int(shape[-1])}
 
 
 def run_crossval(
@@ -329,10 +288,16 @@ def run_crossval(
     map_fn=None,
     *,
     overwrite: bool = False,
+    annotations: str | Path | None = None,
+    inversion: dict | None = None,
 ) -> list[dict]:
     """The whole protocol for each model on the same splits; returns per-model results.
 
-    With a `map_fn` (cluster.dask_map) every unfinished (model, fold) trains as one task."""
+    With a `map_fn` (cluster.dask_map) every unfinished (model, fold) trains as one task.
+    `annotations`: a folder of patch annotations the patch calibration is fitted on (else the
+    negative slides); `inversion`: the sparse-inversion settings heatmaps of this run use."""
+    if annotations is not None and not Path(annotations).is_dir():
+        raise WsiMilError(f"--annotations {annotations}: no such folder of <slide>.xml/.geojson annotations")
     run = RunFolder(out)
     for m in models:
         create_model(m, 8, 2, **cfg.model_kwargs)  # unknown names fail before anything is written
@@ -341,7 +306,10 @@ def run_crossval(
     loaded = load_bags(paths) if cfg.preload else validate_bags(paths)  # bad files stop us here
     created = run.is_empty()
     try:
-        return _run(run, cohort, cfg, models, features_dir, labels_csv, progress, map_fn, overwrite, loaded)
+        extra = (Path(annotations) if annotations is not None else None, inversion)
+        return _run(
+            run, cohort, cfg, models, features_dir, labels_csv, progress, map_fn, overwrite, loaded, extra
+        )
     except BaseException:
         if created and run.root.exists() and not list(run.root.glob("*/fold_*/model.pt")):
             shutil.rmtree(run.root, ignore_errors=True)  # nothing worth keeping: leave no husk
@@ -349,9 +317,11 @@ def run_crossval(
 
 
 def _run(
-    run, cohort, cfg, models, features_dir, labels_csv, progress, map_fn, overwrite, loaded
+    run, cohort, cfg, models, features_dir, labels_csv, progress, map_fn, overwrite, loaded, extra
 ) -> list[dict]:
-    splits = _prepare_run(run, cohort, cfg, overwrite)
+    annotations, inversion = extra
+    inversion = inversion or inversion_settings(HeatmapConfig())
+    splits = prepare_run(run, cohort, cfg, overwrite)
     run.write_config(
         {
             "train": cfg.model_dump(),
@@ -359,7 +329,9 @@ def _run(
             "recipes": {m: resolve_recipe(m, cfg, n_bags=len(splits)).to_dict() for m in models},
             "features_dir": str(Path(features_dir).resolve()),
             "labels": str(Path(labels_csv).resolve()),
-            "features": _feature_spec(cohort),
+            "features": feature_spec(cohort),
+            "annotations": str(annotations.resolve()) if annotations is not None else None,
+            "inversion": inversion,
         }
     )
     run.write_classes(cohort.classes)
@@ -383,6 +355,10 @@ def _run(
     for m in models:
         for k in folds:
             train_one_fold(m, splits, cohort.classes, cfg, run.root, k, device, progress, loaded)
-        results.append(summarise_model(m, splits, cohort, cfg, run.root, device, loaded))
+        results.append(
+            summarise_model(
+                m, splits, cohort, cfg, run.root, device, loaded, inversion, annotations, progress
+            )
+        )
     write_report(run.root, results, splits, cfg)
     return results

@@ -47,6 +47,11 @@ def load_labels(labels_csv: str | Path, features_dir: str | Path, allow_missing:
         )
     df = df.dropna(subset=["slide_id", "label"])
     _refuse_duplicates(df, labels_csv)
+    repeated = int(df.slide_id.duplicated().sum())
+    if repeated:
+        log.warning(
+            "%s: %d repeated row(s) of the same slide with the same values, kept once", labels_csv, repeated
+        )
     df = df.drop_duplicates("slide_id")
     files = {p.stem: p for p in features_dir.glob("*.h5")}
     no_file = sorted(set(df.slide_id) - set(files))
@@ -89,6 +94,13 @@ def load_labels(labels_csv: str | Path, features_dir: str | Path, allow_missing:
         bad = sorted(set(df.split) - {"train", "test"})
         if bad:
             raise WsiMilError(f"{labels_csv}: split column must be train or test (found {bad})")
+        both = sorted(c for c, g in df.groupby("case_id").split if g.nunique() > 1)
+        if both:
+            raise WsiMilError(
+                f"{labels_csv}: {len(both)} case(s) have slides on both sides of the split column "
+                f"({', '.join(map(str, both[:5]))}{', ...' if len(both) > 5 else ''}); give all slides of a "
+                "case the same split, so no patient is in training and test"
+            )
     if len(classes) < 2:
         raise WsiMilError(f"{labels_csv}: needs at least two classes (found {classes})")
     return Cohort(df.reset_index(drop=True), classes)

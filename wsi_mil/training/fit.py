@@ -86,7 +86,8 @@ def train_fold(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+                for group in model.clip_groups():
+                    torch.nn.utils.clip_grad_norm_(group, recipe.grad_clip)
             opt.step()
             model.on_train_step(out, y)
             losses.append(loss.item())

@@ -13,11 +13,11 @@ import torch
 from ..config import HeatmapConfig
 from ..device import resolve_device
 from ..errors import WsiMilError
-from ..formats.features import check_compatible, read_feature_attrs, read_features
+from ..formats.features import check_compatible, check_grid, read_feature_attrs, read_features
 from ..formats.run import RunFolder, load_ensemble, load_fold_model
 from ..formats.scores import write_scores
 from ..io import atomic_path
-from ..localization.scores import flat_attention_warning, score_with_config
+from ..localization.scores import flat_attention_warning, read_calibrations, score_with_config
 from .crossval import ensemble
 from .data import BagDataset, load_bags, validate_bags
 from .fit import predict_probs
@@ -41,6 +41,7 @@ def _checked_bags(run_folder: RunFolder, features_dir: Path, keep: bool = True) 
             check_compatible(
                 p, shape[-1], attrs.get("encoder"), int(spec["encoder_dim"]), spec.get("encoder"), source
             )
+            check_grid(p, attrs, spec, source)
     return files, loaded
 
 
@@ -53,11 +54,11 @@ def score_bags(
     cfg: HeatmapConfig | None = None,
     device: str = "auto",
 ) -> pd.DataFrame:
-    """Attention, inversion and combined score of every instance of every bag in
-    `features_dir`, computed as `wsi-mil heatmap` does (the model's fold ensemble, calibrated
-    slide probability, mapped class; `localization.scores.score_with_config`). Writes
-    `<out_dir>/<bag>_scores.csv` (instance, x, y, attention, inversion, combined) per bag and
-    returns one row per bag (probabilities, mapped class, top instance)."""
+    """Every layer of every instance of every bag in `features_dir` (combined and instance
+    probabilities, attention and inversion ranks), computed as `wsi-mil heatmap` does (the
+    model's fold ensemble, patch calibration, mapped class; `score_with_config`). Writes
+    `<out_dir>/<bag>_scores.csv` (instance, x, y and the layers) per bag and returns one row
+    per bag (probabilities, mapped class, top instance, inversion steps kept per fold)."""
     run_folder = RunFolder(run).require()
     files, _ = _checked_bags(run_folder, Path(features_dir), keep=False)  # scored one by one below
     classes = run_folder.read_classes()
@@ -65,8 +66,7 @@ def score_bags(
         raise WsiMilError(f"--target {target}: not a class of this run ({', '.join(classes)})")
     dev = resolve_device(device)
     name, models, _ = load_ensemble(run_folder, model, "all", dev)
-    calibration = run_folder.read_calibration(name)
-    cfg = cfg or HeatmapConfig()
+    calibrations, inversion = read_calibrations(run_folder, name, cfg or HeatmapConfig())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -74,7 +74,7 @@ def score_bags(
         bag = read_features(p)  # as stored, as `heatmap` reads it
         x = torch.from_numpy(bag.features).float().to(dev)
         c = torch.from_numpy(bag.coords).to(dev)
-        scores = score_with_config(models, x, c, classes, calibration, cfg, target)
+        scores = score_with_config(models, x, c, classes, calibrations, inversion, target)
         scores.target = classes[scores.predicted]
         write_scores(out_dir / f"{p.stem}_scores.csv", scores)
         top = int(np.argmax(scores.combined))
@@ -87,6 +87,7 @@ def score_bags(
                 "instances": len(scores.combined),
                 "top_instance": top,
                 "top_combined": float(scores.combined[top]),
+                "inversion_steps_kept": ",".join(str(v) for v in scores.steps_kept),
                 "flat_attention_models": scores.flat_attention,
             }
         )

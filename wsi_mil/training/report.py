@@ -101,9 +101,18 @@ def write_report(out: Path, results: list[dict], splits: pd.DataFrame, cfg: Trai
         "another (inner) fold of the training data; the fold never influenced a choice."
         if inner
         else "Optimistic: each fold's metrics are taken at the epoch and threshold chosen on that "
-        "same fold (`selection: outer`, or fewer than 3 folds); the held-out test set is the "
-        "unbiased estimate."
+        "same fold (`selection: outer`); the held-out test set is the unbiased estimate."
     )
+    fallback = {
+        r["model"]: r["selection_fallback_folds"] for r in results if r.get("selection_fallback_folds")
+    }
+    if fallback:
+        folds = "; ".join(f"{m}: fold(s) {', '.join(str(k + 1) for k in ks)}" for m, ks in fallback.items())
+        note = (
+            "Partly optimistic: too few cases for an inner selection split in some folds, which chose "
+            f"their epoch and threshold on the reported fold itself (`--selection-fallback`; {folds}); "
+            "the other folds are selection-free. The held-out test set is the unbiased estimate."
+        )
     lines += ["## Cross-validation folds: mean +/- std", "", note, "", *header]
     for r in results:
         lines.append(
@@ -119,19 +128,60 @@ def write_report(out: Path, results: list[dict], splits: pd.DataFrame, cfg: Trai
             f"- {r['model']}: {rec.optimizer} lr {rec.lr:g}, weight decay {rec.weight_decay:g}, "
             f"schedule {rec.schedule}" + (f"; {settings}" if settings else "") + f". {rec.source}"
         )
+    lines += ["", *patch_calibration_lines(results)]
     lines += [
         "",
-        "Per model: `<model>/metrics.json`, `predictions.csv`, `roc.png`, "
-        "`training_curves.png`; per fold: `model.pt`, `threshold.json`, `history.csv`.",
+        "Per model: `<model>/metrics.json`, `predictions.csv`, `roc.png`, `training_curves.png`, "
+        "`patch_calibration.json` (and `patch_reliability.png` with annotations); per fold: "
+        "`model.pt`, `threshold.json`, `history.csv`.",
     ]
     text = "\n".join(lines) + "\n"
     write_text(out / "report.md", text)
-    write_text(out / "report.html", f"<!DOCTYPE html><html><body>{markdown_html(text)}</body></html>\n")
+    write_text(out / "report.html", f"<!DOCTYPE html><html><body>{markdown_html(text, out)}</body></html>\n")
     return text
 
 
-def markdown_html(text: str) -> str:
-    """HTML of the Markdown this module writes: headings, pipe tables, paragraphs, `code`."""
+def patch_calibration_lines(results: list[dict]) -> list[str]:
+    """The report's section on the patch probabilities: how each model's were calibrated, and
+    their reliability on the annotated test slides when annotations were given."""
+    lines = [
+        "## Patch probabilities (heatmaps): calibration",
+        "",
+        "A heatmap's combined and patch_alone layers give the probability that a patch is of the "
+        "class, calibrated on the out-of-fold slides (`patch_calibration.json`): with annotations "
+        "from the annotated patches, without from the MIL assumption that every patch of a slide "
+        "of another class is negative.",
+        "",
+        "| model | class | mode | fitted on | share of the class's own patches | test ECE (combined) "
+        "| test ECE (patch alone) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for name, cal in r.get("patch_calibration", {}).items():
+            rel = r.get("patch_reliability", {}).get(name, {})
+            ece = [
+                _fmt(rel[layer]["ece"]) if layer in rel else "n/a" for layer in ("combined", "patch_alone")
+            ]
+            annotated = cal.get("annotated_slides", 0)
+            fitted = f"{cal['slides']} slides ({annotated} annotated), {cal['patches']} patches"
+            prior = _fmt(cal.get("prior")) if cal.get("prior") is not None else "n/a"
+            lines.append(
+                f"| {r['model']} | {name} | {cal['mode']} | {fitted} | {prior} | {ece[0]} | {ece[1]} |"
+            )
+    for r in results:
+        if "patch_reliability" in r:
+            lines += [
+                "",
+                f"![{r['model']}: patch reliability on the test slides]({r['model']}/patch_reliability.png)",
+            ]
+    return lines
+
+
+def markdown_html(text: str, base: Path | None = None) -> str:
+    """HTML of the Markdown this module writes: headings, pipe tables, paragraphs, `code`, and
+    images `![alt](path)` (a line of their own; inlined as data URIs from `base`, so the page
+    stands alone wherever it is copied)."""
+    import base64
     import html
     import re
 
@@ -153,6 +203,13 @@ def markdown_html(text: str) -> str:
             rows.clear()
 
     for line in text.splitlines():
+        image = re.fullmatch(r"!\[([^\]]*)\]\(([^)]+)\)", line.strip())
+        if image and base is not None and (base / image.group(2)).exists():
+            flush()
+            data = base64.b64encode((base / image.group(2)).read_bytes()).decode()
+            alt = html.escape(image.group(1))
+            out.append(f'<p><img alt="{alt}" src="data:image/png;base64,{data}" width="520"></p>')
+            continue
         heading = re.match(r"(#+) (.*)", line)
         if line.startswith("|"):
             if para:

@@ -1,0 +1,239 @@
+"""Patch calibration: per-patch evidence -> the probability that the patch shows a class.
+
+Fitted by crossval on out-of-fold slides (each fold model scores the slides of the fold it never
+trained on). The inputs per patch and fold model (localization/scores.py): the instance
+log-odds (the bag model on the patch alone), log(N a) (attention against a uniform 1/N) and the
+inversion's reading, each standardised over the out-of-fold patches. Two maps per class:
+`instance` (the instance input alone: the `patch_alone` layer) and `combined` (the instance
+input plus weighted attention and inversion inputs), each P = sigmoid(a s + b) of its weighted
+sum s. What the run knows decides how they are fitted:
+- "annotations" (`crossval --annotations DIR`): annotated out-of-fold slides label their
+  patches (>= 50% inside the annotation: the class; none of it: not; in between: left out), and
+  every patch of a slide of another class is negative. The combined weights come from a
+  class-balanced logistic regression (attention and inversion as positive evidence only), each
+  map's (a, b) from Platt scaling on the labelled patches.
+- "negatives" (no annotations; the MIL assumption): every patch of a slide of another class is
+  negative; the class's own slides hold a mixture of negatives and targets. The instance map is
+  fitted as negative-unlabelled learning (Elkan & Noto, KDD 2008, in the negative-unlabelled
+  direction): with f_U = (1 - pi) f_N + pi f_T and f_T / f_N logistic in s, P(class | s) =
+  sigmoid(a s + b) and the share pi are fitted by maximum likelihood of which slides the patches
+  come from (`fit_negatives`). Attention and inversion are relative within a slide (a negative
+  patch on a tumour slide gets less attention than one on a normal slide), so the other slides'
+  patches are no null for them: each weighs by how well it ranks the class's own patches as the
+  instance evidence does (`negatives_weights`), and the combined map is fitted to the instance
+  map's probabilities (0 on the other slides; `fit_soft`), keeping its scale.
+`PatchCalibration.to_dict` records the mode, the maps and the data (slides, patches, the
+selection the fold models' epochs were chosen with) in the run's patch_calibration.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import expit
+
+INPUTS = ("instance", "attention", "inversion")  # the evidence a patch carries, per fold model
+MODES = ("annotations", "negatives")
+
+
+@dataclass
+class ScoreMap:
+    """P = sigmoid(a s + b) of a weighted sum s of the standardised evidence inputs."""
+
+    coef: list[float]  # weights of the standardised inputs
+    mean: list[float]
+    std: list[float]
+    a: float = 1.0
+    b: float = 0.0
+
+    def score(self, inputs: np.ndarray) -> np.ndarray:
+        z = (np.asarray(inputs, np.float64) - self.mean) / self.std
+        return z @ np.asarray(self.coef)
+
+    def logit(self, inputs: np.ndarray) -> np.ndarray:
+        return self.a * self.score(inputs) + self.b
+
+    def apply(self, inputs: np.ndarray) -> np.ndarray:
+        return expit(self.logit(inputs))
+
+
+@dataclass
+class PatchCalibration:
+    """The maps of one class: `instance` (the instance evidence alone) and `combined` (with
+    attention and inversion); see the module docstring."""
+
+    target: str
+    mode: str
+    instance: ScoreMap
+    combined: ScoreMap
+    prior: float | None = None  # negatives mode: the class's share of its own slides' patches
+    data: dict = field(default_factory=dict)  # slides and patches it was fitted on, selection
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PatchCalibration:
+        return cls(
+            d["target"], d["mode"], ScoreMap(**d["instance"]), ScoreMap(**d["combined"]),
+            d.get("prior"), d.get("data", {}),
+        )  # fmt: skip
+
+
+def load_calibrations(record: dict | None) -> tuple[dict[str, PatchCalibration], dict | None]:
+    """({class name: PatchCalibration}, the inversion settings they were fitted with) from a
+    run's patch_calibration.json record; ({}, None) without one."""
+    if record is None:
+        return {}, None
+    return {k: PatchCalibration.from_dict(v) for k, v in record["classes"].items()}, record["inversion"]
+
+
+def score_map(inputs: np.ndarray, coef: list[float]) -> ScoreMap:
+    """An unfitted map: the inputs standardised over `inputs`, weighed by `coef`."""
+    mean, std = inputs.mean(0), inputs.std(0)
+    return ScoreMap(list(map(float, coef)), mean.tolist(), np.where(std > 1e-12, std, 1.0).tolist())
+
+
+def fit_annotated(m: ScoreMap, inputs: np.ndarray, positive: np.ndarray) -> ScoreMap:
+    """Platt scaling of the map's score on labelled patches (True: the class)."""
+    from ..calibration import fit_platt
+
+    m.a, m.b = fit_platt(m.score(inputs), np.asarray(positive, bool))
+    return m
+
+
+def fit_negatives(m: ScoreMap, inputs: np.ndarray, from_class_slide: np.ndarray) -> tuple[ScoreMap, float]:
+    """(map, prior) from patches of the class's slides (True) and of other slides (False).
+
+    Model: the class slides' patches are a mixture, f_U = (1 - pi) f_N + pi f_T, with the
+    density ratio f_T / f_N = exp(a s + b) / pi; so P(U | s) under balanced weights is
+    (q + e^(a s + b)) / (1 + q + e^(a s + b)), q = 1 - pi, fitted by maximum likelihood, and
+    P(class | s, U) = e^(a s + b) / (q + e^(a s + b)) = sigmoid(a s + b - log q)."""
+    u = np.asarray(from_class_slide, bool)
+    s = m.score(inputs)
+    w = np.where(u, 0.5 / max(u.sum(), 1), 0.5 / max((~u).sum(), 1))
+
+    def nll(theta):
+        a, b, c = theta
+        z = a * s + b
+        log_q = -np.logaddexp(0, -c)  # q = sigmoid(c)
+        log_den = np.logaddexp(np.logaddexp(0, log_q), z)  # log(1 + q + e^z)
+        log_u = np.logaddexp(log_q, z) - log_den
+        return -float(np.sum(w * np.where(u, log_u, -log_den)))
+
+    best = None
+    for start in ([1.0, -4.0, 2.0], [2.0, -8.0, 4.0], [0.5, -2.0, 0.0]):
+        res = minimize(nll, np.array(start), method="L-BFGS-B", bounds=[(0, 50), (-200, 50), (-20, 20)])
+        if best is None or res.fun < best.fun:
+            best = res
+    a, b, c = best.x
+    q = float(expit(c))
+    m.a, m.b = float(a), float(b - np.log(q))
+    return m, 1.0 - q
+
+
+CONTEXT_SCALE = 2.0  # negatives mode: a context input that always agrees weighs 2 (instance: 1)
+CONFIDENT = (0.1, 0.5)  # negatives mode: instance probabilities below / above are confident calls
+
+
+def annotated_weights(z: np.ndarray, positive: np.ndarray) -> list[float]:
+    """Weights of the standardised inputs from labelled patches: a class-balanced logistic
+    regression, scaled so the instance input weighs 1; attention and inversion only as
+    positive evidence (a negative weight is set to 0)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if positive.all() or not positive.any():
+        return [1.0, 0.0, 0.0]
+    coef = LogisticRegression(class_weight="balanced", max_iter=1000).fit(z, positive).coef_[0]
+    if coef[0] <= 0:
+        return [1.0, 0.0, 0.0]
+    return [1.0, *np.clip(coef[1:] / coef[0], 0.0, None).tolist()]
+
+
+def negatives_weights(z: np.ndarray, from_class_slide: np.ndarray, instance_p: np.ndarray) -> list[float]:
+    """Weights of the attention and inversion inputs without patch labels: on the class's own
+    slides, each input's AUC against the instance evidence's confident calls (calibrated
+    P < 0.1: not the class, P > 0.5: the class), turned into a weight CONTEXT_SCALE x
+    max(0, 2 AUC - 1). An input that ranks patches as the instance evidence does weighs up to
+    2; one that disagrees (an attention looking away from the class, as PSMIL's on the demo)
+    weighs 0."""
+    from sklearn.metrics import roc_auc_score
+
+    lo, hi = CONFIDENT
+    sel = from_class_slide & ((instance_p < lo) | (instance_p > hi))
+    calls = instance_p[sel] > hi
+    if calls.all() or not calls.any():
+        return [1.0, 0.0, 0.0]
+    auc = [roc_auc_score(calls, z[sel, j]) for j in (1, 2)]
+    return [1.0, *(CONTEXT_SCALE * max(0.0, 2 * a - 1) for a in auc)]
+
+
+def fit_soft(m: ScoreMap, inputs: np.ndarray, target_p: np.ndarray) -> ScoreMap:
+    """Platt scaling of the map's score against soft targets (cross-entropy to probabilities)."""
+    s, t = m.score(inputs), np.clip(np.asarray(target_p, np.float64), 0.0, 1.0)
+
+    def nll(ab):
+        z = ab[0] * s + ab[1]
+        return float(np.mean(np.logaddexp(0, z) - t * z))
+
+    def grad(ab):
+        r = expit(ab[0] * s + ab[1]) - t
+        return np.array([np.mean(r * s), np.mean(r)])
+
+    res = minimize(nll, np.array([1.0, 0.0]), jac=grad, method="BFGS")
+    m.a, m.b = float(res.x[0]), float(res.x[1])
+    return m
+
+
+def fit_patch_calibration(
+    target: str, inputs: np.ndarray, slide_positive: np.ndarray, patch_label: np.ndarray | None, data: dict
+) -> PatchCalibration:
+    """Fit both maps of `target`. `inputs` [n, len(INPUTS)] per out-of-fold patch;
+    `slide_positive`: the patch's slide is labelled `target`; `patch_label`: per patch 1 / 0 /
+    -1 (unknown) from annotations, or None for the negatives mode."""
+    inst = score_map(inputs, [1.0, 0.0, 0.0])
+    z = (inputs - np.asarray(inst.mean)) / np.asarray(inst.std)
+    if patch_label is not None:
+        known = patch_label >= 0
+        x, y = inputs[known], patch_label[known] == 1
+        comb = score_map(inputs, annotated_weights(z[known], y))
+        return PatchCalibration(
+            target, "annotations", fit_annotated(inst, x, y), fit_annotated(comb, x, y), None,
+            {**data, "patches": int(known.sum()), "positive_patches": int(y.sum())},
+        )  # fmt: skip
+    positive = np.asarray(slide_positive, bool)
+    inst, prior = fit_negatives(inst, inputs, positive)
+    p_inst = inst.apply(inputs)
+    comb = score_map(inputs, negatives_weights(z, positive, p_inst))
+    # the context inputs are relative within a slide, so the other slides' patches are no null
+    # for them: the combined map is fitted to the instance map's probabilities instead (0 on
+    # the other classes' slides), keeping its scale while the context re-orders the patches
+    comb = fit_soft(comb, inputs, np.where(positive, p_inst, 0.0))
+    return PatchCalibration(target, "negatives", inst, comb, prior, {**data, "patches": len(inputs)})
+
+
+def reliability(prob: np.ndarray, positive: np.ndarray, bins: int = 10) -> dict:
+    """Reliability diagram and expected calibration error (Naeini et al., AAAI 2015): equal-width
+    bins of the predicted probability, each bin's mean probability against its positive share."""
+    prob, positive = np.asarray(prob, np.float64), np.asarray(positive, bool)
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(prob, edges[1:-1]), 0, bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        sel = idx == b
+        if not sel.any():
+            continue
+        conf, acc = float(prob[sel].mean()), float(positive[sel].mean())
+        rows.append(
+            {
+                "lo": float(edges[b]),
+                "hi": float(edges[b + 1]),
+                "n": int(sel.sum()),
+                "mean_p": conf,
+                "positive": acc,
+            }
+        )
+        ece += sel.sum() / len(prob) * abs(conf - acc)
+    return {"ece": float(ece), "patches": int(len(prob)), "bins": rows}
