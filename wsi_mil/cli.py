@@ -5,25 +5,28 @@ Exit status: 0 all done, 1 some slide or bag failed (named in the summary), 2 ba
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from . import console as opt
 from .console import (
+    App,
     cluster_map,
     print_encoders,
     print_slide_info,
     run_slides,
     say,
+    stdout,
     tiling_options,
     user_errors,
 )
 from .errors import WsiMilError
 
-app = typer.Typer(
+train_opt = functools.partial(opt.config_option, "train")  # crossval's options that --config may set
+app = App(
     add_completion=False,
     no_args_is_help=True,
     help="Whole-slide images to MIL diagnoses and reviewed heatmaps.",
@@ -65,7 +68,9 @@ def segment(
     out: opt.Out,
     mpp: opt.Mpp = None,
     config: opt.Config = None,
-    threshold: Annotated[Optional[str], typer.Option(help="'otsu' or a saturation value 0-255")] = None,
+    threshold: Annotated[
+        Optional[str], opt.config_option("tissue", "threshold", "'otsu' or a saturation value 0-255")
+    ] = None,
     tissue_geojson: opt.TissueGeo = None,
     overwrite: opt.Overwrite = False,
 ):
@@ -109,8 +114,8 @@ def extract(
     encoder: opt.Encoder = None,
     weights: opt.Weights = None,
     random_weights: opt.RandomWeights = False,
-    target_mpp: opt.TargetMpp = None,
-    patch_size: opt.PatchSize = None,
+    target_mpp: opt.EncoderMpp = None,
+    patch_size: opt.EncoderPatchSize = None,
     overlap: opt.Overlap = None,
     min_tissue: opt.MinTissue = None,
     device: opt.Device = None,
@@ -144,31 +149,34 @@ def crossval(
     features: Annotated[Path, typer.Option(help="Folder of <slide>.h5 feature files (features/<encoder>)")],
     labels: Annotated[Path, typer.Option(help="CSV: slide_id,label[,case_id][,split]")],
     out: opt.Out,
-    model: Annotated[Optional[str], typer.Option(help="abmil, dsmil, dtfd, camil, transmil or psmil")] = None,
+    model: Annotated[
+        Optional[str], train_opt("model", "abmil, dsmil, dtfd, camil, transmil or psmil")
+    ] = None,
     models: Annotated[
-        Optional[str], typer.Option(help="Several models on the same splits, comma-separated")
-    ] = None,
-    folds: Annotated[Optional[int], typer.Option(help="Cross-validation folds")] = None,
-    test_frac: Annotated[
-        Optional[float], typer.Option(help="Held-out test fraction (0: plain k-fold)")
-    ] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs")] = None,
-    patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience (epochs)")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: each model's recipe)")] = None,
-    recipe: Annotated[
         Optional[str],
-        typer.Option(help="model: each model's authors' recipe (default); shared: one recipe for all"),
+        typer.Option(help="Several models on the same splits, comma-separated", show_default="--model"),
+    ] = None,
+    folds: Annotated[Optional[int], train_opt("folds", "Cross-validation folds")] = None,
+    test_frac: Annotated[
+        Optional[float], train_opt("test_frac", "Held-out test fraction (0: plain k-fold)")
+    ] = None,
+    epochs: Annotated[Optional[int], train_opt("epochs", "Maximum epochs")] = None,
+    patience: Annotated[Optional[int], train_opt("patience", "Early-stopping patience (epochs)")] = None,
+    lr: Annotated[Optional[float], train_opt("lr", "Learning rate", unset="each model's recipe")] = None,
+    recipe: Annotated[
+        Optional[str], train_opt("recipe", "model: each model's authors' recipe; shared: one for all")
     ] = None,
     small_cohort: Annotated[
         Optional[bool],
-        typer.Option(
+        train_opt(
+            "small_cohort",
+            "Under 300 labelled slides, models with a small-cohort recipe use it",
             "--small-cohort/--no-small-cohort",
-            help="Under 300 labelled slides, models with a small-cohort recipe use it (default on)",
         ),
     ] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for splits and training")] = None,
+    seed: Annotated[Optional[int], train_opt("seed", "Seed for splits and training")] = None,
     max_instances: opt.MaxInstances = None,
-    device: opt.Device = None,
+    device: opt.TrainDevice = None,
     config: opt.Config = None,
     allow_missing: opt.AllowMissing = False,
     selection_fallback: Annotated[
@@ -185,7 +193,8 @@ def crossval(
     annotations: Annotated[
         Optional[Path],
         typer.Option(
-            help="Folder of <slide>.xml/.geojson patch annotations: calibrate heatmap probabilities on them (default: from the negative slides)"
+            help="Folder of <slide>.xml/.geojson patch annotations: calibrate heatmap probabilities on them",
+            show_default="calibrate on the negative slides",
         ),
     ] = None,
 ):
@@ -209,7 +218,7 @@ def crossval(
             lambda msg: say(f"[cyan]crossval[/cyan] {msg}"), map_fn, overwrite=overwrite,
             annotations=annotations, inversion=inversion_settings(cfg.heatmap),
         )  # fmt: skip
-    Console().print((out / "report.md").read_text(), highlight=False, markup=False)
+    stdout().print((out / "report.md").read_text(), highlight=False, markup=False)
 
 
 @app.command()
@@ -218,20 +227,24 @@ def predict(
     run: opt.RunDir,
     features: Annotated[Path, typer.Option(help="Folder of <slide>.h5 feature files")],
     out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="CSV to write (default RUN/predictions_new.csv)")
+        Optional[Path],
+        typer.Option("--out", "-o", help="CSV to write", show_default="RUN/predictions_new.csv"),
     ] = None,
     device: opt.DeviceAuto = "auto",
     scores: Annotated[
         Optional[Path],
         typer.Option(
-            "--scores", help="Also write per-instance attention/inversion/combined CSVs (one per bag) here"
+            "--scores",
+            help="Also write per-instance attention/inversion/combined CSVs (one per bag) here",
+            show_default="none",
         ),
     ] = None,
     model: Annotated[
-        Optional[str], typer.Option(help="Model of the run for --scores (default: the first)")
+        Optional[str], typer.Option(help="Model of the run for --scores", show_default="the run's first")
     ] = None,
     target: Annotated[
-        Optional[str], typer.Option(help="Class the --scores map (default: as heatmap)")
+        Optional[str],
+        typer.Option(help="Class the --scores map", show_default="as heatmap: the positive class"),
     ] = None,
     config: opt.Config = None,
 ):
@@ -274,3 +287,7 @@ def demo(
 from . import cli_review  # noqa: E402  registers heatmap, view and evaluate-localization on `app`
 
 cli_review.register(app)
+
+from . import cli_run  # noqa: E402  registers run (one experiment file end to end)
+
+cli_run.register(app)

@@ -19,19 +19,19 @@ def register(app: typer.Typer) -> None:
         slide: Annotated[Path, typer.Argument(help="The slide file")],
         run: opt.RunDir,
         out: Annotated[
-            Optional[Path], typer.Option("--out", "-o", help="Output folder (default heatmaps/)")
+            Optional[Path], typer.Option("--out", "-o", help="Output folder", show_default="heatmaps")
         ] = None,
         features: Annotated[
-            Optional[Path], typer.Option(help="The slide's feature .h5 (else from the work folder)")
+            Optional[Path], typer.Option(help="The slide's feature .h5", show_default="from the work folder")
         ] = None,
         work: Annotated[
             Optional[Path],
             typer.Option(
-                help="Work folder for the slide's tissue, patches and features (default: the run's)"
+                help="Work folder for the slide's tissue, patches and features", show_default="the run's"
             ),
         ] = None,
         model: Annotated[
-            Optional[str], typer.Option(help="Which model of the run (default: its first)")
+            Optional[str], typer.Option(help="Which model of the run", show_default="the run's first")
         ] = None,
         score: Annotated[
             str,
@@ -44,7 +44,8 @@ def register(app: typer.Typer) -> None:
         ] = 0.0,
         fold: Annotated[str, typer.Option(help="'all' (ensemble) or a fold number")] = "all",
         target: Annotated[
-            Optional[str], typer.Option(help="Class whose evidence is mapped (default: the positive class)")
+            Optional[str],
+            typer.Option(help="Class whose evidence is mapped", show_default="the positive class"),
         ] = None,
         scale: Annotated[
             str,
@@ -94,7 +95,12 @@ def register(app: typer.Typer) -> None:
                 help="Folder of <slide>.xml (ASAP), <slide>.geojson or <slide>_mask.tif tumor annotations"
             ),
         ],
-        out: Annotated[Optional[Path], typer.Option("--out", "-o", help="JSON file for the results")] = None,
+        out: Annotated[
+            Optional[Path],
+            typer.Option(
+                "--out", "-o", help="JSON file for the results", show_default="SCORES/localization.json"
+            ),
+        ] = None,
         pos_frac: Annotated[float, typer.Option(help="Tumor fraction that makes a patch positive")] = 0.5,
     ):
         """Patch AUC, Camelyon16 FROC (its Evaluation_FROC.py) and slide AUC against annotations."""
@@ -112,16 +118,28 @@ def register(app: typer.Typer) -> None:
     def view(
         slide: Annotated[Path, typer.Argument(help="The slide file")],
         run: Annotated[
-            Optional[Path], typer.Option(help="A crossval run: score the slide with it first")
+            Optional[Path],
+            typer.Option(
+                help="A crossval run: score the slide with it first", show_default="none: give --scores"
+            ),
         ] = None,
         scores: Annotated[
-            Optional[Path], typer.Option(help="A <slide>_scores.h5 from 'wsi-mil heatmap' (instead of --run)")
+            Optional[Path],
+            typer.Option(
+                help="A <slide>_scores.h5 from 'wsi-mil heatmap' (instead of --run)",
+                show_default="none: give --run",
+            ),
         ] = None,
         out: Annotated[Path, typer.Option("--out", "-o", help="Where --run writes the scores")] = Path(
             "heatmaps"
         ),
-        model: Annotated[Optional[str], typer.Option(help="Which model of the run")] = None,
-        target: Annotated[Optional[str], typer.Option(help="Class whose evidence is mapped")] = None,
+        model: Annotated[
+            Optional[str], typer.Option(help="Which model of the run", show_default="the run's first")
+        ] = None,
+        target: Annotated[
+            Optional[str],
+            typer.Option(help="Class whose evidence is mapped", show_default="the positive class"),
+        ] = None,
         scale: Annotated[str, typer.Option(help="absolute or rank (within slide)")] = "absolute",
         host: Annotated[
             str, typer.Option(help="Address to bind (keep 127.0.0.1 for patient data)")

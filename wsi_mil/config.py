@@ -1,4 +1,5 @@
-"""Per-stage settings (pydantic), loaded from YAML presets in configs/ plus CLI overrides."""
+"""Per-stage settings (pydantic), loaded from YAML presets in configs/ plus CLI overrides, and
+the experiment files `wsi-mil run` takes (an `experiment:` section beside the stage sections)."""
 
 from __future__ import annotations
 
@@ -108,6 +109,8 @@ class HeatmapConfig(BaseModel):
 
 
 class PipelineConfig(BaseModel):
+    model_config = {"extra": "forbid"}  # a misspelt section is an error, not ignored
+
     tissue: TissueConfig = Field(default_factory=TissueConfig)
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
@@ -115,17 +118,86 @@ class PipelineConfig(BaseModel):
     heatmap: HeatmapConfig = Field(default_factory=HeatmapConfig)
 
 
+def _read_yaml(path_or_preset: str | Path) -> dict:
+    p = Path(path_or_preset)
+    if not p.exists():
+        p = CONFIG_DIR / f"{path_or_preset}.yaml"
+    if not p.exists():
+        presets = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
+        raise WsiMilError(f"{path_or_preset}: no such config file or preset (presets: {presets})")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise WsiMilError(f"{p}: a config is a YAML mapping of sections (tissue:, tiling:, ...)")
+    return data
+
+
+def _stage_sections(data: dict, source: str | Path) -> dict:
+    """The file's stage sections over its `preset:` (if any), without its `experiment:`."""
+    data = {k: v for k, v in data.items() if k != "experiment"}
+    preset = data.pop("preset", None)
+    if preset is None:
+        return data
+    if Path(str(preset)).resolve() == Path(source).resolve() or preset == Path(source).stem:
+        raise WsiMilError(f"{source}: preset: {preset} names this file itself")
+    merged = _stage_sections(_read_yaml(preset), preset)
+    for section, values in data.items():
+        merged.setdefault(section, {}).update(values or {})
+    return merged
+
+
+def _validate(data: dict, source: str | Path | None) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValueError as e:
+        first = str(e).splitlines()
+        raise WsiMilError(f"{source}: {' '.join(first[:3])}") from None
+
+
 def load_config(path_or_preset: str | Path | None = None, **overrides: dict) -> PipelineConfig:
-    """Load a YAML file (or a preset name from configs/), then apply per-section overrides."""
+    """Load a YAML file (or a preset name from configs/), then apply per-section overrides.
+
+    A file may name a `preset:` it builds on; an `experiment:` section is `wsi-mil run`'s."""
     data: dict = {}
     if path_or_preset:
-        p = Path(path_or_preset)
-        if not p.exists():
-            p = CONFIG_DIR / f"{path_or_preset}.yaml"
-        if not p.exists():
-            presets = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
-            raise WsiMilError(f"{path_or_preset}: no such config file or preset (presets: {presets})")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _stage_sections(_read_yaml(path_or_preset), path_or_preset)
     for section, values in overrides.items():
         data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
-    return PipelineConfig.model_validate(data)
+    return _validate(data, path_or_preset)
+
+
+class ExperimentConfig(BaseModel):
+    """What `wsi-mil run` does end to end: extract -> crossval -> heatmaps (-> localisation).
+
+    Relative paths are read from the current folder, as on the command line."""
+
+    model_config = {"extra": "forbid"}
+
+    slides: list[Path] = Field(description="folders of slides or CSV slide lists (as `extract` takes)")
+    labels: Path = Field(description="CSV: slide_id,label[,case_id][,split]")
+    out: Path = Field(description="experiment folder: work/ (features), run/, heatmaps/")
+    models: list[str] = Field(default_factory=lambda: ["psmil", "abmil"])
+    annotations: Path | None = Field(None, description="<slide>.xml/.geojson: calibration + evaluation")
+    heatmaps: Literal["test", "all", "none"] = "test"
+    heatmap_model: str | None = Field(None, description="model the heatmaps map (default: the first)")
+    target: str | None = Field(None, description="class the heatmaps map (default: the positive one)")
+    mpp: float | None = Field(None, description="um/px for slides that record none")
+
+
+def load_experiment(path: str | Path) -> tuple[ExperimentConfig, PipelineConfig]:
+    """An experiment file: its `experiment:` section, and its stage settings over its preset."""
+    data = _read_yaml(path)
+    if "experiment" not in data:
+        raise WsiMilError(
+            f"{path}: no experiment: section (slides, labels, out, models): a preset is used by "
+            f"naming it in an experiment file (preset: {Path(path).stem})"
+        )
+    exp = data["experiment"] or {}
+    if isinstance(exp.get("slides"), (str, Path)):
+        exp = {**exp, "slides": [exp["slides"]]}
+    if isinstance(exp.get("models"), str):
+        exp = {**exp, "models": [m.strip() for m in exp["models"].split(",") if m.strip()]}
+    try:
+        experiment = ExperimentConfig.model_validate(exp)
+    except ValueError as e:
+        raise WsiMilError(f"{path}: experiment: {' '.join(str(e).splitlines()[:3])}") from None
+    return experiment, _validate(_stage_sections(data, path), path)

@@ -1,4 +1,6 @@
-"""The terminal side of the CLI: one rich console, one-line errors, progress, shared options.
+"""The terminal side of the CLI: one rich console, one-line errors, progress, shared options,
+and the command classes every command gets (help with defaults, flags shown as flags, one hint
+for a flag given a value).
 
 Commands in cli.py stay thin: they parse options with the shared types below, call a stage
 runner or a protocol function, and report through these helpers. Exit status: 0 all done,
@@ -10,81 +12,207 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
+from .config import PipelineConfig
 from .errors import WsiMilError
 
 console = Console(stderr=True)
 log = logging.getLogger("wsi_mil")
+FLAG_VALUES = {"true", "false", "yes", "no", "on", "off", "1", "0", "y", "n", "t", "f"}
+
+
+def fail(message: str) -> NoReturn:
+    """One red `error:` line on stderr, exit status 2."""
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def flag_given_a_value(command, ctx, args: list[str]) -> tuple[str, str] | None:
+    """(flag, as written) where `args` give a flag a value: `--flag=v`, `--flag true`, or
+    `--flag v` with `v` left over as an extra argument; None where no flag has one."""
+    flags = {
+        o for p in command.get_params(ctx) if getattr(p, "is_flag", False) for o in p.opts + p.secondary_opts
+    }
+    try:
+        extra = command.make_parser(ctx).parse_args(list(args))[1]
+    except Exception:  # a bad command line: the real parse reports it
+        extra = []
+    for arg, value in zip(args, [*args[1:], None]):
+        if arg == "--":
+            break
+        name, eq, _ = arg.partition("=")
+        if eq and name in flags:
+            return name, arg
+        if arg in flags and value is not None and (value.lower() in FLAG_VALUES or value in extra):
+            return arg, f"{arg} {value}"
+    return None
+
+
+class _FlagsShownAsFlags:
+    """Help shows a flag without a type (typer's rich help would write `--flag <bool>`)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False):
+                p.metavar = ""
+        return params
+
+
+class Command(_FlagsShownAsFlags, TyperCommand):
+    """A command: flags shown as flags, `SLIDES...` in the usage line, one hint for `--flag value`."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for p in self.get_params(ctx):
+            if isinstance(p, TyperArgument):
+                name = (p.metavar or p.name).upper()
+                pieces.append((name if p.required else f"[{name}]") + ("..." if p.nargs != 1 else ""))
+        return pieces
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        given = flag_given_a_value(self, ctx, args)
+        if given:
+            fail(f"{given[0]} is a flag and takes no value: write {given[0]}, not {given[1]}")
+        return super().parse_args(ctx, args)
+
+
+class Group(_FlagsShownAsFlags, TyperGroup):
+    """The `wsi-mil` group: its `--help` shown as a flag too."""
+
+
+class App(typer.Typer):
+    """`typer.Typer` whose commands are all `Command`s, however they are registered."""
+
+    def __init__(self, **kwargs):
+        super().__init__(cls=Group, **kwargs)
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or Command, **kwargs)
+
+
+_TILED = PipelineConfig().tiling.with_defaults()  # tiling's built-in mpp and patch size
+DEVICE_HELP = "auto, cpu, cuda or cuda:N"
+
+
+def config_option(section: str, name: str, help: str, flag: str | None = None, unset: object = None):
+    """An option --config may set: help shows 'from --config, else <config.py's default>'
+    (`unset` describes a default of None)."""
+    value = getattr(getattr(PipelineConfig(), section), name)
+    if isinstance(value, bool):
+        value = ("--" if value else "--no-") + name.replace("_", "-")
+    shown = f"from --config, else {unset if value is None else value}"
+    return typer.Option(*[flag] if flag else [], help=help, show_default=shown)
+
+
+def _grid(name: str, help: str, encoder: bool = False):
+    """--target-mpp / --patch-size: from --config, else (extract) the encoder's, else tiling's."""
+    unset = getattr(_TILED, name)
+    flag = "--" + name.replace("_", "-")
+    return config_option("tiling", name, help, flag, f"the encoder's, else {unset}" if encoder else unset)
+
 
 Slides = Annotated[
     list[str], typer.Argument(help="Slide files, folders of slides, or CSV slide lists (path[,mpp])")
 ]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder")]
-Mpp = Annotated[Optional[float], typer.Option("--mpp", help="um/px for slides that record none")]
-Overwrite = Annotated[
-    bool, typer.Option("--overwrite", help="Redo outputs that exist (a flag: takes no value)")
+Mpp = Annotated[
+    Optional[float],
+    typer.Option("--mpp", help="um/px for slides that record none", show_default="the slide's own"),
 ]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo outputs that exist")]
 Config = Annotated[
-    Optional[str], typer.Option("--config", "-c", help="YAML config or preset name (biopsy, resection, ...)")
+    Optional[str],
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML config or preset name (biopsy, resection, ...)",
+        show_default="built-in settings",
+    ),
 ]
 PatchesDir = Annotated[
     Optional[Path],
-    typer.Option("--patches", help="Folder of coords files from CLAM or TRIDENT to use as the grid"),
+    typer.Option(
+        "--patches",
+        help="Folder of coords files from CLAM or TRIDENT to use as the grid",
+        show_default="tile the tissue",
+    ),
 ]
 TissueGeo = Annotated[
     Optional[Path],
-    typer.Option("--tissue-geojson", help="GeoJSON tissue annotation (file, or folder of <slide>.geojson)"),
+    typer.Option(
+        "--tissue-geojson",
+        help="GeoJSON tissue annotation (file, or folder of <slide>.geojson)",
+        show_default="segment the tissue",
+    ),
 ]
-TargetMpp = Annotated[Optional[float], typer.Option("--target-mpp", help="um/px of the patches (0.5 ~ 20x)")]
-PatchSize = Annotated[Optional[int], typer.Option("--patch-size", help="Patch side in px at --target-mpp")]
+_MPP, _PX = "um/px of the patches (0.5 ~ 20x)", "Patch side in px at --target-mpp"
+TargetMpp = Annotated[Optional[float], _grid("target_mpp", _MPP)]
+PatchSize = Annotated[Optional[int], _grid("patch_size", _PX)]
+EncoderMpp = Annotated[Optional[float], _grid("target_mpp", _MPP, encoder=True)]
+EncoderPatchSize = Annotated[Optional[int], _grid("patch_size", _PX, encoder=True)]
 Overlap = Annotated[
-    Optional[float], typer.Option("--overlap", help="Fraction of the patch side shared (0-0.9)")
+    Optional[float], config_option("tiling", "overlap", "Fraction of the patch side shared (0-0.9)")
 ]
 MinTissue = Annotated[
-    Optional[float], typer.Option("--min-tissue", help="Tissue fraction a patch needs (0-1)")
+    Optional[float], config_option("tiling", "min_tissue", "Tissue fraction a patch needs (0-1)")
 ]
-Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N")]
+Device = Annotated[Optional[str], config_option("extract", "device", DEVICE_HELP, "--device")]
+TrainDevice = Annotated[Optional[str], config_option("train", "device", DEVICE_HELP, "--device")]
+DeviceAuto = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
 FailFast = Annotated[
     bool, typer.Option("--fail-fast", help="Stop at the first failing slide (default: keep going)")
 ]
 Cluster = Annotated[
     Optional[str],
-    typer.Option("--cluster", help="Dask cluster: local:N, tcp://host:8786 or slurm:CONFIG.yaml"),
+    typer.Option(
+        "--cluster",
+        help="Dask cluster: local:N, tcp://host:8786 or slurm:CONFIG.yaml",
+        show_default="none: run here",
+    ),
 ]
 
 # extract
 Encoder = Annotated[
-    Optional[str], typer.Option(help="resnet50_trunc, resnet18, timm:<name> or hf-hub:<repo>")
+    Optional[str],
+    config_option("extract", "encoder", "resnet50_trunc, resnet18, timm:<name> or hf-hub:<repo>"),
 ]
-Weights = Annotated[Optional[str], typer.Option(help="Local .pth/.bin/.safetensors weights")]
+Weights = Annotated[
+    Optional[str],
+    config_option("extract", "weights", "Local .pth/.bin/.safetensors weights", unset="the encoder's own"),
+]
 RandomWeights = Annotated[
     bool, typer.Option("--random-weights", help="Random encoder weights (tests, benchmarks, offline demo)")
 ]
 Precision = Annotated[
-    Optional[str], typer.Option(help="auto, fp32, bf16, fp16, or int8 (CNN encoders on a CPU with VNNI)")
+    Optional[str],
+    config_option("extract", "precision", "auto, fp32, bf16, fp16, or int8 (CNNs, CPU with VNNI)"),
 ]
-BatchSize = Annotated[Optional[int], typer.Option(help="Patches per encoder batch")]
-Workers = Annotated[
-    Optional[int],
-    typer.Option(help="Readers (default: a thread on a CPU, a process per spare core on a GPU)"),
+BatchSize = Annotated[Optional[int], config_option("extract", "batch_size", "Patches per encoder batch")]
+_READERS = "a thread on a CPU, a process per spare core on a GPU"
+Workers = Annotated[Optional[int], config_option("extract", "workers", "Readers", unset=_READERS)]
+FeatureDtype = Annotated[
+    Optional[str], config_option("extract", "dtype", "float32 or float16 features", "--dtype")
 ]
-FeatureDtype = Annotated[Optional[str], typer.Option("--dtype", help="float32 or float16 features")]
-Compile = Annotated[Optional[str], typer.Option("--compile", help="torch.compile: auto, on, off")]
+Compile = Annotated[
+    Optional[str], config_option("extract", "compile", "torch.compile: auto, on, off", "--compile")
+]
 # crossval, predict, heatmap
 RunDir = Annotated[Path, typer.Option(help="A crossval --out folder")]
-DeviceAuto = Annotated[str, typer.Option(help="auto, cpu or cuda")]
 AllowMissing = Annotated[
     bool, typer.Option("--allow-missing", help="Skip labelled slides without features (and vice versa)")
 ]
 MaxInstances = Annotated[
-    Optional[int], typer.Option(help="Sample at most this many instances per training bag")
+    Optional[int], config_option("train", "max_instances", "Cap on instances per training bag", unset="all")
 ]
 
 
@@ -113,14 +241,19 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except WsiMilError as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            fail(str(exc))
 
     return wrapper
 
 
 def say(text: str) -> None:
     console.print(text, highlight=False)
+
+
+def stdout(min_width: int = 0) -> Console:
+    """stdout at the terminal's width (at least `min_width`); unbounded in a pipe: no table is cut."""
+    term = Console()
+    return Console(width=max(term.width, min_width) if term.is_terminal else 100_000)
 
 
 def finish_stage(result, manifest_path: Path) -> None:
@@ -218,7 +351,7 @@ def print_slide_info(infos: list[dict]) -> None:
             Path(i["slide"]).name, i["backend"], i["level0_size"], str(i["levels"]), i["downsamples"],
             f"{i['mpp']:.4f}", i["mpp_source"], str(i["objective_power"] or "-"),
         )  # fmt: skip
-    Console().print(table)
+    stdout().print(table)
 
 
 def print_localization(result: dict) -> None:
@@ -236,7 +369,7 @@ def print_localization(result: dict) -> None:
             fmt(result["pooled_patch_auc_shuffled"][n]), fmt(ece), fmt(f["froc"]),
             *[fmt(f["sensitivity"][r]) for r in rates],
         )  # fmt: skip
-    Console(width=max(160, Console().width)).print(table)
+    stdout(min_width=160).print(table)
     lesions = next(iter(result["froc"].values()))["lesions"]
     tumor = sum(1 for r in result["per_slide"].values() if r["tumor"])
     say(
@@ -252,4 +385,4 @@ def print_encoders(rows: list[dict]) -> None:
             r["name"], str(r["dim"]), str(r["input_px"]), f"{r['mpp']:g}", str(r["patch_px"]),
             r["interpolation"], r["weights"], "yes" if r["gated"] else "no",
         )  # fmt: skip
-    Console().print(table)
+    stdout().print(table)

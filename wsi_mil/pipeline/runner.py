@@ -173,7 +173,7 @@ def _run_streamed(stage: Stage, todo: list[SlideEntry], finish, on_batch) -> lis
         return []
     busy: list[SlideEntry] = []
     held: list[dict] = []
-    planned = {"slides": 0, "patches": 0}
+    planned = {"slides": 0, "patches": 0, "resumed": 0}  # resumed: rows a partial file already has
 
     def prepare(entry: SlideEntry):
         """Lock and plan one slide (segment, tile, open its writer); runs on a planning thread."""
@@ -209,6 +209,11 @@ def _run_streamed(stage: Stage, todo: list[SlideEntry], finish, on_batch) -> lis
             if not job.skipped:
                 planned["slides"] += 1
                 planned["patches"] += len(job.grid) if job.grid is not None else 0
+            if job.writer is not None and job.writer.n_done:
+                planned["resumed"] += job.writer.n_done
+                log.info(
+                    "%s: resuming, %d of %d patches already done", entry.name, job.writer.n_done, job.writer.n
+                )
             yield job
 
     def on_done(job: StreamJob) -> None:
@@ -231,9 +236,9 @@ def _run_streamed(stage: Stage, todo: list[SlideEntry], finish, on_batch) -> lis
     def estimate() -> int:  # cohort patches, extrapolated from the slides planned so far
         return int(planned["patches"] * len(todo) / max(1, planned["slides"]))
 
-    def progress(done: int) -> None:
+    def progress(encoded: int) -> None:
         if on_batch:
-            on_batch(done, estimate())
+            on_batch(planned["resumed"] + encoded, estimate())
 
     try:
         runner = runner_for(stage.cfg.extract)
@@ -260,19 +265,26 @@ def run_stage(
     """Run `stage` over every slide not yet done; slides busy in another process are waited for.
 
     Without `map_fn` slides run here one after another (`on_start` and `on_batch` report
-    progress); `fail_fast` stops at the first failed slide by raising its error.
+    progress); `on_done` is called for every slide, those already done first; `fail_fast`
+    stops at the first failed slide by raising its error.
     """
     entries = list(entries)
     result = StageResult(stage.name)
     manifest = Manifest(stage.layout.manifest(stage.name))
-    todo = []
+    todo, done = [], []
     for e in entries:
         if stage.done(e):
+            done.append(e)
             result.outcomes[e.name] = Outcome(e.name, "skipped")
             if e.name not in manifest.rows:
                 manifest.record(e.name, "skipped")
         else:
             todo.append(e)
+    if done:
+        log.info("%s: %d of %d slide(s) already done", stage.name, len(done), len(entries))
+    for e in done:
+        if on_done:
+            on_done(e, result.outcomes[e.name])
 
     def finish(entry: SlideEntry, outcome) -> None:
         if isinstance(outcome, Exception):  # a task lost on every attempt (e.g. a dead worker)
