@@ -111,7 +111,9 @@ def test_abmil_and_psmil_reach_high_test_auc_and_predict_works(cohort_dir, tmp_p
     ):
         assert (out / f).exists(), f
     report = (out / "report.md").read_text()
-    assert "| abmil |" in report and "| psmil |" in report and "[" in report
+    assert "| abmil |" in report and "| psmil |" in report
+    # 12 test slides: too few for bootstrap intervals, said with the n per class
+    assert "no bootstrap intervals" in report and "[" not in report.split("## Test set")[1].split("##")[0]
     pred = pd.read_csv(out / "abmil" / "predictions.csv")
     assert {"fold0_vote", "ensemble", "mean_p_1"} <= set(pred.columns)
     new = predict_run(out, cohort_dir / "features")
@@ -254,3 +256,13 @@ def test_patient_level_averages_each_fold_models_slides_then_votes():
     assert vote.tolist() == [1, 0, 0]
     assert patient_level(["a", "b"], [1, 0], [fold1[:2]], [0.5]) is None  # one slide each
     assert patient_level(["a", "a"], [1, 0], [fold1[:2]], [0.5]) is None  # conflicting labels
+
+
+def test_bootstrap_intervals_only_where_every_class_has_ten_test_slides():
+    from wsi_mil.training.report import test_heading
+
+    small = pd.DataFrame({"label_name": ["tumor"] * 3 + ["normal"] * 3})
+    heading, with_ci = test_heading(small)
+    assert not with_ci and "3 normal, 3 tumor" in heading and "no bootstrap intervals" in heading
+    heading, with_ci = test_heading(pd.DataFrame({"label_name": ["tumor"] * 10 + ["normal"] * 40}))
+    assert with_ci and "95% bootstrap CI" in heading

@@ -71,6 +71,7 @@ def segment(
     threshold: Annotated[
         Optional[str], opt.config_option("tissue", "threshold", "'otsu' or a saturation value 0-255")
     ] = None,
+    qc: opt.QC = None,
     tissue_geojson: opt.TissueGeo = None,
     overwrite: opt.Overwrite = False,
 ):
@@ -80,7 +81,8 @@ def segment(
     if threshold is not None and threshold != "otsu" and not threshold.isdigit():
         raise WsiMilError(f"--threshold {threshold}: write 'otsu' or a saturation value 0-255")
     tissue = {} if threshold is None else {"threshold": threshold if threshold == "otsu" else int(threshold)}
-    run_slides("segment", slides, mpp, out, load_config(config, tissue=tissue), overwrite, tissue_geojson)
+    cfg = load_config(config, tissue=tissue, qc={"mode": qc})
+    run_slides("segment", slides, mpp, out, cfg, overwrite, tissue_geojson)
 
 
 @app.command("tile")
@@ -94,13 +96,15 @@ def tile_cmd(
     patch_size: opt.PatchSize = None,
     overlap: opt.Overlap = None,
     min_tissue: opt.MinTissue = None,
+    qc: opt.QC = None,
     tissue_geojson: opt.TissueGeo = None,
     overwrite: opt.Overwrite = False,
 ):
     """Tile tissue into patches at a target mpp: writes patches/<slide>.h5 (coords) + preview."""
     from .config import load_config
 
-    cfg = load_config(config, tiling=tiling_options(target_mpp, patch_size, overlap, min_tissue))
+    tiling = tiling_options(target_mpp, patch_size, overlap, min_tissue)
+    cfg = load_config(config, tiling=tiling, qc={"mode": qc})
     run_slides("tile", slides, mpp, out, cfg, overwrite, tissue_geojson)
 
 
@@ -118,6 +122,7 @@ def extract(
     patch_size: opt.EncoderPatchSize = None,
     overlap: opt.Overlap = None,
     min_tissue: opt.MinTissue = None,
+    qc: opt.QC = None,
     device: opt.Device = None,
     precision: opt.Precision = None,
     batch_size: opt.BatchSize = None,
@@ -138,8 +143,9 @@ def extract(
         precision=precision, batch_size=batch_size, workers=workers, dtype=dtype, compile=compile,
     )  # fmt: skip
     cfg = load_config(
-        config, tiling=tiling_options(target_mpp, patch_size, overlap, min_tissue), extract=extract_opts
-    )
+        config, tiling=tiling_options(target_mpp, patch_size, overlap, min_tissue), extract=extract_opts,
+        qc={"mode": qc},
+    )  # fmt: skip
     run_slides("extract", slides, mpp, out, cfg, overwrite, tissue_geojson, fail_fast, cluster, patches)
 
 

@@ -166,6 +166,9 @@ Overlap = Annotated[
 MinTissue = Annotated[
     Optional[float], config_option("tiling", "min_tissue", "Tissue fraction a patch needs (0-1)")
 ]
+QC = Annotated[  # the one --qc option of segment, tile and extract (wsi/qc.py)
+    Optional[str], config_option("qc", "mode", "Tissue QC: remove artefacts, mark them only, or off", "--qc")
+]
 Device = Annotated[Optional[str], config_option("extract", "device", DEVICE_HELP, "--device")]
 TrainDevice = Annotated[Optional[str], config_option("train", "device", DEVICE_HELP, "--device")]
 DeviceAuto = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]

@@ -9,11 +9,13 @@ Pixels are rendered tile by tile from physical-space masks, so slide size costs 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from .synthetic_artefacts import ARTEFACT_KINDS, BLUR_UM, artefact_masks, paint_artefacts  # noqa: F401
 
 TEXTURE_MPP = 0.25  # um/px of the master textures
 TEXTURE_SIZE = 1024  # px, so textures repeat every 256 um
@@ -30,6 +32,7 @@ class SyntheticSlide:
     tissue_mask: np.ndarray
     tumor_mask: np.ndarray
     mask_mpp: float = MASK_MPP
+    artefacts: dict[str, np.ndarray] = field(default_factory=dict)  # ground truth per kind
 
     @property
     def is_tumor(self) -> bool:
@@ -146,7 +149,10 @@ def _texture(kind: str, seed: int) -> np.ndarray:
 class _Renderer:
     """Renders RGB tiles of one pyramid level from the physical masks and textures."""
 
-    def __init__(self, tissue: np.ndarray, tumor: np.ndarray, pixel_um: float, seed: int):
+    def __init__(
+        self, tissue: np.ndarray, tumor: np.ndarray, pixel_um: float, seed: int, artefacts: dict | None = None
+    ):
+        self.artefacts = artefacts or {}
         self.pixel_um = pixel_um
         self.tissue = tissue.astype(np.float32)
         self.tumor = tumor.astype(np.float32)
@@ -157,6 +163,14 @@ class _Renderer:
         self.n = n
 
     def tile(self, x: int, y: int, tw: int, th: int) -> np.ndarray:
+        if not self.artefacts:
+            return self._tile(x, y, tw, th)
+        m = int(np.ceil(3 * BLUR_UM / self.pixel_um)) + 1  # the defocus reaches across tiles
+        big = self._tile(x - m, y - m, tw + 2 * m, th + 2 * m)
+        big = paint_artefacts(big, self.artefacts, self.pixel_um, MASK_MPP, (x - m, y - m))
+        return big[m : m + th, m : m + tw]
+
+    def _tile(self, x: int, y: int, tw: int, th: int) -> np.ndarray:
         scale = self.pixel_um / MASK_MPP
         mx = (np.arange(tw, dtype=np.float32) + x + 0.5) * scale - 0.5
         my = (np.arange(th, dtype=np.float32) + y + 0.5) * scale - 0.5
@@ -191,11 +205,13 @@ def write_synthetic_slide(
     quality: int = 85,
     tumor_radius_um: tuple[float, float] = (250, 600),
     masks: tuple[np.ndarray, np.ndarray] | None = None,
+    artefacts: bool | dict[str, np.ndarray] = False,
 ) -> SyntheticSlide:
     """Write a pyramidal JPEG TIFF of `width_um` x `height_um` at `mpp` um/px level 0.
 
     Give the same `seed` (or the same `masks`) at two `mpp` values for the same tissue scanned
-    at two resolutions.
+    at two resolutions. `artefacts=True` paints pen strokes, a defocused band, a fold and a
+    bubble over the tissue (`artefact_masks`; or pass such masks), kept as ground truth.
     """
     import tifffile
 
@@ -205,6 +221,9 @@ def write_synthetic_slide(
     if masks is None:
         masks = make_masks(width_um, height_um, rng, n_pieces, tumor_regions, tumor_radius_um)
     tissue, tumor = masks
+    if artefacts is True:
+        artefacts = artefact_masks(tissue, np.random.default_rng(seed + 7919))
+    artefacts = artefacts or {}
     width, height = int(round(width_um / mpp)), int(round(height_um / mpp))
     res = 10_000.0 / mpp  # pixels per centimetre
     tmp = path.with_name(path.name + ".partial")
@@ -212,7 +231,7 @@ def write_synthetic_slide(
         ds = 1
         while True:
             lw, lh = max(1, width // ds), max(1, height // ds)
-            renderer = _Renderer(tissue, tumor, mpp * ds, seed)
+            renderer = _Renderer(tissue, tumor, mpp * ds, seed, artefacts)
 
             def tiles(lw=lw, lh=lh, renderer=renderer):
                 for ty in range(0, lh, tile):
@@ -237,7 +256,9 @@ def write_synthetic_slide(
                 break
             ds *= 4
     tmp.replace(path)
-    return SyntheticSlide(path=path, mpp=mpp, size=(width, height), tissue_mask=tissue, tumor_mask=tumor)
+    return SyntheticSlide(
+        path=path, mpp=mpp, size=(width, height), tissue_mask=tissue, tumor_mask=tumor, artefacts=artefacts
+    )
 
 
 def write_blank_slide(path: str | Path, width: int = 2048, height: int = 2048, mpp: float = 0.5) -> Path:

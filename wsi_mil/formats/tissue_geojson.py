@@ -103,12 +103,55 @@ def shift(polys: MultiPolygon, offset: tuple[float, float], sign: int) -> MultiP
 
 
 def write_tissue(path: str | Path, mask: TissueMask, offset: tuple[float, float] = (0, 0)) -> None:
-    """Tissue as QuPath annotations, in QuPath's frame (our level-0 minus `offset`)."""
+    """Tissue as QuPath annotations, in QuPath's frame (our level-0 minus `offset`). After
+    quality control the collection's `properties.qc` holds its summary (QuPath ignores it)."""
     polys = shift(mask.polygons, offset, -1)
-    write_text(path, json.dumps(polygons_to_geojson(polys, TISSUE_CLASS, TISSUE_COLOR)))
+    data = polygons_to_geojson(polys, TISSUE_CLASS, TISSUE_COLOR)
+    if mask.qc is not None:
+        data["properties"] = {"qc": mask.qc}
+    write_text(path, json.dumps(data))
 
 
 def read_tissue(path: str | Path, offset: tuple[float, float] = (0, 0)) -> TissueMask:
     """Tissue from QuPath GeoJSON (ours or a user's export), back in our level-0 frame."""
     polys = shift(read_geojson_polygons(path), offset, +1)
-    return TissueMask(polys if isinstance(polys, MultiPolygon) else MultiPolygon([polys]))
+    mask = TissueMask(polys if isinstance(polys, MultiPolygon) else MultiPolygon([polys]))
+    try:
+        mask.qc = (json.loads(Path(path).read_text()).get("properties") or {}).get("qc")
+    except AttributeError:  # a bare Feature list
+        pass
+    return mask
+
+
+def qc_path(tissue_path: str | Path) -> Path:
+    """`tissue/<slide>_qc.geojson` beside `tissue/<slide>.geojson`."""
+    p = Path(tissue_path)
+    return p.with_name(f"{p.stem}_qc.geojson")
+
+
+def qc_to_geojson(mask: TissueMask, offset: tuple[float, float] = (0, 0)) -> dict:
+    """The QC layer: one locked annotation per artefact polygon, classified by reason (one
+    QuPath class per artefact, `properties.reason` the machine name), and the QC summary as
+    the collection's `properties`."""
+    from ..wsi.qc import REASONS
+
+    features = []
+    for reason, polys in mask.artefacts.items():
+        name, color = REASONS[reason]
+        for feat in polygons_to_geojson(shift(polys, offset, -1), name, color)["features"]:
+            feat["properties"].update({"isLocked": True, "reason": reason})
+            features.append(feat)
+    return {"type": "FeatureCollection", "features": features, "properties": mask.qc or {}}
+
+
+def write_qc(path: str | Path, mask: TissueMask, offset: tuple[float, float] = (0, 0)) -> None:
+    write_text(path, json.dumps(qc_to_geojson(mask, offset)))
+
+
+def read_qc(path: str | Path, offset: tuple[float, float] = (0, 0)) -> dict[str, MultiPolygon]:
+    """Artefact polygons per reason from a QC layer, in our level-0 frame."""
+    data = json.loads(Path(path).read_text())
+    by_reason: dict[str, list] = {}
+    for feat in data.get("features", []):
+        by_reason.setdefault(feat["properties"].get("reason", "artefact"), []).append(feat)
+    return {r: shift(geojson_to_polygons(f), offset, +1) for r, f in by_reason.items()}

@@ -17,7 +17,8 @@ sum s. What the run knows decides how they are fitted:
   fitted as negative-unlabelled learning (Elkan & Noto, KDD 2008, in the negative-unlabelled
   direction): with f_U = (1 - pi) f_N + pi f_T and f_T / f_N logistic in s, P(class | s) =
   sigmoid(a s + b) and the share pi are fitted by maximum likelihood of which slides the patches
-  come from (`fit_negatives`). Attention and inversion are relative within a slide (a negative
+  come from, pi kept inside the interval the other slides' median score gives it
+  (`class_share`, `fit_negatives`). Attention and inversion are relative within a slide (a negative
   patch on a tumour slide gets less attention than one on a normal slide), so the other slides'
   patches are no null for them: each weighs by how well it ranks the class's own patches as the
   instance evidence does (`negatives_weights`), and the combined map is fitted to the instance
@@ -104,34 +105,82 @@ def fit_annotated(m: ScoreMap, inputs: np.ndarray, positive: np.ndarray) -> Scor
     return m
 
 
+def class_share(s: np.ndarray, from_class_slide: np.ndarray) -> float:
+    """The class's share pi of its own slides' patches, from where the other slides' median
+    score m falls: f_U = (1 - pi) f_N + pi f_T gives P_U(s < m) >= (1 - pi) P_N(s < m), equal
+    when no class patch scores below m (mixture proportion estimation under irreducibility,
+    Blanchard, Lee & Scott, AISTATS 2010)."""
+    u = np.asarray(from_class_slide, bool)
+    m = np.median(s[~u])
+    below_n = np.mean(s[~u] < m)
+    q = np.mean(s[u] < m) / below_n if below_n > 0 else 1.0
+    return float(np.clip(1.0 - q, 0.0, 0.999))
+
+
+def class_share_interval(
+    s: np.ndarray, from_class_slide: np.ndarray, n_boot: int = 200, max_n: int = 20000, seed: int = 0
+) -> tuple[float, float]:
+    """The 5-95% bootstrap interval of `class_share` (patches resampled within each side, at
+    most `max_n` a side)."""
+    rng = np.random.default_rng(seed)
+    own, other = np.flatnonzero(from_class_slide), np.flatnonzero(~np.asarray(from_class_slide, bool))
+    n_own, n_other = min(len(own), max_n), min(len(other), max_n)
+    flags = np.r_[np.ones(n_own, bool), np.zeros(n_other, bool)]
+    shares = [
+        class_share(s[np.r_[rng.choice(own, n_own), rng.choice(other, n_other)]], flags)
+        for _ in range(n_boot)
+    ]
+    lo, hi = np.quantile(shares, [0.05, 0.95])
+    return float(lo), float(hi)
+
+
+def _fit_mixture(s: np.ndarray, u: np.ndarray, log_q: float | None) -> tuple[float, float, float]:
+    """(a, b, log q) maximising the balanced likelihood of which slides the patches come from;
+    log q held fixed when given."""
+    w = np.where(u, 0.5 / max(u.sum(), 1), 0.5 / max((~u).sum(), 1))
+
+    def nll(theta):
+        z = theta[0] * s + theta[1]
+        lq = log_q if log_q is not None else -np.logaddexp(0, -theta[2])  # q = sigmoid(c)
+        log_den = np.logaddexp(np.logaddexp(0, lq), z)  # log(1 + q + e^z)
+        log_u = np.logaddexp(lq, z) - log_den
+        return -float(np.sum(w * np.where(u, log_u, -log_den)))
+
+    starts = ([1.0, -4.0, 2.0], [2.0, -8.0, 4.0], [0.5, -2.0, 0.0])
+    bounds = [(0, 50), (-200, 50), (-20, 20)]
+    n = 2 if log_q is not None else 3
+    best = min(
+        (minimize(nll, np.array(x[:n]), method="L-BFGS-B", bounds=bounds[:n]) for x in starts),
+        key=lambda r: r.fun,
+    )
+    lq = log_q if log_q is not None else float(-np.logaddexp(0, -best.x[2]))
+    return float(best.x[0]), float(best.x[1]), lq
+
+
 def fit_negatives(m: ScoreMap, inputs: np.ndarray, from_class_slide: np.ndarray) -> tuple[ScoreMap, float]:
     """(map, prior) from patches of the class's slides (True) and of other slides (False).
 
     Model: the class slides' patches are a mixture, f_U = (1 - pi) f_N + pi f_T, with the
     density ratio f_T / f_N = exp(a s + b) / pi; so P(U | s) under balanced weights is
-    (q + e^(a s + b)) / (1 + q + e^(a s + b)), q = 1 - pi, fitted by maximum likelihood, and
-    P(class | s, U) = e^(a s + b) / (q + e^(a s + b)) = sigmoid(a s + b - log q)."""
+    (q + e^(a s + b)) / (1 + q + e^(a s + b)), q = 1 - pi, fitted by maximum likelihood;
+    P(class | s, U) = e^(a s + b) / (q + e^(a s + b)) = sigmoid(a s + b - log q).
+    The likelihood identifies pi poorly where the classes overlap (it put 0.32 on a cohort
+    of 2% and 0.59 on digit bags of ~20%), so pi is kept inside the bootstrap interval of
+    `class_share` and (a, b) refitted at the bound. Chosen on ten choice runs (graded 2/4,
+    tests 1, harder 1, digits 0; PSMIL, ABMIL): mean |pi error| 0.044 (max 0.112) against
+    0.068 (max 0.307) for the likelihood alone and 0.022 (max 0.041) for `class_share` alone,
+    which on simulated 380-patch mixtures errs up to 0.19 where the likelihood errs 0.07."""
     u = np.asarray(from_class_slide, bool)
     s = m.score(inputs)
-    w = np.where(u, 0.5 / max(u.sum(), 1), 0.5 / max((~u).sum(), 1))
-
-    def nll(theta):
-        a, b, c = theta
-        z = a * s + b
-        log_q = -np.logaddexp(0, -c)  # q = sigmoid(c)
-        log_den = np.logaddexp(np.logaddexp(0, log_q), z)  # log(1 + q + e^z)
-        log_u = np.logaddexp(log_q, z) - log_den
-        return -float(np.sum(w * np.where(u, log_u, -log_den)))
-
-    best = None
-    for start in ([1.0, -4.0, 2.0], [2.0, -8.0, 4.0], [0.5, -2.0, 0.0]):
-        res = minimize(nll, np.array(start), method="L-BFGS-B", bounds=[(0, 50), (-200, 50), (-20, 20)])
-        if best is None or res.fun < best.fun:
-            best = res
-    a, b, c = best.x
-    q = float(expit(c))
-    m.a, m.b = float(a), float(b - np.log(q))
-    return m, 1.0 - q
+    a, b, log_q = _fit_mixture(s, u, None)
+    lo, hi = class_share_interval(s, u)
+    prior = 1.0 - float(np.exp(log_q))
+    if not lo <= prior <= hi:
+        prior = float(np.clip(prior, lo, min(hi, 0.999)))
+        log_q = float(np.log1p(-prior))
+        a, b, _ = _fit_mixture(s, u, log_q)
+    m.a, m.b = a, b - log_q
+    return m, prior
 
 
 CONTEXT_SCALE = 2.0  # negatives mode: a context input that always agrees weighs 2 (instance: 1)

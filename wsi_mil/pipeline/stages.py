@@ -15,10 +15,11 @@ from pathlib import Path
 from ..config import PipelineConfig
 from ..errors import EmptyInputError, WsiMilError
 from ..formats.patches import read_patches, write_patches
-from ..formats.tissue_geojson import read_tissue, write_tissue
+from ..formats.tissue_geojson import qc_path, read_qc, read_tissue, write_qc, write_tissue
 from ..io import save_png
 from ..wsi.collect import SlideEntry
 from ..wsi.draw import draw_contours, draw_patches
+from ..wsi.qc import apply_qc
 from ..wsi.readers import open_slide
 from ..wsi.slide import Slide
 from ..wsi.tiling import PatchGrid, tile
@@ -84,7 +85,13 @@ class Stage:
         """The slide's tissue mask: the saved one, the user's annotation, or a new segmentation."""
         out = self.layout.tissue(entry.name)
         if self._reuse(out):
-            return read_tissue(out, slide.qupath_offset)
+            mask = read_tissue(out, slide.qupath_offset)
+            if mask.qc is not None and qc_path(out).exists():  # tiling drops patches on artefacts
+                mask.artefacts = read_qc(qc_path(out), slide.qupath_offset)
+            return mask
+        qc = self.cfg.qc
+        if qc.mode != "off":  # QC's finer image first: the thumbnails below are resized from it
+            slide.thumbnail_at_mpp(qc.detail_mpp)
         # the preview first: when it is the finer image, segmentation resizes it (one decode)
         thumb, thumb_mpp = slide.thumbnail_long_side(self.cfg.tissue.preview_px)
         user = user_tissue_path(self.tissue_geojson, entry.name)
@@ -95,6 +102,16 @@ class Stage:
         )
         if mask.is_empty:
             log.warning("%s: no tissue found; the mask is empty (try --threshold or a preset)", entry.path)
+        if user is None:  # a user's annotation is taken as drawn (QC on it: issue #31 TODO)
+            mask = apply_qc(slide, mask, qc)
+        if mask.qc is not None:
+            write_qc(qc_path(out), mask, slide.qupath_offset)
+            if mask.qc["flagged"]:
+                log.warning(
+                    "%s: quality control %s %.0f%% of the tissue (over %.0f%%); see %s",
+                    entry.path, "removed" if qc.mode == "remove" else "marked",
+                    100 * mask.qc["removed_total"], 100 * qc.flag_fraction, qc_path(out),
+                )  # fmt: skip
         write_tissue(out, mask, slide.qupath_offset)
         save_png(self.layout.tissue_png(entry.name), draw_contours(mask, thumb, thumb_mpp / slide.mpp))
         return mask
@@ -119,6 +136,7 @@ class Stage:
                 f"{self.layout.tissue_png(entry.name)} or supply --tissue-geojson"
             )
         grid = tile(slide, mask, self.tiling())
+        grid.attrs.update(qc_columns(mask))  # the slide's QC summary travels with its patches
         if len(grid) == 0:
             raise EmptyInputError(
                 f"{entry.path}: no patch reaches --min-tissue {self.cfg.tiling.min_tissue}; "
@@ -130,6 +148,14 @@ class Stage:
         return grid
 
 
+def qc_columns(mask: TissueMask) -> dict:
+    """The QC summary as flat manifest-style columns: qc_<reason> fractions, total, flagged."""
+    if mask.qc is None:
+        return {}
+    cols = {f"qc_{r}": f for r, f in mask.qc["removed_fraction"].items()}
+    return {**cols, "qc_removed": mask.qc["removed_total"], "qc_flagged": mask.qc["flagged"]}
+
+
 class SegmentStage(Stage):
     name = "segment"
 
@@ -139,7 +165,7 @@ class SegmentStage(Stage):
     def run(self, entry: SlideEntry, on_batch=None) -> dict:
         with open_slide(entry.path, entry.mpp) as slide:
             mask = self.tissue_for(slide, entry)
-        return {"patches": None, "polygons": len(mask.polygons.geoms)}
+        return {"patches": None, "polygons": len(mask.polygons.geoms), **qc_columns(mask)}
 
 
 class TileStage(Stage):
@@ -151,7 +177,7 @@ class TileStage(Stage):
     def run(self, entry: SlideEntry, on_batch=None) -> dict:
         with open_slide(entry.path, entry.mpp) as slide:
             grid = self.grid_for(slide, entry)
-        return {"patches": len(grid)}
+        return {"patches": len(grid), **{k: v for k, v in grid.attrs.items() if k.startswith("qc_")}}
 
 
 class ExtractStage(Stage):

@@ -59,6 +59,24 @@ def _fmt(v, ci=None) -> str:
     return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
 
 
+# bootstrap intervals are shown only where every class has this many test slides: below it a
+# percentile bootstrap of a small, often perfectly separated set gives intervals like
+# [1.000, 1.000] that look informative and are not
+MIN_CLASS_FOR_CI = 10
+
+
+def test_heading(test: pd.DataFrame) -> tuple[str, bool]:
+    """The test table's heading (with n per class) and whether it shows bootstrap intervals."""
+    counts = test.label_name.value_counts() if "label_name" in test else test.label.value_counts()
+    per_class = ", ".join(f"{n} {c}" for c, n in sorted(counts.items()))
+    with_ci = len(counts) > 1 and int(counts.min()) >= MIN_CLASS_FOR_CI
+    heading = f"## Test set ({per_class}): majority vote of the fold models (AUC from mean probability)"
+    if with_ci:
+        return heading + ", 95% bootstrap CI", True
+    note = f"no bootstrap intervals: fewer than {MIN_CLASS_FOR_CI} test slides of a class"
+    return f"{heading}; {note}", False
+
+
 def write_report(out: Path, results: list[dict], splits: pd.DataFrame, cfg: TrainConfig) -> str:
     n_test = int((splits.split == "test").sum())
     n_train = int((splits.split == "train").sum())
@@ -71,14 +89,12 @@ def write_report(out: Path, results: list[dict], splits: pd.DataFrame, cfg: Trai
     ]
     header = ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     if n_test:
-        lines += [
-            "## Test set: majority vote of the fold models (AUC from mean probability), 95% bootstrap CI",
-            "",
-            *header,
-        ]
+        heading, with_ci = test_heading(splits[splits.split == "test"])
+        lines += [heading, "", *header]
         for r in results:
+            cis = {m: r["test_ci"][m] if with_ci else None for m in METRICS}
             lines.append(
-                f"| {r['model']} | " + " | ".join(_fmt(r["test"][m], r["test_ci"][m]) for m in METRICS) + " |"
+                f"| {r['model']} | " + " | ".join(_fmt(r["test"][m], cis[m]) for m in METRICS) + " |"
             )
         lines.append("")
         with_patients = [r for r in results if "test_patient" in r]

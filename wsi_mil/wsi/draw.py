@@ -1,10 +1,12 @@
-"""Previews for a quick visual check: tissue contours and kept patches on a thumbnail."""
+"""Previews for a quick visual check: tissue contours, QC artefacts and kept patches on a
+thumbnail."""
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
 
+from .qc import REASONS
 from .tiling import PatchGrid
 from .tissue import TissueMask
 
@@ -23,6 +25,15 @@ def draw_contours(mask: TissueMask, thumb: np.ndarray, thumb_px_level0: float) -
         for hole in poly.interiors:
             ring = (np.asarray(hole.coords)[:, :2] / thumb_px_level0).astype(np.int32)
             cv2.polylines(out, [ring], True, (0, 0, 220), lw)
+    for reason, polys in mask.artefacts.items():  # quality control: filled, in its class colour
+        color = REASONS[reason][1]
+        layer = out.copy()
+        for poly in getattr(polys, "geoms", []):
+            ext = (np.asarray(poly.exterior.coords)[:, :2] / thumb_px_level0).astype(np.int32)
+            holes = [(np.asarray(r.coords)[:, :2] / thumb_px_level0).astype(np.int32) for r in poly.interiors]
+            cv2.fillPoly(layer, [ext, *holes], color)
+            cv2.polylines(out, [ext], True, color, lw)
+        out = cv2.addWeighted(layer, 0.45, out, 0.55, 0)
     return out
 
 

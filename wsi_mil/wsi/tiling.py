@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+from shapely.geometry import MultiPolygon
 
 from ..config import TilingConfig
 from .slide import Slide
@@ -116,7 +117,12 @@ def tile(slide: Slide, mask: TissueMask, cfg: TilingConfig | None = None) -> Pat
     ys = np.arange(ky0, ky1 + 1, dtype=np.int64) * stride0
     frac = tissue_fractions(mask, xs, ys, size0, (width, height))
     threshold = max(cfg.min_tissue, 1e-9)
-    iy, ix = np.nonzero(frac >= threshold)
+    keep = frac >= threshold
+    if mask.artefacts and (mask.qc or {}).get("mode") == "remove":
+        # a patch at a removed artefact's edge goes when it shows more artefact than tissue
+        art = TissueMask(MultiPolygon([p for g in mask.artefacts.values() for p in g.geoms]))
+        keep &= tissue_fractions(art, xs, ys, size0, (width, height)) <= frac
+    iy, ix = np.nonzero(keep)
     grid.coords = np.stack([xs[ix], ys[iy]], axis=1).astype(np.int64)
     grid.tissue_fraction = frac[iy, ix].astype(np.float32)
     return grid

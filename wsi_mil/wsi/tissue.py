@@ -8,7 +8,7 @@ pixels; `formats/tissue_geojson.py` stores them as QuPath "Tissue" annotations.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -27,6 +27,10 @@ class TissueMask:
     thumbnail: np.ndarray | None = None
     thumb_mpp: float | None = None
     level0_mpp: float | None = None
+    # set by quality control (wsi/qc.py): artefact polygons per reason, and the summary
+    # (mode, fraction of the segmented tissue per reason, flagged) written with the polygons
+    artefacts: dict[str, MultiPolygon] = field(default_factory=dict)
+    qc: dict | None = None
 
     @property
     def is_empty(self) -> bool:
