@@ -21,7 +21,7 @@ from wsi_mil.wsi.readers import open_slide
 from wsi_mil.wsi.tiling import tile
 from wsi_mil.wsi.tissue import segment_tissue
 
-CFG = QCConfig()
+CFG = QCConfig(mode="remove")
 PINK = (236, 168, 196)  # the synthetic stroma colour
 PURPLE = (150, 90, 160)  # dense nuclei
 
@@ -125,7 +125,7 @@ def clean_slide(tmp_path_factory):
 
 
 def test_qc_layer_and_holes(painted_slide, tmp_path):
-    cfg = PipelineConfig()
+    cfg = PipelineConfig(qc=QCConfig(mode="remove"))
     stage = TileStage(Layout(tmp_path), cfg)
     entry = SlideEntry(painted_slide.path)
     stage.run(entry)
