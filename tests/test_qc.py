@@ -146,7 +146,7 @@ def test_qc_layer_and_holes(painted_slide, tmp_path):
     inside = [
         max(p.intersection(box(x, y, x + size, y + size)).area for _, p in polys) for x, y in grid.coords
     ]
-    # patches keep min_tissue (1%): only those at an artefact's edge overlap it (issue #31 TODO)
+    # patches keep min_tissue (1%): only those at an artefact's edge overlap it
     assert np.mean(np.array(inside) > 0.5 * size * size) < 0.25
 
 

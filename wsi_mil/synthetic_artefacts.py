@@ -1,4 +1,4 @@
-"""Artefacts painted into synthetic and real slides, with ground-truth masks (issue #31).
+"""Artefacts painted into synthetic and real slides, with ground-truth masks.
 
 Pen strokes of four inks, a defocused band, a fold and a bubble, placed over the tissue, as
 boolean masks at MASK_MPP um/px; `paint_artefacts` paints them into any RGB image whose pixel

@@ -14,13 +14,20 @@
 Weights: `weights=PATH` (.pth/.pt/.bin/.safetensors, torchvision- or timm-style keys, with or
 without `module.`/`model.`/`backbone.`/`encoder.`/`net.` prefixes) loaded strictly: every
 tensor must be there with its shape and nothing else may be (only a classifier head the
-encoder lacks is dropped). Else the checkpoint file from the Hugging Face hub (or its cache),
-loaded by the same strict path; failing that, one clear error (gated repositories: how to get
-access) unless `random_weights=True` (tests, benchmarks, the offline demo).
+encoder lacks is dropped, and for `resnet50_trunc` the `layer4`/`fc` a full ResNet50 has:
+CLAM's own truncated checkpoint, timm `features_only`, loads as it is). Else the checkpoint
+file from the Hugging Face hub (or its cache), loaded by the same strict path; failing that,
+one clear error (gated repositories: how to get access) unless `random_weights=True` (tests,
+benchmarks, the offline demo).
+
+Checkpoint identity (features/weights.py): a file in another registered encoder's key layout is
+refused naming both; the file's sha256 is `EncoderInfo.weights_sha256`, written into every
+feature file.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -33,6 +40,7 @@ from ..errors import WsiMilError
 from .compat import import_timm, import_torchvision
 from .foundation import FOUNDATION_MODELS, FoundationSpec, build_vit, weights_module
 from .foundation_arch import from_authors_layout
+from .weights import file_sha256, load_checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,6 +58,7 @@ class EncoderInfo:
     mpp: float | None = None  # resolution the encoder was trained at (its default --target-mpp)
     patch_px: int | None = None  # its default --patch-size at that mpp
     interpolation: str = "bilinear"  # the authors' resize filter (antialiased, as on PIL images)
+    weights_sha256: str | None = None  # of the checkpoint file loaded (None: random, or unknown)
 
 
 class Encoder(nn.Module):
@@ -83,72 +92,6 @@ class ResNetTrunc(nn.Module):
         return torch.flatten(self.pool(x), 1)
 
 
-WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "net.")
-
-
-def load_state_dict_file(path: str | Path) -> dict:
-    """A state dict from .safetensors or a torch checkpoint (unwrapping state_dict/model keys)."""
-    path = Path(path)
-    if not path.exists():
-        raise WsiMilError(
-            f"{path}: weights file not found; pass --weights with an existing .pth or .safetensors file"
-        )
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WsiMilError(
-            f"{path}: cannot read weights ({type(exc).__name__}); expected a "
-            "PyTorch state dict (.pth) or .safetensors file"
-        ) from exc
-    for key in ("state_dict", "model", "teacher"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    # a wrapper's prefix is stripped only when every key carries it (Dinov2's own `encoder.layer.`
-    # sits beside `embeddings.` and must stay)
-    out = dict(sd)
-    stripped = True
-    while stripped and out:
-        stripped = False
-        for prefix in WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in out):
-                out = {k[len(prefix) :]: v for k, v in out.items()}
-                stripped = True
-    return out
-
-
-CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.")  # heads an encoder without one may drop
-
-
-def _load_into(net: nn.Module, sd: dict, path: str | Path, encoder: str, drop_heads: bool = False) -> None:
-    """Load `sd` strictly: every tensor of `net` must come from the file with its shape, and the
-    file may hold nothing else (only a classifier head, when `drop_heads` and the encoder has
-    none). Anything else is one error listing the first keys and the encoder expected."""
-    own = net.state_dict()
-    if drop_heads:
-        sd = {k: v for k, v in sd.items() if k in own or not k.startswith(CLASSIFIER_PREFIXES)}
-    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [k for k in sd if k in own and tuple(own[k].shape) != tuple(sd[k].shape)]
-    if missing or unexpected or wrong:
-        parts = [
-            f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
-            for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong))
-            if keys
-        ]
-        raise WsiMilError(
-            f"{path}: weights do not fit encoder {encoder}: tensors {'; '.join(parts)}; check that "
-            "--encoder matches the checkpoint (a prefix module., model., backbone., encoder. or net. on "
-            "every key is stripped)"
-        )
-    full = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **sd}
-    net.load_state_dict(full, strict=True)
-
-
 def _no_weights_error(name: str, exc: Exception) -> WsiMilError:
     return WsiMilError(
         f"encoder {name}: pretrained weights unavailable ({type(exc).__name__}: "
@@ -157,45 +100,63 @@ def _no_weights_error(name: str, exc: Exception) -> WsiMilError:
     )
 
 
-def _torchvision_resnet(arch: str, weights_enum: str, weights: str | None, random_weights: bool):
+def _torchvision_hub_sha256(enum) -> str | None:
+    """The sha256 of torchvision's downloaded checkpoint for `enum` (None if not on disk)."""
+    try:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+        return file_sha256(path) if path.exists() else None
+    except Exception:
+        return None
+
+
+def _torchvision_resnet(arch: str, weights_enum: str, random_weights: bool):
+    """torchvision's ResNet with its ImageNet weights (or random): (net, source, sha256)."""
     tv = import_torchvision()
     resnet = getattr(tv.models, arch)(weights=None)
-    if weights:
-        _load_into(resnet, load_state_dict_file(weights), weights, arch)
-        source = str(weights)
-    elif random_weights:
-        source = "random"
-    else:
-        try:
-            enum = getattr(tv.models, weights_enum).IMAGENET1K_V1
-            resnet.load_state_dict(enum.get_state_dict(progress=False))
-            source = f"hub:torchvision/{arch}.IMAGENET1K_V1"
-        except Exception as exc:
-            raise _no_weights_error(arch, exc) from exc
-    return resnet, source
+    if random_weights:
+        return resnet, "random", None
+    try:
+        enum = getattr(tv.models, weights_enum).IMAGENET1K_V1
+        resnet.load_state_dict(enum.get_state_dict(progress=False))
+    except Exception as exc:
+        raise _no_weights_error(arch, exc) from exc
+    return resnet, f"hub:torchvision/{arch}.IMAGENET1K_V1", _torchvision_hub_sha256(enum)
 
 
 def _resnet50_trunc(weights=None, random_weights=False) -> Encoder:
-    resnet, source = _torchvision_resnet("resnet50", "ResNet50_Weights", weights, random_weights)
+    if weights:  # a full ResNet50 checkpoint, or CLAM's truncated one (no layer4, no fc)
+        net = ResNetTrunc(import_torchvision().models.resnet50(weights=None))
+        sha, source = load_checkpoint(net, weights, "resnet50_trunc"), str(weights)
+    else:
+        resnet, source, sha = _torchvision_resnet("resnet50", "ResNet50_Weights", random_weights)
+        net = ResNetTrunc(resnet)
     # CLAM's default: 256 px patches at 20x, resized to 224 (bilinear: its get_eval_transforms)
     info = EncoderInfo("resnet50_trunc", 1024, 224, IMAGENET_MEAN, IMAGENET_STD, source, None, 0.5, 256)
-    return Encoder(ResNetTrunc(resnet), info)
+    info.weights_sha256 = sha
+    return Encoder(net, info)
 
 
 def _resnet18(weights=None, random_weights=False) -> Encoder:
-    resnet, source = _torchvision_resnet("resnet18", "ResNet18_Weights", weights, random_weights)
-    resnet.fc = nn.Identity()
-    return Encoder(
-        resnet, EncoderInfo("resnet18", 512, 224, IMAGENET_MEAN, IMAGENET_STD, source, None, 0.5, 224)
-    )
+    if weights:
+        resnet = import_torchvision().models.resnet18(weights=None)
+        resnet.fc = nn.Identity()
+        sha, source = load_checkpoint(resnet, weights, "resnet18"), str(weights)
+    else:
+        resnet, source, sha = _torchvision_resnet("resnet18", "ResNet18_Weights", random_weights)
+        resnet.fc = nn.Identity()
+    info = EncoderInfo("resnet18", 512, 224, IMAGENET_MEAN, IMAGENET_STD, source, None, 0.5, 224)
+    info.weights_sha256 = sha
+    return Encoder(resnet, info)
 
 
 def _timm(model_name: str, weights=None, random_weights=False) -> Encoder:
     timm = import_timm()
     kwargs = {"num_classes": 0}
+    sha = None
+    name = f"timm:{model_name}" if not model_name.startswith("hf-hub:") else model_name
     if weights:
         net = timm.create_model(model_name, pretrained=False, **kwargs)
-        _load_into(net, load_state_dict_file(weights), weights, model_name, drop_heads=True)
+        sha = load_checkpoint(net, weights, name, drop_heads=True, shown=model_name)
         source = str(weights)
     elif random_weights:
         net = timm.create_model(model_name, pretrained=False, **kwargs)
@@ -211,13 +172,14 @@ def _timm(model_name: str, weights=None, random_weights=False) -> Encoder:
     return Encoder(
         net,
         EncoderInfo(
-            f"timm:{model_name}" if not model_name.startswith("hf-hub:") else model_name,
+            name,
             int(net.num_features),
             size,
             tuple(cfg["mean"]),
             tuple(cfg["std"]),
             source,
             interpolation="bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic",
+            weights_sha256=sha,
         ),
     )
 
@@ -262,17 +224,16 @@ def _checkpoint(spec: FoundationSpec, weights) -> tuple[Path, str]:
 
 def _foundation(spec: FoundationSpec, weights=None, random_weights=False, **overrides) -> Encoder:
     net = build_vit(spec, **overrides)
-    source = "random"
+    source, sha = "random", None
     if weights or not random_weights:
         path, source = _checkpoint(spec, weights)
         target = weights_module(net)
-        sd = from_authors_layout(spec.builder, load_state_dict_file(path), target)
-        _load_into(target, sd, path, spec.name)
+        sha = load_checkpoint(target, path, spec.name, partial(from_authors_layout, spec.builder, net=target))
     mean, std = spec.mean_std
     resize = spec.resize_px or spec.input_size
     crop = spec.input_size if resize != spec.input_size else None
     info = EncoderInfo(
-        spec.name, spec.dim, resize, mean, std, source, crop, spec.mpp, spec.patch_px, spec.interpolation
+        spec.name, spec.dim, resize, mean, std, source, crop, spec.mpp, spec.patch_px, spec.interpolation, sha
     )
     return Encoder(net, info)
 

@@ -131,6 +131,7 @@ def open_feature_writer(out_path, grid: PatchGrid, runner: EncoderRunner, cfg: E
         "encoder": info.name,
         "encoder_dim": info.dim,
         "encoder_weights": info.weights,
+        "encoder_weights_sha256": info.weights_sha256,  # None (random weights): not written
         "encoder_input_size": info.input_size,
         "encoder_interpolation": info.interpolation,
         "precision": runner.precision_name,

@@ -2,8 +2,9 @@
 
 `features` float32/float16 [N, D] in ~1k-row chunks and `coords` int64 [N, 2] (level-0
 top-left), with the grid's attributes (formats/patches.py) plus encoder, encoder_dim,
-encoder_weights, precision and provenance. Every reader goes through `read_features`, which
-validates the file once and names the file and the problem in one line.
+encoder_weights, encoder_weights_sha256 (the checkpoint file's sha256; absent for random
+weights and in files of older versions), precision and provenance. Every reader goes through
+`read_features`, which validates the file once and names the file and the problem in one line.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..errors import WsiMilError
 from ..io import partial_path
-from .hdf5 import merged_attrs, set_attrs
+from .hdf5 import merged_attrs, plain, set_attrs
 from .patches import coords_attrs
 
 CHUNK_ROWS = 1024
@@ -149,6 +150,12 @@ def write_features(path: str | Path, features: np.ndarray, coords: np.ndarray, a
     writer.finish()
 
 
+def _same_weights(partial_sha, attrs: dict) -> bool:
+    """A partial file's rows came from the same checkpoint (unknown on either side: assumed)."""
+    sha = attrs.get("encoder_weights_sha256")
+    return partial_sha is None or sha is None or plain(partial_sha) == sha
+
+
 class FeatureWriter:
     """Streams feature rows into `<path>.partial`, resumable, renamed to `path` on close.
 
@@ -170,6 +177,7 @@ class FeatureWriter:
                     self.f["features"].shape == (self.n, dim)
                     and np.array_equal(self.f["coords"][:], coords)
                     and self.f.attrs.get("encoder") == attrs.get("encoder")
+                    and _same_weights(self.f.attrs.get("encoder_weights_sha256"), attrs)
                     and str(self.f["features"].dtype) == dtype
                 )
                 if same:

@@ -84,12 +84,47 @@ def extraction_stage(
         min_tissue=float(spec.get("min_tissue", cfg.tiling.min_tissue)),
     )
     cfg.extract.encoder = str(spec["encoder"])
-    cfg.extract.weights = weights if weights and Path(weights).exists() else None
+    # the run's own checkpoint file, never silently another: a local file that is gone (or has
+    # changed since the run's features were made) stops the slide's extraction with one line;
+    # "hub:..." weights come from the hub (or its cache) as they did for the run
+    refusal = None
+    local = bool(weights) and not random_weights and not weights.startswith("hub:")
+    if local and not Path(weights).is_file():
+        refusal = (
+            f"{run.root}: the run's encoder weights {weights} are missing: restore the file, or pass "
+            "--features with the slide's feature file"
+        )
+    elif local and spec.get("encoder_weights_sha256"):
+        from ..features.weights import file_sha256
+
+        want, got = str(spec["encoder_weights_sha256"]), file_sha256(weights)
+        if got != want:
+            refusal = (
+                f"{run.root}: the run's encoder weights {weights} have changed since its features were "
+                f"made (sha256 {got[:12]}, the run's {want[:12]}): restore the file, or pass --features "
+                "with the slide's feature file"
+            )
+    cfg.extract.weights = weights if local else None
     cfg.extract.random_weights, cfg.extract.device = random_weights, device
     # a finer (overlapping) grid is a different set of patches: keep it apart from the run's
     grid_tag = f"-overlap{overlap:g}" if overlap else ""
     layout = Layout(work if not grid_tag else work / f"grid{grid_tag}")
+    if refusal is not None:  # a slide whose features are already in the work folder needs no weights
+        return _RefusedExtraction(layout, cfg, refusal=refusal)
     return ExtractStage(layout, cfg)
+
+
+@dataclass
+class _RefusedExtraction(ExtractStage):
+    """The run's extract stage when its weights file cannot be used: extracting raises `refusal`."""
+
+    refusal: str = ""
+
+    def run(self, entry: SlideEntry, on_batch=None) -> dict:
+        raise WsiMilError(self.refusal)
+
+    def plan(self, entry: SlideEntry, grid=None):
+        raise WsiMilError(self.refusal)
 
 
 def heatmap_slide(

@@ -102,7 +102,7 @@ class Stage:
         )
         if mask.is_empty:
             log.warning("%s: no tissue found; the mask is empty (try --threshold or a preset)", entry.path)
-        if user is None:  # a user's annotation is taken as drawn (QC on it: issue #31 TODO)
+        if user is None:  # a user's annotation is taken as drawn (no QC on it)
             mask = apply_qc(slide, mask, qc)
         if mask.qc is not None:
             write_qc(qc_path(out), mask, slide.qupath_offset)

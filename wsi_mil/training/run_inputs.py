@@ -27,15 +27,18 @@ def input_fingerprint(cohort: Cohort, cfg: TrainConfig) -> dict:
     table = cohort.table
     cols = [c for c in ("slide_id", "label_name", "case_id", "split") if c in table.columns]
     labels = table[cols].sort_values("slide_id").astype(str).values.tolist()
-    files = []
+    files, weights = [], set()
     for sid, path in sorted(zip(table.slide_id, table.path)):
         attrs, shape = read_feature_attrs(path)
         files.append([sid, os.path.getsize(path), attrs.get("encoder"), shape[-1]])
+        if attrs.get("encoder_weights_sha256"):  # files of older versions: unknown
+            weights.add(str(attrs["encoder_weights_sha256"]))
     config = cfg.model_dump(exclude={"device"})
     return {
         "labels": _digest(labels),
         "features": _digest(files),
         "encoder": files[0][2] if files else None,
+        "encoder_weights_sha256": sorted(weights) or None,
         "config": config,
         "wsi_mil_version": __version__,
     }
@@ -43,6 +46,12 @@ def input_fingerprint(cohort: Cohort, cfg: TrainConfig) -> dict:
 
 def _fingerprint_differences(old: dict, new: dict) -> list[str]:
     diffs = [name for name in ("labels", "features", "wsi_mil_version") if old.get(name) != new.get(name)]
+    # the checkpoint the features came from; a run (or feature files) from before it was
+    # recorded compares as unchanged
+    was_sha, now_sha = old.get("encoder_weights_sha256"), new.get("encoder_weights_sha256")
+    if was_sha and now_sha and was_sha != now_sha:
+        was_sha, now_sha = ("+".join(s[:12] for s in shas) for shas in (was_sha, now_sha))
+        diffs.append(f"encoder weights (sha256 {was_sha} -> {now_sha})")
     # a setting added after the run was made, at its default, changes nothing the run did
     defaults = TrainConfig().model_dump(exclude={"device"})
     was = {**{k: v for k, v in defaults.items() if k not in old.get("config", {})}, **old.get("config", {})}
@@ -93,5 +102,8 @@ def prepare_run(run: RunFolder, cohort: Cohort, cfg: TrainConfig, overwrite: boo
 def feature_spec(cohort: Cohort) -> dict:
     """Encoder and grid of the run's features: what predict and heatmap check new slides against."""
     attrs, shape = read_feature_attrs(cohort.table.path.iloc[0])
-    keep = ("encoder", "encoder_weights", "target_mpp", "patch_size", "overlap", "min_tissue")
+    keep = (
+        "encoder", "encoder_weights", "encoder_weights_sha256", "target_mpp", "patch_size", "overlap",
+        "min_tissue",
+    )  # fmt: skip
     return {**{k: attrs[k] for k in keep if k in attrs}, "encoder_dim": int(shape[-1])}

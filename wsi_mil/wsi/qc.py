@@ -26,7 +26,7 @@ Sources of the rules and thresholds:
   median over the slide's own tissue (stains and scanners differ in contrast), and normalised
   by the tissue inside the window so tissue edges are not called blurred.
 
-GrandQC's segmentation model is not here yet (`--qc-model`, issue #31).
+GrandQC's segmentation model is not here yet (`--qc-model`).
 """
 
 from __future__ import annotations
