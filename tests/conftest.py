@@ -30,3 +30,12 @@ def synthetic_pair(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthetic_slide(synthetic_pair):
     return synthetic_pair[0]
+
+
+@pytest.fixture(scope="session")
+def four_slides(tmp_path_factory):
+    """Four 2.5 x 2 mm slides at 0.5 um/px, two with tumor (the stream, cluster and fault tests')."""
+    d = tmp_path_factory.mktemp("four_slides")
+    for i in range(4):
+        write_synthetic_slide(d / f"s{i}.tif", 2500, 2000, 0.5, tumor_regions=i % 2, seed=20 + i)
+    return d

@@ -60,7 +60,7 @@ def experiment(tmp_path_factory):
     """A 12-slide synthetic cohort of small slides and an experiment file: configs/demo.yaml
     with its paths pointed there, small tissue pieces kept and a shorter training."""
     root = tmp_path_factory.mktemp("experiment")
-    cohort = make_cohort(root / "cohort", 12, width_um=1500, height_um=1000, seed=3)
+    cohort = make_cohort(root / "cohort", 12, width_um=1500, height_um=1000, mpp=1.0, seed=3)
     truth = root / "cohort" / "truth"
     truth.mkdir()
     for s in cohort:

@@ -244,14 +244,6 @@ def test_three_classes_train_without_a_warning_flood(tmp_path):
 EXTRACT = ["--encoder", "resnet18", "--random-weights", "--target-mpp", "1.0", "--patch-size", "128"]
 
 
-@pytest.fixture(scope="module")
-def four_slides(tmp_path_factory):
-    d = tmp_path_factory.mktemp("four")
-    for i in range(4):
-        write_synthetic_slide(d / f"s{i}.tif", 2500, 2000, 0.5, tumor_regions=i % 2, seed=20 + i)
-    return d
-
-
 def _cli(*args, env=None):
     return [sys.executable, "-m", "wsi_mil", *args]
 

@@ -19,17 +19,13 @@ from wsi_mil.features.runner import EncoderRunner
 from wsi_mil.features.stream import StreamJob, run_stream
 from wsi_mil.features.stream_workers import reader_count, reader_pool
 from wsi_mil.formats.patches import read_patches
-from wsi_mil.synthetic import write_synthetic_slide
 
 EXTRACT = ["--encoder", "resnet18", "--random-weights", "--target-mpp", "1.0", "--patch-size", "128"]
 
 
 @pytest.fixture(scope="module")
-def slides(tmp_path_factory):
-    d = tmp_path_factory.mktemp("stream_slides")
-    for i in range(4):
-        write_synthetic_slide(d / f"s{i}.tif", 2500, 2000, 0.5, tumor_regions=i % 2, seed=20 + i)
-    return d
+def slides(four_slides):
+    return four_slides
 
 
 @pytest.fixture(scope="module")

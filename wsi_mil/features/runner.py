@@ -27,7 +27,7 @@ from .quantize import calibration_images, quantize_int8
 log = logging.getLogger("wsi_mil")
 
 # torch.compile with freezing costs ~23 s on a 2-core CPU (empty inductor cache) and runs
-# resnet50_trunc at 47 patches/s against the fused eager encoder's 40 (docs/benchmarks.md,
+# resnet50_trunc at 47 patches/s against the fused eager encoder's 40 (docs/changelog.md, 2026-11-22,
 # fourth cohort run): it pays off above ~6,000 patches, a few slides at 20x.
 COMPILE_MIN_PATCHES = 6000
 

@@ -4,7 +4,7 @@ On the CPU one reader thread and one planner thread: the encoder needs the cores
 machine the readers and planners are processes (threads stop scaling at ~4 there: the GIL,
 and tiffslide reads of one process serialise on zarr's event loop), one reader per spare
 core, all forked from a fork server that has imported what they need and started together
-(docs/benchmarks.md, "Cohort stream on a GPU" and "Third GPU session"). Inside Dask's
+(docs/benchmarks.md, "Cohort stream on a GPU"; docs/changelog.md, 2026-11-23). Inside Dask's
 daemonic workers, which cannot start children, everything stays in threads.
 """
 
@@ -71,7 +71,7 @@ def warm_up(pool: ProcessPoolExecutor, processes: int) -> ProcessPoolExecutor:
     each: otherwise the cohort's first batch waits for a planning process and then a reader
     process to start, one after the other (spawned, each took ~1 s on 2 cores; on the H100 the
     first batch came 3.4-5.5 s into the stream, 0.5 s with the fork server and this;
-    docs/benchmarks.md, "Third GPU session")."""
+    docs/changelog.md, 2026-11-23)."""
     for _ in range(processes):
         pool.submit(_ready)
     return pool
@@ -82,7 +82,7 @@ def reader_count(cfg: ExtractConfig, device_type: str) -> int:
     cores) and, on a GPU machine, one per spare core from the start. Forked from the fork
     server, a reader process is ready at once; readers added only as the GPU waited for patches
     (an earlier design) fed a large slide at half the rate of all of them from the start on the
-    H100 (docs/benchmarks.md, "Third GPU session")."""
+    H100 (docs/changelog.md, 2026-11-23)."""
     if cfg.workers is not None:
         return max(1, cfg.workers)
     if device_type != "cuda":

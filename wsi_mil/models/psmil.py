@@ -22,7 +22,7 @@ vs 1.000.
 Deliberate difference: attention logits are `attn_scale` (default 30) x P w. P lies in
 [0, 1], so with the usual small initialisation of w the attention starts almost uniform and
 w needs thousands of Adam steps at lr 2e-4 to focus; the fixed scale lets it focus within a few
-epochs. Measured (docs/benchmarks.md, "PSMIL vs ABMIL over five cohort seeds"), mean held-out
+epochs. Measured (docs/changelog.md, "PSMIL vs ABMIL over five cohort seeds"), mean held-out
 bag AUC over 5 cohort seeds, scale 10 -> 30 -> 100: small256 0.528 -> 0.611 -> 0.644, harder
 0.453 -> 0.522 -> 0.444, graded 0.978 -> 0.994 -> 0.978; 30 is the only one at least as good
 as 10 on all three. On five fresh seeds (6-10), 30 vs 10: small256 -0.044, harder +0.037, graded

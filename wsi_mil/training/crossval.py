@@ -46,7 +46,7 @@ from .data import (
     validate_bags,
 )
 from .fit import predict_probs, train_fold
-from .metrics import METRICS, bootstrap_ci, compute_metrics, decide, majority_vote
+from .metrics import METRICS, bootstrap_ci, compute_metrics, decide, intervals_supported, majority_vote
 from .optim import resolve_recipe
 from .report import save_plots, write_report
 from .run_inputs import feature_spec, prepare_run
@@ -252,7 +252,8 @@ def summarise_model(
         with atomic_path(model_dir / "predictions.csv") as tmp:
             pred.to_csv(tmp, index=False)
         result["test"] = compute_metrics(y, mean_prob, vote)
-        result["test_ci"] = bootstrap_ci(y, mean_prob, vote, cfg.bootstrap, cfg.seed)
+        supported = intervals_supported(y)  # else too few test slides a class for an interval
+        result["test_ci"] = bootstrap_ci(y, mean_prob, vote, cfg.bootstrap, cfg.seed) if supported else None
         patients = patient_level(test_df.case_id.values, y, fold_probs, thresholds)
         if patients is not None:
             y_p, prob_p, vote_p = patients

@@ -86,6 +86,18 @@ def majority_vote(votes: np.ndarray, mean_prob: np.ndarray) -> np.ndarray:
     return np.where(tied, mean_prob, -np.inf).argmax(1)
 
 
+# bootstrap intervals only where every class has this many test slides: below it a percentile
+# bootstrap of a small, often perfectly separated set gives intervals like [1.000, 1.000] that
+# look informative and are not (they are then neither computed nor shown)
+MIN_CLASS_FOR_CI = 10
+
+
+def intervals_supported(y) -> bool:
+    """Whether a test set with labels `y` gets bootstrap intervals (MIN_CLASS_FOR_CI a class)."""
+    counts = np.unique(np.asarray(y), return_counts=True)[1]
+    return len(counts) > 1 and int(counts.min()) >= MIN_CLASS_FOR_CI
+
+
 def bootstrap_ci(
     y: np.ndarray, prob: np.ndarray, pred: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
 ) -> dict[str, tuple[float, float]]:

@@ -9,7 +9,7 @@ import pandas as pd
 
 from ..config import TrainConfig
 from ..io import save_figure, write_text
-from .metrics import METRICS
+from .metrics import METRICS, MIN_CLASS_FOR_CI, intervals_supported
 from .optim import resolve_recipe
 
 
@@ -59,17 +59,11 @@ def _fmt(v, ci=None) -> str:
     return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
 
 
-# bootstrap intervals are shown only where every class has this many test slides: below it a
-# percentile bootstrap of a small, often perfectly separated set gives intervals like
-# [1.000, 1.000] that look informative and are not
-MIN_CLASS_FOR_CI = 10
-
-
 def test_heading(test: pd.DataFrame) -> tuple[str, bool]:
     """The test table's heading (with n per class) and whether it shows bootstrap intervals."""
-    counts = test.label_name.value_counts() if "label_name" in test else test.label.value_counts()
-    per_class = ", ".join(f"{n} {c}" for c, n in sorted(counts.items()))
-    with_ci = len(counts) > 1 and int(counts.min()) >= MIN_CLASS_FOR_CI
+    names = test.label_name if "label_name" in test else test.label
+    per_class = ", ".join(f"{n} {c}" for c, n in sorted(names.value_counts().items()))
+    with_ci = intervals_supported(names)
     heading = f"## Test set ({per_class}): majority vote of the fold models (AUC from mean probability)"
     if with_ci:
         return heading + ", 95% bootstrap CI", True
