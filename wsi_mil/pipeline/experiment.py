@@ -67,12 +67,7 @@ def run_experiment(
 
     layout = Layout(folders["work"])
     stage = ExtractStage(layout, cfg)
-    done = sum(stage.done(e) for e in entries)
-    log(
-        f"extract: {len(entries)} slide(s), {done} already done"
-        if done
-        else f"extract: {len(entries)} slide(s)"
-    )
+    log(f"extract: {len(entries)} slide(s)")  # the runner says how many were already done
     result = (extract_fn or run_stage)(stage, entries)
     if result.failed:
         raise WsiMilError(
