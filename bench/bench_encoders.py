@@ -67,7 +67,7 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--patches", type=int, default=32)
-    ap.add_argument("--encoders", default=",".join(r["name"] for r in encoder_table()))
+    ap.add_argument("--encoders", default=",".join(r["name"] for r in encoder_table() if not r["extra"]))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batches", type=int, default=10)
     args = ap.parse_args()

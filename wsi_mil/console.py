@@ -382,10 +382,10 @@ def print_localization(result: dict) -> None:
 
 
 def print_encoders(rows: list[dict]) -> None:
-    table = Table("name", "dim", "input px", "mpp", "patch px", "resize", "weights", "gated")
+    table = Table("name", "dim", "input px", "mpp", "patch px", "resize", "weights", "gated", "requires")
     for r in rows:
         table.add_row(
             r["name"], str(r["dim"]), str(r["input_px"]), f"{r['mpp']:g}", str(r["patch_px"]),
-            r["interpolation"], r["weights"], "yes" if r["gated"] else "no",
+            r["interpolation"], r["weights"], "yes" if r["gated"] else "no", r.get("extra") or "-",
         )  # fmt: skip
     stdout().print(table)

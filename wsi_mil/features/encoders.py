@@ -4,10 +4,12 @@
   ResNet50 truncated after layer3, global average pooling, 1024-d, ImageNet normalisation,
   224 px input.
 - `resnet18`: torchvision ResNet18 with the classifier removed, 512-d.
-- `uni_v1`, `uni_v2`, `virchow`, `virchow2`, `hoptimus0`, `hoptimus1`, `gigapath`,
-  `conch_v15`, `phikon_v2`: the pathology foundation models with their authors' exact
+- the pathology foundation models under TRIDENT's names (`uni_v1`, `uni_v2`, `virchow`,
+  `virchow2`, `hoptimus0`, `hoptimus1`, `gigapath`, `conch_v15`, `phikon_v2`, `phikon`,
+  `ctranspath`, `kaiko-vits16`, `kaiko-vits8`, `kaiko-vitb16`, `kaiko-vitb8`, `kaiko-vitl14`,
+  `lunit-vits8`, `gpfm`, `openmidnight`, TRIDENT's `resnet50`), with their authors' exact
   architecture, embedding rule, input size, resize filter and normalisation
-  (features/foundation.py, TRIDENT's names).
+  (features/foundation_specs.py).
 - `timm:<name>` and `hf-hub:<repo>`: any other timm model, pooled features via
   `num_classes=0`, with the model's own input size and normalisation.
 
@@ -204,12 +206,13 @@ def hub_checkpoint(spec: FoundationSpec) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
+    kw = {"repo_type": spec.hub_repo_type} if spec.hub_repo_type != "model" else {}
     for filename in spec.hub_files[:-1]:
         try:
-            return Path(hf_hub_download(spec.hub, filename))
+            return Path(hf_hub_download(spec.hub, filename, **kw))
         except EntryNotFoundError:  # not in this repository (or not cached, offline): the next name
             continue
-    return Path(hf_hub_download(spec.hub, spec.hub_files[-1]))
+    return Path(hf_hub_download(spec.hub, spec.hub_files[-1], **kw))
 
 
 def _checkpoint(spec: FoundationSpec, weights) -> tuple[Path, str]:
@@ -223,9 +226,12 @@ def _checkpoint(spec: FoundationSpec, weights) -> tuple[Path, str]:
 
 
 def _foundation(spec: FoundationSpec, weights=None, random_weights=False, **overrides) -> Encoder:
+    loading = bool(weights or not random_weights)
+    if loading and spec.builder in ("timm", "conch_v15", "dinov2_hf", "vit_hf", "dinov2_meta", "ctranspath"):
+        overrides = {"weight_init": "skip", **overrides}  # the strict load overwrites every tensor
     net = build_vit(spec, **overrides)
     source, sha = "random", None
-    if weights or not random_weights:
+    if loading:
         path, source = _checkpoint(spec, weights)
         target = weights_module(net)
         sha = load_checkpoint(target, path, spec.name, partial(from_authors_layout, spec.builder, net=target))
@@ -253,15 +259,16 @@ def encoder_table() -> list[dict]:
     """One row per registered encoder: what `wsi-mil encoders` prints (no model is built)."""
     rows = [
         {"name": "resnet50_trunc", "dim": 1024, "input_px": 224, "mpp": 0.5, "patch_px": 256,
-         "interpolation": "bilinear", "weights": "torchvision IMAGENET1K_V1", "gated": False},
+         "interpolation": "bilinear", "weights": "torchvision IMAGENET1K_V1", "gated": False, "extra": ""},
         {"name": "resnet18", "dim": 512, "input_px": 224, "mpp": 0.5, "patch_px": 224,
-         "interpolation": "bilinear", "weights": "torchvision IMAGENET1K_V1", "gated": False},
+         "interpolation": "bilinear", "weights": "torchvision IMAGENET1K_V1", "gated": False, "extra": ""},
     ]  # fmt: skip
     for s in FOUNDATION_MODELS.values():
         px = f"{s.resize_px}->{s.input_size}" if s.resize_px else str(s.input_size)
+        hub = f"hf:{s.hub}" if s.hub_repo_type == "model" else f"hf-{s.hub_repo_type}:{s.hub}"
         rows.append(
             {"name": s.name, "dim": s.dim, "input_px": px, "mpp": s.mpp, "patch_px": s.patch_px,
-             "interpolation": s.interpolation, "weights": f"hf:{s.hub}", "gated": s.gated}
+             "interpolation": s.interpolation, "weights": hub, "gated": s.gated, "extra": s.extra}
         )  # fmt: skip
     return rows
 

@@ -16,11 +16,27 @@
   `embeddings.mask_token` (used only for masked-image pretraining) is dropped. A checkpoint
   whose position grid is not 14x14 is resized once with transformers' rule (bicubic to the
   target size, float32, no antialias). Parity with `transformers` is tested.
+- Phikon (owkin/phikon): a `transformers` ViTModel, ViT-B/16, LayerNorm eps 1e-12 (its
+  config.json), CLS of `last_hidden_state` (TRIDENT `PhikonInferenceEncoder`, built with
+  `add_pooling_layer=False`, so a checkpoint's `pooler.` tensors are dropped). Renamed onto timm's
+  ViT the same way (`layernorm_before/after` -> `norm1/2`, `intermediate/output.dense` -> `mlp`).
+- OpenMidnight (SophontAI/OpenMidnight `teacher_checkpoint_load.pt`): DINOv2's own ViT-g/14 with
+  4 registers (`dinov2_vitg14_reg`, TRIDENT `OpenMidnightInferenceEncoder`). Converted to timm's
+  `vit_giant_patch14_reg4_dinov2` as timm's `_convert_dinov2` does (class token + its position,
+  registers without position, `mlp.w12/w3` -> `fc1/fc2`, `mask_token` dropped); a position grid
+  other than the input's is resized once with DINOv2's rule for these models (bicubic,
+  antialiased, to the target size).
+- CTransPath (CHIEF_CTransPath.pth): TransPath's Swin-T with a convolutional stem
+  (`ConvStem`, TRIDENT `model_zoo/ctranspath/ctran.py`), saved by timm 0.5.4. Current timm's Swin
+  computes the same; its checkpoint differs only in where the patch merging sits (end of stage i
+  there, start of stage i + 1 here) and in the non-persistent buffers (`relative_position_index`,
+  `attn_mask`), as timm's own `swin_transformer.checkpoint_filter_fn` converts.
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +80,44 @@ class ConchV15Vision(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.trunk.forward_features(x)  # class + patch tokens after the final norm
         return self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])
+
+
+class ConvStem(nn.Module):
+    """TransPath's convolutional patch embedding (TRIDENT model_zoo/ctranspath/ctran.py `ConvStem`):
+    two 3x3 stride-2 conv-BN-ReLU, a 1x1 conv, the norm; NHWC out, as timm's Swin takes it."""
+
+    def __init__(self, img_size=224, patch_size=4, in_chans=3, embed_dim=768, norm_layer=None, **_):
+        super().__init__()
+        assert patch_size == 4 and embed_dim % 8 == 0
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (self.img_size[0] // 4, self.img_size[1] // 4)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        stem, input_dim, output_dim = [], 3, embed_dim // 8
+        for _ in range(2):
+            stem += [nn.Conv2d(input_dim, output_dim, 3, stride=2, padding=1, bias=False),
+                     nn.BatchNorm2d(output_dim), nn.ReLU(inplace=True)]  # fmt: skip
+            input_dim, output_dim = output_dim, output_dim * 2
+        stem.append(nn.Conv2d(input_dim, embed_dim, kernel_size=1))
+        self.proj = nn.Sequential(*stem)
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class FeaturePool(nn.Module):
+    """A timm `features_only` network's one feature map, average pooled (TRIDENT's `resnet50`)."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        return self.pool(out).flatten(1)
 
 
 def _grid(pos: torch.Tensor, prefix: int = 1) -> int:
@@ -115,16 +169,10 @@ _DINOV2_RENAMES = (
 )
 
 
-def dinov2_to_timm(sd: dict, grid: int) -> dict:
-    """A transformers Dinov2Model state dict in timm's ViT layout (position grid `grid`)."""
-    sd = {k: v for k, v in sd.items() if k != "embeddings.mask_token"}
+def _fuse_qkv(sd: dict) -> dict:
+    """transformers' per-layer query/key/value fused into timm's qkv (left under their own
+    names when one is missing, so the strict load reports them)."""
     out = {}
-    for key, value in sd.items():
-        if ".attention.attention." in key:
-            continue  # fused below
-        for old, new in _DINOV2_RENAMES:
-            key = key.replace(old, new)
-        out[key] = value
     layers = {k.split(".")[2] for k in sd if ".attention.attention." in k}
     for i in sorted(layers, key=int):
         for kind in ("weight", "bias"):
@@ -132,20 +180,124 @@ def dinov2_to_timm(sd: dict, grid: int) -> dict:
             parts = [sd.get(f"encoder.layer.{i}.attention.attention.{n}.{kind}") for n in names]
             if all(p is not None for p in parts):
                 out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)
-            else:  # left under their own names: the strict load reports them
+            else:
                 for n, p in zip(names, parts):
                     if p is not None:
                         out[f"encoder.layer.{i}.attention.attention.{n}.{kind}"] = p
+    return out
+
+
+def dinov2_to_timm(sd: dict, grid: int) -> dict:
+    """A transformers Dinov2Model state dict in timm's ViT layout (position grid `grid`)."""
+    sd = {k: v for k, v in sd.items() if k != "embeddings.mask_token"}
+    out = _fuse_qkv(sd)
+    for key, value in sd.items():
+        if ".attention.attention." not in key:
+            for old, new in _DINOV2_RENAMES:
+                key = key.replace(old, new)
+            out[key] = value
     if "pos_embed" in out:
         out["pos_embed"] = dinov2_pos_embed(out["pos_embed"], grid)
     return out
 
 
-def from_authors_layout(builder: str, sd: dict, net: nn.Module) -> dict:
-    """The authors' checkpoint keys mapped onto `net`'s (timm builds are already in them)."""
-    if builder == "dinov2_hf":
-        return dinov2_to_timm(sd, net.patch_embed.grid_size[0])
-    if builder == "conch_v15" and "trunk.pos_embed" in sd:
+_VIT_RENAMES = (
+    ("embeddings.cls_token", "cls_token"),
+    ("embeddings.position_embeddings", "pos_embed"),
+    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."),
+    ("encoder.layer.", "blocks."),
+    (".attention.output.dense.", ".attn.proj."),
+    (".intermediate.dense.", ".mlp.fc1."),
+    (".output.dense.", ".mlp.fc2."),
+    (".layernorm_before.", ".norm1."),
+    (".layernorm_after.", ".norm2."),
+    ("layernorm.", "norm."),
+)
+
+
+def vit_hf_to_timm(sd: dict) -> dict:
+    """A transformers ViTModel state dict (Phikon) in timm's ViT layout."""
+    sd = {k: v for k, v in sd.items() if not k.startswith("pooler.")}
+    out = _fuse_qkv(sd)
+    for key, value in sd.items():
+        if ".attention.attention." not in key:
+            for old, new in _VIT_RENAMES:
+                key = key.replace(old, new)
+            out[key] = value
+    return out
+
+
+def dinov2_meta_to_timm(sd: dict, grid: int) -> dict:
+    """A DINOv2 (facebookresearch) state dict with registers in timm's reg4 ViT layout."""
+    out = {}
+    for key, value in sd.items():
+        if key in ("mask_token", "register_tokens", "cls_token", "pos_embed"):
+            continue
+        out[re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", key))] = value
+    if "register_tokens" in sd:
+        out["reg_token"] = sd["register_tokens"]
+    if "cls_token" in sd and "pos_embed" in sd:
+        pos = sd["pos_embed"]
+        out["cls_token"] = sd["cls_token"] + pos[:, :1]
+        out["pos_embed"] = _dinov2_reg_grid(pos[:, 1:], grid)
+    return out
+
+
+def _dinov2_reg_grid(patch_pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """DINOv2's `interpolate_pos_encoding` for the register models (antialias, no offset)."""
+    side = math.isqrt(patch_pos.shape[1])
+    if side == grid:
+        return patch_pos
+    dim = patch_pos.shape[-1]
+    patch = patch_pos.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, size=(grid, grid), mode="bicubic", antialias=True)
+    return patch.permute(0, 2, 3, 1).reshape(1, -1, dim).to(patch_pos.dtype)
+
+
+def ctranspath_to_timm(sd: dict) -> dict:
+    """TransPath's timm 0.5.4 Swin checkpoint in current timm's Swin layout."""
+    old = "layers.0.downsample.reduction.weight" in sd
+    out = {}
+    for key, value in sd.items():
+        if key.endswith(("relative_position_index", "attn_mask")):
+            continue  # buffers timm recomputes
+        if old:
+            key = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) + 1}.downsample", key)
+        out[key] = value
+    return out
+
+
+# builder -> (the authors' checkpoint layout, one key it has, test that a state dict is in it)
+NATIVE_LAYOUTS = {
+    "dinov2_hf": ("transformers Dinov2Model", "embeddings.patch_embeddings.projection.weight",
+                  lambda sd: any(k.startswith("embeddings.") for k in sd)),
+    "vit_hf": ("transformers ViTModel", "encoder.layer.0.layernorm_before.weight",
+               lambda sd: any(".layernorm_before." in k for k in sd)),
+    "dinov2_meta": ("DINOv2 (facebookresearch/dinov2)", "register_tokens",
+                    lambda sd: "register_tokens" in sd),
+    "ctranspath": ("TransPath's timm 0.5.4 Swin", "layers.0.downsample.reduction.weight",
+                   lambda sd: "layers.0.downsample.reduction.weight" in sd),
+}  # fmt: skip
+
+
+def file_grid(sd: dict, builder: str) -> int:
+    """The position grid side of a checkpoint in `builder`'s native layout (14 if none)."""
+    key = {"dinov2_hf": "embeddings.position_embeddings", "dinov2_meta": "pos_embed"}.get(builder)
+    pos = sd.get(key) if key else None
+    return _grid(pos) if pos is not None and pos.ndim == 3 else 14
+
+
+def from_authors_layout(builder: str, sd: dict, net: nn.Module | None, grid: int | None = None) -> dict:
+    """The authors' checkpoint keys mapped onto `net`'s (timm builds are already in them);
+    `grid`: the position grid to bring the checkpoint to (default: `net`'s)."""
+    if builder in ("dinov2_hf", "dinov2_meta"):
+        grid = grid or net.patch_embed.grid_size[0]
+        return dinov2_to_timm(sd, grid) if builder == "dinov2_hf" else dinov2_meta_to_timm(sd, grid)
+    if builder == "vit_hf":
+        return vit_hf_to_timm(sd)
+    if builder == "ctranspath":
+        return ctranspath_to_timm(sd)
+    if builder == "conch_v15" and "trunk.pos_embed" in sd and net is not None:
         grid = net.trunk.patch_embed.grid_size[0]
         return {**sd, "trunk.pos_embed": conch_pos_embed(sd["trunk.pos_embed"], grid)}
     return sd

@@ -2,9 +2,10 @@
 encoder's key layout a checkpoint has.
 
 Checkpoint identity (`load_checkpoint`): a file that does not load strictly, or that is not in
-Phikon-v2's transformers layout when loaded as Phikon-v2 (a UNI checkpoint is timm-layout and
-would pass the Dinov2 renaming unchanged), has its key layout (key names with block numbers
-folded, and tensor shapes) compared with every registered encoder's; one in another encoder's
+the authors' own layout of an encoder whose checkpoint is converted (Phikon-v2 and Phikon:
+transformers; OpenMidnight: DINOv2's; CTransPath: timm 0.5.4's Swin; a UNI checkpoint is
+timm-layout and would pass the Dinov2 renaming unchanged), has its key layout (key names with
+block numbers folded, and tensor shapes) compared with every registered encoder's; one in another encoder's
 layout is refused naming both. The file's sha256 is streamed and cached per path, mtime and size.
 """
 
@@ -22,7 +23,7 @@ from torch import nn
 from ..errors import WsiMilError
 from .compat import import_timm, import_torchvision
 from .foundation import FOUNDATION_MODELS, build_vit, weights_module
-from .foundation_arch import _grid, dinov2_to_timm
+from .foundation_arch import NATIVE_LAYOUTS, file_grid, from_authors_layout
 
 # the registered encoders with a checkpoint layout of their own (encoders.ENCODERS' order)
 LAYOUT_ENCODERS = ("resnet50_trunc", "resnet18", *FOUNDATION_MODELS)
@@ -69,7 +70,7 @@ CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.")  # heads an encoder withou
 # what a checkpoint may hold beyond an encoder, per encoder: a full ResNet50's last stage and
 # classifier, which CLAM's truncated encoder does not use (its own checkpoint, timm
 # `features_only` out_indices=(3,), stops at layer3 under the same key names)
-UNUSED_PREFIXES = {"resnet50_trunc": ("layer4.", "fc."), "resnet18": ("fc.",)}
+UNUSED_PREFIXES = {"resnet50_trunc": ("layer4.", "fc."), "resnet18": ("fc.",), "resnet50": ("layer4.", "fc.")}
 
 
 # -- the weights file's sha256 ---------------------------------------------------------------
@@ -128,15 +129,14 @@ def _in_layout(name: str, sd: dict) -> dict | None:
     if name in UNUSED_PREFIXES:
         return {k: v for k, v in sd.items() if not k.startswith(UNUSED_PREFIXES[name])}
     spec = FOUNDATION_MODELS.get(name)
-    if spec is not None and spec.builder == "dinov2_hf":
-        if not any(k.startswith("embeddings.") for k in sd):
-            return None  # timm-layout keys pass the renaming unchanged: not a Dinov2 checkpoint
-        pos = sd.get("embeddings.position_embeddings")
+    if spec is not None and spec.builder in NATIVE_LAYOUTS:
+        if not NATIVE_LAYOUTS[spec.builder][2](sd):
+            return None  # timm-layout keys pass the renaming unchanged: not the authors' layout
         try:
-            grid = _grid(pos) if pos is not None and pos.ndim == 3 else 14
+            grid = file_grid(sd, spec.builder)
         except ValueError:
             return None
-        return dinov2_to_timm(_meta(sd), grid)
+        return from_authors_layout(spec.builder, _meta(sd), None, grid)
     return sd
 
 
@@ -170,7 +170,7 @@ def layout_owners(sd: dict) -> list[str]:
 def _examples(sd: dict, own: frozenset | None, encoder: str) -> str:
     """A few of the file's keys that `encoder` does not have (with the shape where only it differs)."""
     sd = _meta(sd)
-    if own is None:  # Phikon-v2: the keys outside transformers' Dinov2 layout
+    if own is None:  # not in the authors' layout: the keys outside transformers' layouts
         keys = [k for k in sd if not k.startswith(_DINOV2_NATIVE)]
         keys = [k for k in keys if "." in k] + [k for k in keys if "." not in k]
         return ", ".join(keys[:2])
@@ -193,8 +193,8 @@ def _examples(sd: dict, own: frozenset | None, encoder: str) -> str:
 
 def _identity_error(path, sd: dict, encoder: str, net: nn.Module | None) -> WsiMilError | None:
     """The refusal for a checkpoint in another registered encoder's key layout (and not in
-    `encoder`'s own), else None. `net`: the module `encoder` loads (None: Phikon-v2, whose
-    checkpoint layout is transformers', not its module's)."""
+    `encoder`'s own), else None. `net`: the module `encoder` loads (None: an encoder whose
+    checkpoint layout is its authors', not its module's)."""
     owners = layout_owners(sd)
     others = [o for o in owners if o != encoder]
     if not others or encoder in owners:
@@ -251,13 +251,14 @@ def load_checkpoint(
     `net`, load strictly (`shown`: the encoder's name in that error, if not `encoder`). Returns
     the file's sha256."""
     raw = load_state_dict_file(path)
-    if encoder in FOUNDATION_MODELS and _in_layout(encoder, _meta(raw)) is None:  # Phikon-v2
+    if encoder in FOUNDATION_MODELS and _in_layout(encoder, _meta(raw)) is None:  # converted layouts
         err = _identity_error(path, raw, encoder, None)
         if err is not None:
             raise err
+        layout, key, _ = NATIVE_LAYOUTS[FOUNDATION_MODELS[encoder].builder]
         raise WsiMilError(
-            f"{path}: these weights are not in {encoder}'s key layout (transformers Dinov2Model keys such "
-            f"as embeddings.patch_embeddings.projection.weight; found e.g. {_examples(raw, None, encoder)}): "
+            f"{path}: these weights are not in {encoder}'s key layout ({layout} keys such "
+            f"as {key}; found e.g. {_examples(raw, None, encoder)}): "
             f"pass the {encoder} checkpoint, or the --encoder the file was saved from"
         )
     sd = convert(raw) if convert else raw
