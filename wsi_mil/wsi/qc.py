@@ -1,30 +1,12 @@
 """Tissue quality control: artefacts on the tissue that should not be analysed, each a reason.
 
-Between segmentation and tiling. Every detector is a small pure function of an RGB image
-(uint8, OpenCV HSV conventions: hue 0-180, saturation and value 0-255) returning a boolean
-mask of the same size; `qc_masks` runs them all and gives every pixel at most one reason (the
-first in `REASONS`). Colour rules run on the segmentation thumbnail (8 um/px by default); blur
-runs on a finer image (`QCConfig.detail_mpp`, 4 um/px: HistoQC's `image_work_size = 2.5x` for
-`BlurDetectionModule`; finer would decode the next pyramid level, ~16x the pixels).
-
-Sources of the rules and thresholds:
-- background (white, greyspace, scanner black): HistoQC `LightDarkModule.
-  getIntensityThresholdPercent` (`tissue`: gray > 0.9 is bright, RGB std < 10 is greyspace;
-  `darktissue`: gray < 0.15); hs2p drops the same black/white/grey tiles.
-- pen ink: the hue boxes of deephistopath's `filter_blue_pen` / `filter_green_pen` /
-  `filter_red_pen` (python-wsi-preprocessing, histolab), written in HSV: H&E hues lie between
-  purple and pink (OpenCV hue >= 130 or <= 10), so blue (95-130) and green (35-95) are ink;
-  red ink shares eosin's hue and is told apart by its saturation.
-- fold: a double layer of tissue roughly doubles its optical density and raises saturation
-  (Kothari et al. 2013 and Bautista & Yagi 2010 use saturation and intensity); rule: optical
-  density above `fold_od_ratio` x the slide's tissue median and saturation above
-  `fold_saturation`, both on the smoothed image.
-- bubble: HistoQC `getIntensityThresholdPercent:bubble` (gray 0.82-0.94, RGB std < 11):
-  washed-out, colourless patches inside the tissue.
-- blur: HistoQC `BlurDetectionModule.identifyBlurryRegions` (Gaussian-smoothed |Laplacian|
-  of the gray image), made relative: blurred where the energy is below `blur_ratio` x the
-  median over the slide's own tissue (stains and scanners differ in contrast), and normalised
-  by the tissue inside the window so tissue edges are not called blurred.
+Between segmentation and tiling. The rules (`wsi/qc_rules.py`, with their sources) run on a
+coarse QC grid (`QCConfig.grid_um`, 16 um/px: the colour rules see an image smoothed by
+16 um anyway) and only on its tissue cells; `qc_masks` gives every cell at most one reason
+(the first in `REASONS`). Blur needs finer detail: its energy is measured on the
+`QCConfig.detail_mpp` image (4 um/px: HistoQC's `image_work_size = 2.5x` for
+`BlurDetectionModule`; at 8 um/px a 3 um-sigma defocus is lost) and summed per grid cell.
+Artefacts become polygons in level-0 pixels, cut out of the tissue in mode "remove".
 
 GrandQC's segmentation model is not here yet (`--qc-model`).
 """
@@ -37,8 +19,26 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon
 
 from ..config import QCConfig
+from .qc_rules import (
+    black_mask,
+    blur_from_energy,
+    blur_mask,
+    bubble_mask,
+    detail_energy,
+    fold_mask,
+    greyspace_mask,
+    optical_density,
+    pen_masks,
+    smooth,
+    white_mask,
+)
 from .slide import Slide
 from .tissue import TissueMask, mask_to_polygons
+
+__all__ = [
+    "REASONS", "apply_qc", "black_mask", "blur_mask", "bubble_mask", "fold_mask",
+    "greyspace_mask", "optical_density", "pen_masks", "qc_masks", "smooth", "white_mask",
+]  # fmt: skip
 
 # Reasons in priority order (a pixel gets the first that matches), with QuPath class names
 # and colours for the QC GeoJSON layer.
@@ -54,109 +54,6 @@ REASONS: dict[str, tuple[str, tuple[int, int, int]]] = {
 }
 
 
-def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
-    return hsv[..., 0], hsv[..., 1], hsv[..., 2]
-
-
-def _gray(rgb: np.ndarray) -> np.ndarray:
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-
-
-def smooth(rgb: np.ndarray, px_um: float, cfg: QCConfig) -> np.ndarray:
-    """The image the colour rules see: Gaussian-smoothed by `smooth_um` (averages single dark
-    nuclei away, so dense tissue is judged by its mean colour)."""
-    sigma = cfg.smooth_um / px_um
-    return cv2.GaussianBlur(rgb, (0, 0), sigma) if sigma >= 0.3 else rgb
-
-
-def white_mask(rgb: np.ndarray, cfg: QCConfig) -> np.ndarray:
-    """Near-white glass: gray > `white_gray` (HistoQC `tissue` upper_threshold 0.9 -> 230)."""
-    return _gray(rgb) > cfg.white_gray
-
-
-def greyspace_mask(rgb: np.ndarray, cfg: QCConfig) -> np.ndarray:
-    """Colourless grey (debris, shadows): RGB std across channels < `grey_std` (HistoQC
-    `tissue` lower_std 10), above the black rule's value (dark neutral is ink or border)."""
-    std = rgb.astype(np.float32).std(axis=2)
-    return (std < cfg.grey_std) & (_hsv(rgb)[2] >= cfg.black_value)
-
-
-def black_mask(rgb: np.ndarray, cfg: QCConfig) -> np.ndarray:
-    """Dark and neutral: HSV value < `black_value` and max-min of RGB < `black_chroma`.
-    HistoQC's `darktissue` is gray < 0.15 (38); H&E's darkest purple (epidermis, dense
-    nuclei) keeps its chroma, black ink and scanner borders do not. HSV saturation is not
-    used: on noisy near-black pixels it is high (why black borders pass tissue segmentation)."""
-    v = rgb.max(axis=2)
-    chroma = v.astype(np.int16) - rgb.min(axis=2)
-    return (v < cfg.black_value) & (chroma < cfg.black_chroma)
-
-
-def pen_masks(rgb: np.ndarray, cfg: QCConfig) -> dict[str, np.ndarray]:
-    """Coloured ink by hue: blue 95-130 (190-260 deg) and green 35-95 (70-190 deg) with
-    saturation > `pen_saturation`; red at hue <= 8 or >= 172 (+-16 deg) with saturation >
-    `red_saturation` (eosin is pink, hue 150-175, and below ~160 saturation on the thumbnail);
-    black ink is `black_mask` (split from scanner borders in `qc_masks`)."""
-    h, s, v = _hsv(rgb)
-    lit = v >= 40  # hue is noise on near-black pixels
-    return {
-        "pen_blue": lit & (h >= 95) & (h < 130) & (s > cfg.pen_saturation),
-        "pen_green": lit & (h >= 35) & (h < 95) & (s > cfg.pen_saturation),
-        "pen_red": lit & ((h <= 8) | (h >= 172)) & (s > cfg.red_saturation),
-    }
-
-
-def optical_density(rgb: np.ndarray) -> np.ndarray:
-    """Mean optical density -log(I / 255) over the three channels (Beer-Lambert)."""
-    return -np.log(np.maximum(rgb.astype(np.float32), 1.0) / 255.0).mean(axis=2)
-
-
-def fold_mask(
-    rgb: np.ndarray, tissue: np.ndarray, cfg: QCConfig, reference: np.ndarray | None = None
-) -> np.ndarray:
-    """Folded tissue: optical density > `fold_od_ratio` x its median over the `reference`
-    tissue (default `tissue`; `qc_masks` leaves ink and background out of it) and HSV
-    saturation > `fold_saturation_ratio` x the reference median. A double layer is darker and
-    more saturated than the slide's own tissue; absolute darkness alone also takes dense nuclei
-    and epidermis."""
-    ref_px = tissue if reference is None or not reference.any() else reference
-    if not ref_px.any():
-        return np.zeros(tissue.shape, bool)
-    od = optical_density(rgb)
-    sat = _hsv(rgb)[1]
-    od_ref = max(float(np.median(od[ref_px])), 0.05)
-    sat_ref = max(float(np.median(sat[ref_px])), 20.0)
-    return (od > cfg.fold_od_ratio * od_ref) & (sat > cfg.fold_saturation_ratio * sat_ref)
-
-
-def bubble_mask(rgb: np.ndarray, cfg: QCConfig) -> np.ndarray:
-    """Air bubbles and coverslip-edge washes: gray within `bubble_gray` and RGB std <
-    `bubble_std` (HistoQC `bubble`: 0.82-0.94, upper_variance 11)."""
-    g = _gray(rgb)
-    std = rgb.astype(np.float32).std(axis=2)
-    lo, hi = cfg.bubble_gray
-    return (g >= lo) & (g <= hi) & (std < cfg.bubble_std)
-
-
-def blur_mask(
-    rgb: np.ndarray, tissue: np.ndarray, px_um: float, cfg: QCConfig, reference: np.ndarray | None = None
-) -> np.ndarray:
-    """Out of focus: local |Laplacian| energy of the gray image (Gaussian window
-    `blur_window_um`, computed over tissue pixels only) below `blur_ratio` x its median over
-    the `reference` tissue (default `tissue`; `qc_masks` leaves ink and background out).
-    `rgb` should be at about 4 um/px (a 3 um-sigma defocus is found there; 1.5 um is not)."""
-    ref_px = tissue if reference is None or not reference.any() else reference
-    if not ref_px.any():
-        return np.zeros(tissue.shape, bool)
-    g = _gray(rgb).astype(np.float32)
-    lap = np.abs(cv2.Laplacian(g, cv2.CV_32F, ksize=1))
-    t = tissue.astype(np.float32)
-    sigma = max(cfg.blur_window_um / px_um, 1.0)
-    energy = cv2.GaussianBlur(lap * t, (0, 0), sigma) / np.maximum(cv2.GaussianBlur(t, (0, 0), sigma), 1e-3)
-    ref = float(np.median(energy[ref_px]))
-    return tissue & (energy < cfg.blur_ratio * ref)
-
-
 def _touches_border(mask: np.ndarray) -> np.ndarray:
     """The connected components of `mask` that touch the image border."""
     n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
@@ -166,17 +63,87 @@ def _touches_border(mask: np.ndarray) -> np.ndarray:
     return np.isin(labels, edge[edge > 0])
 
 
-def _clean(mask: np.ndarray, tissue: np.ndarray, grow_px: int, min_px: float) -> np.ndarray:
-    """Grown by `grow_px` (ink and fold fringes), cut to the tissue, regions < min_px dropped."""
-    if grow_px > 0 and mask.any():
-        k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow_px + 1, 2 * grow_px + 1))
-        mask = cv2.dilate(mask.astype(np.uint8), k) > 0
-    mask &= tissue
-    if min_px > 1 and mask.any():
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-        keep = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] >= min_px)
-        mask = np.isin(labels, keep[keep > 0])
-    return mask
+def _grow(mask: np.ndarray, grow_px: int) -> np.ndarray:
+    """`mask` dilated by a disc of radius `grow_px` (ink and fold fringes)."""
+    if grow_px <= 0:
+        return mask
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow_px + 1, 2 * grow_px + 1))
+    return cv2.dilate(mask.astype(np.uint8), k) > 0
+
+
+def _large(mask: np.ndarray, min_px: float) -> np.ndarray:
+    """The connected regions of `mask` of at least `min_px` pixels."""
+    if min_px <= 1 or not mask.any():
+        return mask
+    x, y, w, h = cv2.boundingRect(mask.astype(np.uint8))
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(
+        mask[y : y + h, x : x + w].astype(np.uint8), connectivity=8
+    )
+    keep = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] >= min_px)
+    out = np.zeros(mask.shape, bool)
+    out[y : y + h, x : x + w] = np.isin(labels, keep[keep > 0])
+    return out
+
+
+def _inside(mask: np.ndarray, tissue: np.ndarray, r: int) -> np.ndarray:
+    """The regions of `mask` reaching `r` px into the tissue (grown back by `r`): smoothing
+    blends the tissue's rim with the glass, which alone is no bubble."""
+    if not mask.any():
+        return mask
+    k = np.ones((2 * r + 1, 2 * r + 1), np.uint8)
+    seed = mask & (cv2.erode(tissue.astype(np.uint8), k) > 0)
+    return mask & (cv2.dilate(seed.astype(np.uint8), k) > 0)
+
+
+def grid_masks(
+    img: np.ndarray, tissue: np.ndarray, px_um: float, cfg: QCConfig, energy: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Every reason's mask on the QC grid: `img` the RGB image there (`px_um` um/px),
+    `tissue` its tissue cells, `energy` the blur detail energy per cell (`detail_energy`);
+    disjoint, in `REASONS` order. Colour rules are evaluated on the tissue cells only."""
+    idx = np.flatnonzero(tissue)
+    smoothed = smooth(img, px_um, cfg)
+    px = smoothed.reshape(-1, 3)[idx]
+
+    def scatter(values: np.ndarray) -> np.ndarray:
+        out = np.zeros(tissue.size, bool)
+        out[idx] = values
+        return out.reshape(tissue.shape)
+
+    black = black_mask(px, cfg)
+    black_2d = scatter(black)
+    border_black = _touches_border(black_2d) if black.any() else black_2d
+    border_t = border_black.ravel()[idx]
+    light = white_mask(px, cfg) | greyspace_mask(px, cfg)
+    pens = pen_masks(px, cfg)
+    raw = {
+        "background": scatter(light | border_t),
+        "pen_black": scatter(black & ~border_t),
+        **{k: scatter(v) for k, v in pens.items()},
+    }
+    # fold and blur are judged against the slide's own tissue: without ink and background
+    ref_t = ~(light | black | pens["pen_blue"] | pens["pen_green"] | pens["pen_red"])
+    raw["fold"] = scatter(fold_mask(px, np.ones(len(px), bool), cfg, ref_t))
+    raw["bubble"] = _inside(scatter(bubble_mask(px, cfg)), tissue, int(np.ceil(2 * cfg.smooth_um / px_um)))
+    gray = cv2.cvtColor(smoothed, cv2.COLOR_RGB2GRAY)
+    raw["blur"] = blur_from_energy(energy, tissue, px_um, cfg, scatter(ref_t), gray)
+    grow = int(round(cfg.grow_um / px_um))
+    taken = np.zeros(tissue.shape, bool)
+    out = {}
+    for reason in REASONS:
+        m = raw[reason]
+        if m.any():
+            m = _grow(m, 0 if reason in ("background", "blur", "bubble") else grow) & tissue & ~taken
+        out[reason] = m
+        taken |= m
+    # small regions are ignored; a region is all adjacent artefacts (ink over a fold is one)
+    kept = _large(taken, cfg.min_area_um2 / px_um**2)
+    return {r: m & kept for r, m in out.items()}
+
+
+def _grid_shape(shape: tuple[int, ...], px_um: float, cfg: QCConfig) -> tuple[int, int]:
+    f = max(1.0, cfg.grid_um / px_um)
+    return max(1, round(shape[0] / f)), max(1, round(shape[1] / f))
 
 
 def qc_masks(
@@ -188,44 +155,21 @@ def qc_masks(
     detail_px_um: float | None = None,
 ) -> dict[str, np.ndarray]:
     """Every reason's mask on the thumbnail grid (`tissue` is the segmented tissue there),
-    disjoint, in `REASONS` order. Blur runs on `detail` (same field of view, finer pixels)
-    when given, else on the thumbnail."""
+    disjoint, in `REASONS` order: `grid_masks` on the QC grid, brought back. Blur's energy
+    comes from `detail` (same field of view, finer pixels) when given, else the thumbnail."""
     cfg = cfg or QCConfig()
     tissue = tissue.astype(bool)
-    img = smooth(thumb, px_um, cfg)
-    black = black_mask(img, cfg)
-    border_black = _touches_border(black)
-    raw = {
-        "background": white_mask(img, cfg) | greyspace_mask(img, cfg) | border_black,
-        "pen_black": black & ~border_black,
-        **pen_masks(img, cfg),
+    h, w = _grid_shape(tissue.shape, px_um, cfg)
+    grid_px = px_um * tissue.shape[1] / w
+    img = cv2.resize(thumb, (w, h), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(tissue.astype(np.uint8), (w, h), interpolation=cv2.INTER_AREA) > 0
+    energy = detail_energy(thumb if detail is None else detail, (h, w), 1 if detail is None else 2)
+    masks = grid_masks(img, small, grid_px, cfg, energy)
+    size = tissue.shape[::-1]
+    return {
+        r: tissue & (cv2.resize(m.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0)
+        for r, m in masks.items()
     }
-    # fold and blur are judged against the slide's own tissue: without ink and background
-    reference = tissue.copy()
-    for m in raw.values():
-        reference &= ~m
-    raw["fold"] = fold_mask(img, tissue, cfg, reference)
-    raw["bubble"] = bubble_mask(img, cfg)
-    if detail is None:
-        raw["blur"] = blur_mask(thumb, tissue, px_um, cfg, reference)
-    else:
-        h, w = detail.shape[:2]
-
-        def fine(m):
-            return cv2.resize(m.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
-
-        blur = blur_mask(detail, fine(tissue), detail_px_um or px_um, cfg, fine(reference))
-        raw["blur"] = cv2.resize(blur.astype(np.uint8), tissue.shape[::-1], interpolation=cv2.INTER_AREA) > 0
-    grow = int(round(cfg.grow_um / px_um))
-    min_px = cfg.min_area_um2 / px_um**2
-    taken = np.zeros(tissue.shape, bool)
-    out = {}
-    for reason in REASONS:
-        grow_r = 0 if reason in ("background", "blur", "bubble") else grow
-        m = _clean(raw[reason] & tissue, tissue, grow_r, min_px) & ~taken
-        out[reason] = m
-        taken |= m
-    return out
 
 
 def _polygons(mask: np.ndarray, px_level0: float):
@@ -249,34 +193,44 @@ def apply_qc(slide: Slide, mask: TissueMask, cfg: QCConfig | None = None) -> Tis
     cfg = cfg or QCConfig()
     if cfg.mode == "off" or mask.is_empty:
         return mask
-    detail, detail_mpp = slide.thumbnail_at_mpp(cfg.detail_mpp)  # first: the thumbnail reuses it
+    detail, _ = slide.thumbnail_at_mpp(cfg.detail_mpp)  # first: the thumbnail reuses it
     if mask.thumbnail is not None and mask.thumb_mpp is not None:
         thumb, thumb_mpp = mask.thumbnail, mask.thumb_mpp
     else:
         from ..config import TissueConfig
 
         thumb, thumb_mpp = slide.thumbnail_at_mpp(TissueConfig().seg_mpp)
-    px_level0 = thumb_mpp / slide.mpp
-    tissue = mask.rasterize(thumb.shape[1], thumb.shape[0], px_level0) > 0
-    masks = qc_masks(thumb, tissue, thumb_mpp, cfg, detail, detail_mpp)
-    polys = mask.polygons
+    h, w = _grid_shape(thumb.shape, thumb_mpp, cfg)
+    px_level0 = slide.dimensions[0] / w
+    grid_px = px_level0 * slide.mpp
+    tissue = mask.rasterize(w, h, px_level0) > 0
+    img = cv2.resize(thumb, (w, h), interpolation=cv2.INTER_AREA)
+    energy = detail_energy(detail, (h, w))
+    # the rules see the tissue's bounding box only (with a margin for the windows)
+    x, y, bw, bh = cv2.boundingRect(tissue.astype(np.uint8))
+    m = 4
+    x0, y0, x1, y1 = max(0, x - m), max(0, y - m), min(w, x + bw + m), min(h, y + bh + m)
+    box = (slice(y0, y1), slice(x0, x1))
+    masks = {}
+    for r, sub in grid_masks(img[box], tissue[box], grid_px, cfg, energy[box]).items():
+        masks[r] = np.zeros((h, w), bool)
+        masks[r][box] = sub
+    polys = shapely.make_valid(mask.polygons) if any(m.any() for m in masks.values()) else mask.polygons
     area = max(polys.area, 1e-9)
     artefacts, fractions = {}, {}
     for reason, m in masks.items():
+        fractions[reason] = 0.0
         if not m.any():
-            fractions[reason] = 0.0
             continue
-        cut = _parts(shapely.intersection(_polygons(m, px_level0), shapely.make_valid(polys)))
-        if cut.is_empty:
-            fractions[reason] = 0.0
-            continue
-        artefacts[reason] = cut
-        fractions[reason] = round(float(cut.area / area), 5)
+        cut = _parts(shapely.intersection(_polygons(m, px_level0), polys))
+        if not cut.is_empty:
+            artefacts[reason] = cut
+            fractions[reason] = round(float(cut.area / area), 5)
     removed = shapely.union_all(list(artefacts.values())) if artefacts else MultiPolygon()
     total = round(float(removed.area / area), 5) if artefacts else 0.0
-    kept = polys
+    kept = mask.polygons
     if cfg.mode == "remove" and artefacts:
-        kept = _parts(shapely.make_valid(shapely.difference(shapely.make_valid(polys), removed)))
+        kept = _parts(shapely.make_valid(shapely.difference(polys, removed)))
     summary = {
         "mode": cfg.mode,
         "removed_fraction": fractions,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+import shapely.affinity
 from shapely.geometry import MultiPolygon
 
 from ..config import TilingConfig
@@ -77,6 +78,29 @@ def tissue_fractions(
     return box_fractions(coverage, x0[None, :], y0[:, None], x1[None, :], y1[:, None])
 
 
+def artefact_fractions(artefacts: MultiPolygon, xs: np.ndarray, ys: np.ndarray, size0: int) -> np.ndarray:
+    """Artefact fraction of every patch at the grid (xs x ys), like `tissue_fractions` but
+    rasterised only over the artefacts' bounding box and without supersampling (QC's
+    polygons follow a 16 um grid; a patch is judged by whether artefact outweighs tissue)."""
+    out = np.zeros((len(ys), len(xs)))
+    if artefacts.is_empty:
+        return out
+    bx0, by0, bx1, by1 = artefacts.bounds
+    ix = np.flatnonzero((xs + size0 > bx0) & (xs < bx1))
+    iy = np.flatnonzero((ys + size0 > by0) & (ys < by1))
+    if not len(ix) or not len(iy):
+        return out
+    ox, oy = xs[ix[0]], ys[iy[0]]
+    px = max(size0 / SUBSAMPLE, 1.0)
+    w = int(np.ceil((xs[ix[-1]] + size0 - ox) / px)) + 1
+    h = int(np.ceil((ys[iy[-1]] + size0 - oy) / px)) + 1
+    coverage = rasterize_polygons(shapely.affinity.translate(artefacts, -ox, -oy), w, h, px)
+    x0, x1 = np.round((xs[ix] - ox) / px).astype(int), np.round((xs[ix] + size0 - ox) / px).astype(int)
+    y0, y1 = np.round((ys[iy] - oy) / px).astype(int), np.round((ys[iy] + size0 - oy) / px).astype(int)
+    out[np.ix_(iy, ix)] = box_fractions(coverage, x0[None, :], y0[:, None], x1[None, :], y1[:, None])
+    return out
+
+
 def tile(slide: Slide, mask: TissueMask, cfg: TilingConfig | None = None) -> PatchGrid:
     """Patches of `cfg.patch_size` px at `cfg.target_mpp` whose tissue fraction >= min_tissue.
 
@@ -120,8 +144,8 @@ def tile(slide: Slide, mask: TissueMask, cfg: TilingConfig | None = None) -> Pat
     keep = frac >= threshold
     if mask.artefacts and (mask.qc or {}).get("mode") == "remove":
         # a patch at a removed artefact's edge goes when it shows more artefact than tissue
-        art = TissueMask(MultiPolygon([p for g in mask.artefacts.values() for p in g.geoms]))
-        keep &= tissue_fractions(art, xs, ys, size0, (width, height)) <= frac
+        art = MultiPolygon([p for g in mask.artefacts.values() for p in g.geoms])
+        keep &= artefact_fractions(art, xs, ys, size0) <= frac
     iy, ix = np.nonzero(keep)
     grid.coords = np.stack([xs[ix], ys[iy]], axis=1).astype(np.int64)
     grid.tissue_fraction = frac[iy, ix].astype(np.float32)
