@@ -6,7 +6,8 @@ import json
 import cv2
 import numpy as np
 import pytest
-from shapely.geometry import shape
+import shapely
+from shapely.geometry import MultiPolygon, box, shape
 
 from wsi_mil.config import PipelineConfig, QCConfig
 from wsi_mil.formats.patches import read_patches
@@ -141,13 +142,19 @@ def test_qc_layer_and_holes(painted_slide, tmp_path):
     assert all(tissue.polygons.intersection(p).area < 1e-3 * p.area + 1 for p in removed)
     grid = read_patches(stage.layout.patches(entry.name))
     size = grid.patch_size_level0
-    from shapely.geometry import box
-
     inside = [
         max(p.intersection(box(x, y, x + size, y + size)).area for _, p in polys) for x, y in grid.coords
     ]
     # patches keep min_tissue (1%): only those at an artefact's edge overlap it
     assert np.mean(np.array(inside) > 0.5 * size * size) < 0.25
+    # every patch QC took keeps its reason: mostly over an artefact of that reason, none kept
+    assert grid.dropped is not None and len(grid.dropped) == len(grid.dropped_reason) > 0
+    assert set(grid.dropped_reason) <= set(qc.REASONS) and "pen_blue" in set(grid.dropped_reason)
+    assert not {tuple(c) for c in grid.dropped} & {tuple(c) for c in grid.coords}
+    by_reason = {r: shapely.union_all([p for n, p in polys if n == qc.REASONS[r][0]]) for r in qc.REASONS}
+    for (x, y), reason in zip(grid.dropped, grid.dropped_reason):  # the reason covering most of it
+        areas = {r: g.intersection(box(x, y, x + size, y + size)).area for r, g in by_reason.items()}
+        assert areas[reason] > 0 and areas[reason] >= 0.9 * max(areas.values())
 
 
 def test_qc_off_equals_no_qc(clean_slide, tmp_path):
@@ -165,7 +172,7 @@ def test_qc_off_equals_no_qc(clean_slide, tmp_path):
     assert "properties" not in data and not qc_path(stage.layout.tissue(entry.name)).exists()
     write_tissue(tmp_path / "direct.geojson", mask)
     assert stage.layout.tissue(entry.name).read_text() == (tmp_path / "direct.geojson").read_text()
-    assert not any(k.startswith("qc_") for k in saved.attrs)
+    assert not any(k.startswith("qc_") for k in saved.attrs) and saved.dropped is None
 
 
 def test_clean_slide_loses_nothing(clean_slide):
@@ -173,3 +180,33 @@ def test_clean_slide_loses_nothing(clean_slide):
         mask = segment_tissue(slide)
         after = qc.apply_qc(slide, mask, CFG)
     assert after.qc["removed_total"] == 0 and after.polygons.equals(mask.polygons)
+
+
+@pytest.mark.parametrize("mode", ["mark", "remove"])
+def test_heatmap_never_over_artefacts(mode):
+    from wsi_mil.localization.render import heatmap_overlay
+    from wsi_mil.wsi.tissue import TissueMask
+
+    tissue, ink = box(0, 0, 1000, 1000), box(400, 0, 600, 1000)
+    kept = tissue.difference(ink) if mode == "remove" else tissue
+    mask = TissueMask(
+        MultiPolygon(getattr(kept, "geoms", [kept])), artefacts={"pen_blue": MultiPolygon([ink])}
+    )
+    mask.qc = {"mode": mode}
+    thumb = np.full((100, 100, 3), 200, np.uint8)
+    coords = np.array([(x, y) for y in range(0, 1000, 100) for x in range(0, 1000, 100)])  # mark: all scored
+    out = heatmap_overlay(thumb, 10.0, coords, np.ones(len(coords)), 100, mask, blur=False)
+    assert (out[:, 41:59] == thumb[:, 41:59]).all()  # nothing drawn over the ink
+    assert (out[:, :39] != thumb[:, :39]).any(-1).all() and (out[:, 61:] != thumb[:, 61:]).any(-1).all()
+
+
+def test_ink_takes_no_part_in_the_blur_windows():
+    rng = np.random.default_rng(0)
+    energy = (20 + rng.normal(0, 2, (60, 60))).astype(np.float32)
+    energy[:, 28:32] = 1  # ink: hardly any gray detail, and not the slide's tissue
+    tissue, ref = np.ones((60, 60), bool), np.ones((60, 60), bool)
+    ref[:, 28:32] = False
+    blur = qc.blur_from_energy(energy, tissue, 16.0, CFG, ref)
+    assert not blur[:, :28].any() and not blur[:, 32:].any()
+    energy[10:50, 5:20] = 3  # a defocused region is still found
+    assert qc.blur_from_energy(energy, tissue, 16.0, CFG, ref)[15:45, 8:17].all()

@@ -31,9 +31,9 @@ class QCConfig(BaseModel):
     """Tissue quality control between segmentation and tiling (wsi/qc_rules.py documents each
     rule and where its threshold comes from). Gray levels and saturations are 0-255."""
 
-    # off by default until it meets its accuracy targets: on the 40k x 30k bench slide it adds
-    # 8% to segmentation + tiling (budget 20%), but finds 88.7% of synthetic blur and 89.0% of
-    # the real slide's painted fold (targets 90%) and takes 2.7% of its clean tissue (docs/benchmarks.md)
+    # off by default until it meets its accuracy targets (docs/benchmarks.md): every artefact
+    # >= 90% removed and <= 2% of clean tissue lost, except the real slide's painted fold (88.9%:
+    # on pale dermis a double layer is as dark and saturated as the slide's own denser tissue)
     mode: Literal["remove", "mark", "off"] = Field(
         "off", description="remove: artefacts become holes in the tissue; mark: only written"
     )

@@ -11,6 +11,8 @@ a fraction, min_tissue, provenance) plus what the other readers require:
   CLAM has no notion of a resampled grid; with other target resolutions CLAM cannot read the
   grid and the attribute is left out rather than written wrong.
 Reading accepts all three: ours, TRIDENT's (`overlap` in pixels) and CLAM's (`downsample`).
+After quality control in mode "remove", `qc_dropped_coords` int64 [M, 2] and `qc_dropped_reason`
+(bytes [M], a key of `wsi.qc.REASONS`) list the patches it took (the others' readers ignore them).
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def write_patches(path: str | Path, grid: PatchGrid, **extra_attrs) -> None:
         ds = f.create_dataset("coords", data=grid.coords.astype(np.int64))
         if grid.tissue_fraction is not None and len(grid.tissue_fraction) == len(grid.coords):
             f.create_dataset("tissue_fraction", data=grid.tissue_fraction.astype(np.float32))
+        if grid.dropped is not None:  # what quality control took, each with its reason
+            f.create_dataset("qc_dropped_coords", data=grid.dropped.astype(np.int64).reshape(-1, 2))
+            f.create_dataset("qc_dropped_reason", data=np.asarray(grid.dropped_reason, dtype="S"))
         set_attrs(f, attrs)
         set_attrs(ds, coords_attrs(attrs))
 
@@ -97,8 +102,17 @@ def read_patches(path: str | Path, level0_mpp: float | None = None) -> PatchGrid
             coords = np.asarray(f["coords"][:], dtype=np.int64).reshape(-1, 2)
             attrs = merged_attrs(f)
             frac = np.asarray(f["tissue_fraction"][:]) if "tissue_fraction" in f else None
+            dropped = None
+            if "qc_dropped_coords" in f:
+                dropped = (
+                    np.asarray(f["qc_dropped_coords"][:], dtype=np.int64).reshape(-1, 2),
+                    np.asarray(f["qc_dropped_reason"][:]).astype(str),
+                )
     except (OSError, KeyError) as exc:
         raise WsiMilError(
             f"{path}: not a readable patch file ({exc}); re-run 'wsi-mil tile' with --overwrite"
         ) from exc
-    return grid_from_attrs(coords, attrs, level0_mpp, frac)
+    grid = grid_from_attrs(coords, attrs, level0_mpp, frac)
+    if dropped is not None:
+        grid.dropped, grid.dropped_reason = dropped
+    return grid

@@ -70,13 +70,14 @@ def heatmap_overlay(
     alpha: float = 0.5,
     cmap: str = "jet",
 ) -> np.ndarray:
-    """The thumbnail with the heatmap blended in, coloured only over scored tissue."""
+    """The thumbnail with the heatmap blended in, coloured only over scored tissue (never over
+    an artefact quality control found)."""
     h, w = thumb.shape[:2]
     blur_px = 0.5 * size0 / thumb_px_level0 if blur else 0.0
     mean, covered = score_raster(coords, values, size0, (h, w), thumb_px_level0, blur_px)
     show = covered
     if tissue is not None and not tissue.is_empty:
-        show &= tissue.rasterize(w, h, thumb_px_level0).astype(bool)
+        show &= tissue.rasterize_clean(w, h, thumb_px_level0).astype(bool)
     rgba = colourise(mean, show, cmap)
     a = (rgba[..., 3:4].astype(np.float32) / 255) * alpha
     return (thumb.astype(np.float32) * (1 - a) + rgba[..., :3].astype(np.float32) * a).astype(np.uint8)

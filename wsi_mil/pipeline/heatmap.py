@@ -207,7 +207,7 @@ def heatmap_slide(
         if req.viewer:
             view, view_mpp = slide.thumbnail_at_mpp(max(hcfg.viewer_mpp, slide.mpp))
             view_px = view_mpp / slide.mpp
-            tmask = tissue.rasterize(view.shape[1], view.shape[0], view_px).astype(bool)
+            tmask = tissue.rasterize_clean(view.shape[1], view.shape[0], view_px).astype(bool)
             write_viewer(
                 paths["html"], view, view_px, scores, size0, tmask, sid, label, hcfg.top_k, req.scale, classes
             )

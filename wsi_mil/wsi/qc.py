@@ -36,7 +36,7 @@ from .slide import Slide
 from .tissue import TissueMask, mask_to_polygons
 
 __all__ = [
-    "REASONS", "apply_qc", "black_mask", "blur_mask", "bubble_mask", "fold_mask",
+    "REASONS", "apply_qc", "black_mask", "blur_from_energy", "blur_mask", "bubble_mask", "fold_mask",
     "greyspace_mask", "optical_density", "pen_masks", "qc_masks", "smooth", "white_mask",
 ]  # fmt: skip
 
@@ -126,7 +126,9 @@ def grid_masks(
     raw["fold"] = scatter(fold_mask(px, np.ones(len(px), bool), cfg, ref_t))
     raw["bubble"] = _inside(scatter(bubble_mask(px, cfg)), tissue, int(np.ceil(2 * cfg.smooth_um / px_um)))
     gray = cv2.cvtColor(smoothed, cv2.COLOR_RGB2GRAY)
-    raw["blur"] = blur_from_energy(energy, tissue, px_um, cfg, scatter(ref_t), gray)
+    # defocus spans large regions: a small low-energy spot alone (a thin tissue tip) is not blur
+    blur = blur_from_energy(energy, tissue, px_um, cfg, scatter(ref_t), gray)
+    raw["blur"] = _large(blur, cfg.min_area_um2 / px_um**2)
     grow = int(round(cfg.grow_um / px_um))
     taken = np.zeros(tissue.shape, bool)
     out = {}

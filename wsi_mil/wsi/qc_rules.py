@@ -194,16 +194,20 @@ def blur_from_energy(
     smoothed gray, `blur_bins` quantile bins): dense and pale tissue differ in texture, and
     defocus keeps the mean colour. Extended by hysteresis (as Canny's edges) to nearby cells
     below `blur_extend_ratio`: the window blurs a defocused region's border. Cells at the
-    tissue edge are left out of the averages (half glass, or the edge's own contrast)."""
+    tissue edge, and cells outside the `reference` (ink, background), are left out of the
+    averages; the medians are taken twice, the second time without the cells the first found
+    below `blur_extend_ratio` (a large defocused region would lower its own reference)."""
     ref_px = tissue if reference is None or not reference.any() else reference
     idx = np.flatnonzero(tissue)
     if not len(idx):
         return np.zeros(tissue.shape, bool)
     inner = cv2.erode(tissue.astype(np.uint8), np.ones((3, 3), np.uint8))
-    t = inner.astype(np.float32)
     inner_t = inner.ravel()[idx] > 0
     if inner_t.sum() < 0.25 * len(idx):  # thin tissue: use it all
-        t, inner_t = tissue.astype(np.float32), np.ones(len(idx), bool)
+        inner, inner_t = tissue.astype(np.uint8), np.ones(len(idx), bool)
+    if reference is not None and (reference & (inner > 0)).any():
+        inner = inner * reference  # ink (little gray detail) would blur its fringe
+    t = inner.astype(np.float32)
     sigma = max(cfg.blur_window_um / px_um, 1.0)
     k = max(3, int(round(sigma * 12**0.5)) | 1)  # a box of the Gaussian's sigma, 3x faster
     local = (cv2.blur(energy * t, (k, k)) / np.maximum(cv2.blur(t, (k, k)), 1e-3)).ravel()[idx]
@@ -212,6 +216,9 @@ def blur_from_energy(
     lv = level.ravel()[idx] if level is not None else local  # already smoothed: no window
     bins = cfg.blur_bins if level is not None else 1
     ratio = local / np.maximum(_expected(lv, local, ref_t, bins), 1e-3)
+    sharp = ref_t & (ratio >= cfg.blur_extend_ratio)
+    if sharp.sum() > 0.5 * ref_t.sum():  # again without the blurred cells (a robust median)
+        ratio = local / np.maximum(_expected(lv, local, sharp, bins), 1e-3)
 
     def scatter(values: np.ndarray) -> np.ndarray:
         out = np.zeros(tissue.size, bool)

@@ -33,6 +33,9 @@ class PatchGrid:
     level0_mpp: float
     tissue_fraction: np.ndarray | None = None
     attrs: dict = field(default_factory=dict)
+    # patches quality control took (mode "remove"): coords [M, 2] and each one's reason
+    dropped: np.ndarray | None = None
+    dropped_reason: np.ndarray | None = None  # str [M], keys of wsi.qc.REASONS
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -144,8 +147,14 @@ def tile(slide: Slide, mask: TissueMask, cfg: TilingConfig | None = None) -> Pat
     keep = frac >= threshold
     if mask.artefacts and (mask.qc or {}).get("mode") == "remove":
         # a patch at a removed artefact's edge goes when it shows more artefact than tissue
-        art = MultiPolygon([p for g in mask.artefacts.values() for p in g.geoms])
-        keep &= artefact_fractions(art, xs, ys, size0) <= frac
+        reasons = list(mask.artefacts)
+        per = np.stack([artefact_fractions(mask.artefacts[r], xs, ys, size0) for r in reasons])
+        art = per.sum(0)
+        before = keep | (frac + art >= threshold)  # kept without QC (artefacts were tissue)
+        keep &= art <= frac
+        dy, dx = np.nonzero(before & ~keep)
+        grid.dropped = np.stack([xs[dx], ys[dy]], axis=1).astype(np.int64)
+        grid.dropped_reason = np.array(reasons)[per[:, dy, dx].argmax(0)] if len(dy) else np.array([], str)
     iy, ix = np.nonzero(keep)
     grid.coords = np.stack([xs[ix], ys[iy]], axis=1).astype(np.int64)
     grid.tissue_fraction = frac[iy, ix].astype(np.float32)

@@ -44,6 +44,15 @@ class TissueMask:
         """Binary mask [height, width] where one pixel spans `px_level0` level-0 pixels."""
         return rasterize_polygons(self.polygons, width, height, px_level0)
 
+    def rasterize_clean(self, width: int, height: int, px_level0: float) -> np.ndarray:
+        """`rasterize` without the artefacts quality control found (holes already in mode
+        "remove"; in mode "mark" the tissue keeps them, so the artefacts are taken out here):
+        where scores may be shown."""
+        out = self.rasterize(width, height, px_level0)
+        for polys in self.artefacts.values():
+            out[rasterize_polygons(polys, width, height, px_level0) > 0] = 0
+        return out
+
 
 def rasterize_polygons(
     polys: MultiPolygon, width: int, height: int, px_level0: float, supersample: int = 1
