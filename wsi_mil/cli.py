@@ -15,7 +15,6 @@ from . import console as opt
 from .console import (
     App,
     cluster_map,
-    print_encoders,
     print_slide_info,
     run_slides,
     say,
@@ -49,16 +48,6 @@ def info(
         with open_slide(entry.path, entry.mpp, backend) as s:
             infos.append(s.info())
     print_slide_info(infos)
-
-
-@app.command()
-@user_errors
-def encoders():
-    """The registered patch encoders: embedding size, input, training resolution, weights."""
-    from .features.encoders import encoder_table
-
-    print_encoders(encoder_table())
-    say("Also: timm:<model name> and hf-hub:<repo> for any other timm model.")
 
 
 @app.command()
@@ -156,7 +145,8 @@ def crossval(
     labels: Annotated[Path, typer.Option(help="CSV: slide_id,label[,case_id][,split]")],
     out: opt.Out,
     model: Annotated[
-        Optional[str], train_opt("model", "abmil, dsmil, dtfd, camil, transmil or psmil")
+        Optional[str],
+        train_opt("model", "abmil, dsmil, dtfd, camil, transmil, psmil; linear-probe on slide-embed output"),
     ] = None,
     models: Annotated[
         Optional[str],
@@ -297,3 +287,7 @@ cli_review.register(app)
 from . import cli_run  # noqa: E402  registers run (one experiment file end to end)
 
 cli_run.register(app)
+
+from . import cli_slide  # noqa: E402  registers encoders and slide-embed
+
+cli_slide.register(app)

@@ -381,11 +381,14 @@ def print_localization(result: dict) -> None:
     )
 
 
-def print_encoders(rows: list[dict]) -> None:
-    table = Table("name", "dim", "input px", "mpp", "patch px", "resize", "weights", "gated", "requires")
+def print_encoders(rows: list[dict], slide: bool = False) -> None:
+    """The patch encoder table, or (`slide`) the slide encoder table with the input it takes."""
+    cols = ("input", "mpp", "patch px") if slide else ("input px", "mpp", "patch px", "resize")
+    table = Table("slide encoder" if slide else "name", "dim", *cols, "weights", "gated", "requires")
     for r in rows:
+        grid = [f"{r['mpp']:g}" if r["mpp"] else "any", str(r["patch_px"] or "any")]
+        mid = [r["input"], *grid] if slide else [str(r["input_px"]), *grid, r["interpolation"]]
         table.add_row(
-            r["name"], str(r["dim"]), str(r["input_px"]), f"{r['mpp']:g}", str(r["patch_px"]),
-            r["interpolation"], r["weights"], "yes" if r["gated"] else "no", r.get("extra") or "-",
-        )  # fmt: skip
+            r["name"], str(r["dim"]), *mid, r["weights"], "yes" if r["gated"] else "no", r.get("extra") or "-"
+        )
     stdout().print(table)

@@ -270,3 +270,11 @@ def load_checkpoint(
             raise err from exc
         raise
     return file_sha256(path)
+
+
+def load_plain_checkpoint(net: nn.Module, path: str | Path, name: str) -> str:
+    """A checkpoint in `net`'s own key layout (a slide encoder's) loaded strictly: a missing,
+    extra or reshaped tensor is one error (a classifier head `net` lacks is dropped). Returns
+    the file's sha256."""
+    _load_into(net, load_state_dict_file(path), path, name, drop_heads=True)
+    return file_sha256(path)

@@ -92,6 +92,8 @@ def read_features(path: str | Path, validate: bool = True) -> FeatureBag:
         raise BadFeatureFile(f"{path}: not a readable feature file ({exc}); {_redo(path)}") from exc
     if feats.ndim == 3 and feats.shape[0] == 1:  # CLAM stores [1, N, D] in some versions
         feats = feats[0]
+    if feats.ndim == 1:  # TRIDENT's slide embedding files: features [D] beside the patches' coords
+        feats, coords = feats[None], None
     if coords is None:  # plain MIL bags without positions
         coords = np.zeros((len(feats), 2), np.int64)
     coords = np.asarray(coords)

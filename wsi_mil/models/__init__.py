@@ -7,6 +7,7 @@ from .base import MILModel, MILOutput
 from .camil import CAMIL
 from .dsmil import DSMIL
 from .dtfd import DTFDMIL
+from .linear_probe import LinearProbe
 from .psmil import PSMIL
 from .transmil import TransMIL
 
@@ -17,11 +18,13 @@ MODELS: dict[str, type[MILModel]] = {
     "camil": CAMIL,
     "transmil": TransMIL,
     "psmil": PSMIL,
+    "linearprobe": LinearProbe,  # on slide embeddings (`wsi-mil slide-embed`)
 }
 
 
 def list_models() -> list[str]:
-    return sorted(MODELS)
+    """The MIL models (not the linear probe, which takes slide embeddings)."""
+    return sorted(k for k, cls in MODELS.items() if not getattr(cls, "slide_level", False))
 
 
 def model_class(name: str) -> type[MILModel]:
@@ -31,7 +34,8 @@ def model_class(name: str) -> type[MILModel]:
     key = name.lower().replace("-", "").replace("_", "")
     key = {"dtfdmil": "dtfd"}.get(key, key)
     if key not in MODELS:
-        raise WsiMilError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+        names = ", ".join(list_models())
+        raise WsiMilError(f"unknown model {name!r}; choose one of {names}, or linear-probe")
     return MODELS[key]
 
 

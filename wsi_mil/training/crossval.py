@@ -35,7 +35,7 @@ from ..formats.run import RunFolder, load_fold_model
 from ..io import atomic_path, write_json
 from ..localization.patch_calibration import load_calibrations
 from ..localization.scores import inversion_settings
-from ..models import create_model
+from ..models import create_model, model_class
 from .calibrate import fit_run_calibration, test_reliability
 from .data import (
     BagDataset,
@@ -48,6 +48,7 @@ from .data import (
 from .fit import predict_probs, train_fold
 from .metrics import METRICS, bootstrap_ci, compute_metrics, decide, intervals_supported, majority_vote
 from .optim import resolve_recipe
+from .probe import fit_probe
 from .report import save_plots, write_report
 from .run_inputs import feature_spec, prepare_run
 
@@ -97,7 +98,8 @@ def train_one_fold(
         def on_epoch(r):
             progress(f"{model_name} fold {k + 1} epoch {r['epoch']} val AUC {r['val_auc']:.3f}")
 
-    res = train_fold(
+    slide_level = getattr(model_class(model_name), "slide_level", False)  # the linear probe
+    res = (fit_probe if slide_level else train_fold)(
         model_name,
         cfg.model_kwargs,
         train_ds,
@@ -262,6 +264,10 @@ def summarise_model(
     fitted_on = {"fitted_on": "out-of-fold predictions of the fold models", "selection": result["selection"]}
     write_json(model_dir / "calibration.json", {**calibration.to_dict(), **fitted_on})
     inversion = inversion or inversion_settings(HeatmapConfig())
+    if getattr(model_class(model_name), "slide_level", False):  # no patches to calibrate
+        write_json(model_dir / "metrics.json", result)
+        save_plots(model_dir, model_name, y, mean_prob, histories, cohort.classes)
+        return result
     result["patch_calibration"] = fit_run_calibration(
         run, model_name, splits, cohort.classes, inversion, device, loaded, annotations,
         result["selection"], cfg.seed, progress,

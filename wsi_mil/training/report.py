@@ -9,6 +9,7 @@ import pandas as pd
 
 from ..config import TrainConfig
 from ..io import save_figure, write_text
+from ..models import model_class
 from .metrics import METRICS, MIN_CLASS_FOR_CI, intervals_supported
 from .optim import resolve_recipe
 
@@ -133,6 +134,9 @@ def write_report(out: Path, results: list[dict], splits: pd.DataFrame, cfg: Trai
     lines += ["", "## Training recipes (config.yaml has them in full)", ""]
     for r in results:
         rec = resolve_recipe(r["model"], cfg, n_bags=len(splits))
+        if getattr(model_class(r["model"]), "slide_level", False):  # fitted in closed form
+            lines.append(f"- {r['model']}: {rec.source}")
+            continue
         settings = ", ".join(f"{k} {v}" for k, v in rec.kwargs(cfg.model_kwargs).items())
         lines.append(
             f"- {r['model']}: {rec.optimizer} lr {rec.lr:g}, weight decay {rec.weight_decay:g}, "
@@ -154,6 +158,8 @@ def write_report(out: Path, results: list[dict], splits: pd.DataFrame, cfg: Trai
 def patch_calibration_lines(results: list[dict]) -> list[str]:
     """The report's section on the patch probabilities: how each model's were calibrated, and
     their reliability on the annotated test slides when annotations were given."""
+    if not any("patch_calibration" in r for r in results):  # only linear probes: no patches
+        return []
     lines = [
         "## Patch probabilities (heatmaps): calibration",
         "",
