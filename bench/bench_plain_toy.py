@@ -1,4 +1,4 @@
-"""A plain key-instance toy, every model with one shared Adam recipe (issue #29's done-check).
+"""A plain key-instance toy, every model with one shared Adam recipe.
 
 40 training bags and a separate test set (200 bags by default) of 60 Gaussian instances
 (D 32); positive bags (every other bag) hold 3 key instances shifted by `--strength` (default 5) along one
@@ -7,11 +7,16 @@ initialisation, Adam lr 1e-3 (betas (0.9, 0.999), no weight decay), 15 epochs, o
 step, each model's own `loss`, no early stopping; then test accuracy (argmax of the logits,
 i.e. p >= 0.5) and bag AUC. `--seeds` seeds the model and (offset) the data.
 
+`--models transmil_authors` trains the authors' TransMIL file restated in
+tests/test_transmil.py (the `nystrom-attention` package's attention, which pads the toy's
+65 tokens to 256 landmarks; cross-entropy): 14-18 minutes a seed on a shared core.
+
 Usage: python bench/bench_plain_toy.py [--models abmil,dsmil] [--seeds 0,1,2] [--test 200]
        [--strength 5] [--epochs 15] [--lr 1e-3] [--json out.json]
 """
 
 import argparse
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -21,6 +26,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from wsi_mil.models import create_model, list_models
+from wsi_mil.models.base import MILModel, MILOutput
 
 DATA_SEED_OFFSET = 10_000
 
@@ -57,9 +63,31 @@ def make_sets(seed: int, n_train: int = 40, n_test: int = 200, strength: float =
     return train, test
 
 
+class AuthorsTransMIL(MILModel):
+    """The authors' TransMIL (tests/test_transmil.py) behind the MIL interface."""
+
+    def __init__(self, in_dim: int, n_classes: int = 2):
+        super().__init__()
+        path = Path(__file__).resolve().parents[1] / "tests" / "test_transmil.py"
+        spec = importlib.util.spec_from_file_location("transmil_authors", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        self.n_classes = n_classes
+        self.net = module.AuthorsTransMIL(n_classes, in_dim=in_dim)
+
+    def forward(self, features, coords=None):
+        return MILOutput(self.net(data=features[None])["logits"][0], features.new_zeros(len(features)))
+
+
+def build(name: str, in_dim: int, **kwargs):
+    if name == "transmil_authors":
+        return AuthorsTransMIL(in_dim, 2, **kwargs)
+    return create_model(name, in_dim, 2, **kwargs)
+
+
 def run(name: str, seed: int, train, test, epochs: int = 15, lr: float = 1e-3, **kwargs) -> dict:
     torch.manual_seed(seed)
-    model = create_model(name, train[0][0].shape[1], 2, **kwargs)
+    model = build(name, train[0][0].shape[1], **kwargs)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     order = np.random.default_rng(seed)
     for epoch in range(epochs):

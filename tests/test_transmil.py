@@ -1,0 +1,134 @@
+"""TransMIL's whole forward against its authors' file, restated.
+
+`AuthorsTransMIL` is szc19990412/TransMIL models/TransMIL.py (9d6aee5) line for line, built on
+the `nystrom-attention` package the authors import, with two changes only: the input width is
+an argument (the authors hard-code 1024) and the class token is not moved with `.cuda()`.
+bench/bench_plain_toy.py trains it as `transmil_authors`.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wsi_mil.models import create_model
+
+nystrom_attention = pytest.importorskip("nystrom_attention")
+
+
+class AuthorsTransLayer(nn.Module):
+    def __init__(self, norm_layer=nn.LayerNorm, dim=512):
+        super().__init__()
+        self.norm = norm_layer(dim)
+        self.attn = nystrom_attention.NystromAttention(
+            dim=dim,
+            dim_head=dim // 8,
+            heads=8,
+            num_landmarks=dim // 2,
+            pinv_iterations=6,
+            residual=True,
+            dropout=0.1,
+        )
+
+    def forward(self, x):
+        x = x + self.attn(self.norm(x))
+        return x
+
+
+class AuthorsPPEG(nn.Module):
+    def __init__(self, dim=512):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, 7, 1, 7 // 2, groups=dim)
+        self.proj1 = nn.Conv2d(dim, dim, 5, 1, 5 // 2, groups=dim)
+        self.proj2 = nn.Conv2d(dim, dim, 3, 1, 3 // 2, groups=dim)
+
+    def forward(self, x, H, W):
+        B, _, C = x.shape
+        cls_token, feat_token = x[:, 0], x[:, 1:]
+        cnn_feat = feat_token.transpose(1, 2).view(B, C, H, W)
+        x = self.proj(cnn_feat) + cnn_feat + self.proj1(cnn_feat) + self.proj2(cnn_feat)
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat((cls_token.unsqueeze(1), x), dim=1)
+        return x
+
+
+class AuthorsTransMIL(nn.Module):
+    def __init__(self, n_classes, in_dim=1024):
+        super().__init__()
+        self.pos_layer = AuthorsPPEG(dim=512)
+        self._fc1 = nn.Sequential(nn.Linear(in_dim, 512), nn.ReLU())
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 512))
+        self.n_classes = n_classes
+        self.layer1 = AuthorsTransLayer(dim=512)
+        self.layer2 = AuthorsTransLayer(dim=512)
+        self.norm = nn.LayerNorm(512)
+        self._fc2 = nn.Linear(512, self.n_classes)
+
+    def forward(self, **kwargs):
+        h = kwargs["data"].float()  # [B, n, in_dim]
+        h = self._fc1(h)  # [B, n, 512]
+        H = h.shape[1]
+        _H, _W = int(np.ceil(np.sqrt(H))), int(np.ceil(np.sqrt(H)))
+        add_length = _H * _W - H
+        h = torch.cat([h, h[:, :add_length, :]], dim=1)
+        B = h.shape[0]
+        cls_tokens = self.cls_token.expand(B, -1, -1)
+        h = torch.cat((cls_tokens, h), dim=1)
+        h = self.layer1(h)
+        h = self.pos_layer(h, _H, _W)
+        h = self.layer2(h)
+        h = self.norm(h)[:, 0]
+        logits = self._fc2(h)
+        Y_hat = torch.argmax(logits, dim=1)
+        Y_prob = F.softmax(logits, dim=1)
+        return {"logits": logits, "Y_prob": Y_prob, "Y_hat": Y_hat}
+
+
+AUTHORS_TO_OURS = {"_fc1.": "fc1.", "pos_layer.": "pos.", "_fc2.": "fc2."}
+
+
+def authors_state_dict_for_ours(authors: nn.Module) -> dict:
+    """The authors' parameters under wsi-mil's names (the two models' only naming differences)."""
+    out = {}
+    for name, value in authors.state_dict().items():
+        for theirs, ours in AUTHORS_TO_OURS.items():
+            name = name.replace(theirs, ours, 1) if name.startswith(theirs) else name
+        out[name] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    theirs = AuthorsTransMIL(2, in_dim=64).eval()
+    ours = create_model("transmil", 64, 2).eval()
+    ours.load_state_dict(authors_state_dict_for_ours(theirs))  # strict: every parameter copied
+    return ours, theirs
+
+
+def test_transmil_forward_matches_the_authors_file_on_a_bag_over_the_landmarks(pair):
+    """300 instances: padded to a 18 x 18 grid + class token = 325 tokens > 256 landmarks, so
+    both run the Nystrom approximation, PPEG, the class-token read-out and the head."""
+    ours, theirs = pair
+    x = torch.randn(300, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, theirs(data=x[None])["logits"][0], atol=1e-4, rtol=1e-4)
+
+
+def test_transmil_forward_on_a_short_bag_differs_from_the_authors_only_by_exact_attention(pair):
+    """60 instances (65 tokens): ours attends exactly where the package zero-pads to 256
+    landmarks and approximates (the deliberate difference in docs/methods.md). Swapping the
+    package's attention into ours recovers the authors' logits exactly."""
+    ours, theirs = pair
+    x = torch.randn(60, 64)
+    with torch.no_grad():
+        want = theirs(data=x[None])["logits"][0]
+        assert (ours(x).logits - want).abs().max() > 1e-3
+        for layer, their_layer in ((ours.layer1, theirs.layer1), (ours.layer2, theirs.layer2)):
+            layer.attn.forward = their_layer.attn.forward
+        try:
+            torch.testing.assert_close(ours(x).logits, want, atol=1e-5, rtol=1e-4)
+        finally:
+            del ours.layer1.attn.forward, ours.layer2.attn.forward
