@@ -334,7 +334,8 @@ def test_linear_probe_crossval_on_slide_embeddings(conch_cohort, tmp_path, encod
         assert (out / f).exists(), f
     if encoder.startswith("mean"):  # random Feather weights carry little of the planted signal
         assert res["test"]["auc"] >= 0.8, res["test"]
-    assert "Patch probabilities" not in report and "LogisticRegression" in report
+    assert "Patch probabilities" not in report and "patch_calibration.json" not in report
+    assert "LogisticRegression" in report
     hist = pd.read_csv(out / "linear-probe" / "fold_0" / "history.csv")
     assert len(hist) == 7 and set(hist.C) >= {1.0}
     assert np.isfinite(res["val_mean"]["auc"])

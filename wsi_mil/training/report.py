@@ -145,9 +145,13 @@ def write_report(out: Path, results: list[dict], splits: pd.DataFrame, cfg: Trai
     lines += ["", *patch_calibration_lines(results)]
     lines += [
         "",
-        "Per model: `<model>/metrics.json`, `predictions.csv`, `roc.png`, `training_curves.png`, "
-        "`patch_calibration.json` (and `patch_reliability.png` with annotations); per fold: "
-        "`model.pt`, `threshold.json`, `history.csv`.",
+        "Per model: `<model>/metrics.json`, `predictions.csv`, `roc.png`, `training_curves.png`"
+        + (
+            ", `patch_calibration.json` (and `patch_reliability.png` with annotations)"
+            if any("patch_calibration" in r for r in results)
+            else ""
+        )
+        + "; per fold: `model.pt`, `threshold.json`, `history.csv`.",
     ]
     text = "\n".join(lines) + "\n"
     write_text(out / "report.md", text)
