@@ -187,15 +187,20 @@ def _fuse_qkv(sd: dict) -> dict:
     return out
 
 
-def dinov2_to_timm(sd: dict, grid: int) -> dict:
-    """A transformers Dinov2Model state dict in timm's ViT layout (position grid `grid`)."""
-    sd = {k: v for k, v in sd.items() if k != "embeddings.mask_token"}
+def _renamed(sd: dict, renames: tuple) -> dict:
+    """A transformers ViT-family state dict in timm's layout: q, k, v fused, the rest renamed."""
     out = _fuse_qkv(sd)
     for key, value in sd.items():
         if ".attention.attention." not in key:
-            for old, new in _DINOV2_RENAMES:
+            for old, new in renames:
                 key = key.replace(old, new)
             out[key] = value
+    return out
+
+
+def dinov2_to_timm(sd: dict, grid: int) -> dict:
+    """A transformers Dinov2Model state dict in timm's ViT layout (position grid `grid`)."""
+    out = _renamed({k: v for k, v in sd.items() if k != "embeddings.mask_token"}, _DINOV2_RENAMES)
     if "pos_embed" in out:
         out["pos_embed"] = dinov2_pos_embed(out["pos_embed"], grid)
     return out
@@ -217,14 +222,7 @@ _VIT_RENAMES = (
 
 def vit_hf_to_timm(sd: dict) -> dict:
     """A transformers ViTModel state dict (Phikon) in timm's ViT layout."""
-    sd = {k: v for k, v in sd.items() if not k.startswith("pooler.")}
-    out = _fuse_qkv(sd)
-    for key, value in sd.items():
-        if ".attention.attention." not in key:
-            for old, new in _VIT_RENAMES:
-                key = key.replace(old, new)
-            out[key] = value
-    return out
+    return _renamed({k: v for k, v in sd.items() if not k.startswith("pooler.")}, _VIT_RENAMES)
 
 
 def dinov2_meta_to_timm(sd: dict, grid: int) -> dict:
