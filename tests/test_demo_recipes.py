@@ -31,6 +31,18 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     assert summary["ece"]["combined"] <= 0.1
     normal = [r for r in summary["per_slide"].values() if not r["tumor"]]
     assert normal and max(r["above_half"] for r in normal) < 0.01
+    # half the slides carry painted ink, blur, folds, bubbles: QC leaves no patch on them
+    assert len(summary["qc"]) == 4 and "Tissue quality control" in report
+    for sid, qc in summary["qc"].items():
+        assert qc["removed_total"] > 0.02 and qc["patches"] > 20, sid
+        assert qc["patch_centres_on_artefacts"] == 0 and qc["patches_half_on_artefacts"] == 0, sid
+    # the per-slide fractions reach the extraction manifest and the crossval report
+    manifest = pd.read_csv(out / "manifest_extract.csv").set_index("slide")
+    run_qc = pd.read_csv(out / "run" / "qc.csv").set_index("slide_id")
+    for sid, qc in summary["qc"].items():
+        assert manifest.loc[sid, "qc_removed"] == pytest.approx(qc["removed_total"])
+        assert run_qc.loc[sid, "removed"] == pytest.approx(qc["removed_total"])
+    assert "## Tissue quality control" in (out / "run" / "report.md").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".h5", ".pt", ".tif")}
     t0 = time.perf_counter()
     r = CliRunner().invoke(app, args)

@@ -61,6 +61,7 @@ def segment(
         Optional[str], opt.config_option("tissue", "threshold", "'otsu' or a saturation value 0-255")
     ] = None,
     qc: opt.QC = None,
+    qc_model: opt.QCModel = None,
     tissue_geojson: opt.TissueGeo = None,
     overwrite: opt.Overwrite = False,
 ):
@@ -70,7 +71,7 @@ def segment(
     if threshold is not None and threshold != "otsu" and not threshold.isdigit():
         raise WsiMilError(f"--threshold {threshold}: write 'otsu' or a saturation value 0-255")
     tissue = {} if threshold is None else {"threshold": threshold if threshold == "otsu" else int(threshold)}
-    cfg = load_config(config, tissue=tissue, qc={"mode": qc})
+    cfg = load_config(config, tissue=tissue, qc={"mode": qc, "model": qc_model})
     run_slides("segment", slides, mpp, out, cfg, overwrite, tissue_geojson)
 
 
@@ -86,6 +87,7 @@ def tile_cmd(
     overlap: opt.Overlap = None,
     min_tissue: opt.MinTissue = None,
     qc: opt.QC = None,
+    qc_model: opt.QCModel = None,
     tissue_geojson: opt.TissueGeo = None,
     overwrite: opt.Overwrite = False,
 ):
@@ -93,7 +95,7 @@ def tile_cmd(
     from .config import load_config
 
     tiling = tiling_options(target_mpp, patch_size, overlap, min_tissue)
-    cfg = load_config(config, tiling=tiling, qc={"mode": qc})
+    cfg = load_config(config, tiling=tiling, qc={"mode": qc, "model": qc_model})
     run_slides("tile", slides, mpp, out, cfg, overwrite, tissue_geojson)
 
 
@@ -112,6 +114,7 @@ def extract(
     overlap: opt.Overlap = None,
     min_tissue: opt.MinTissue = None,
     qc: opt.QC = None,
+    qc_model: opt.QCModel = None,
     device: opt.Device = None,
     precision: opt.Precision = None,
     batch_size: opt.BatchSize = None,
@@ -133,7 +136,7 @@ def extract(
     )  # fmt: skip
     cfg = load_config(
         config, tiling=tiling_options(target_mpp, patch_size, overlap, min_tissue), extract=extract_opts,
-        qc={"mode": qc},
+        qc={"mode": qc, "model": qc_model},
     )  # fmt: skip
     run_slides("extract", slides, mpp, out, cfg, overwrite, tissue_geojson, fail_fast, cluster, patches)
 

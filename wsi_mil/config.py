@@ -31,12 +31,16 @@ class QCConfig(BaseModel):
     """Tissue quality control between segmentation and tiling (wsi/qc_rules.py documents each
     rule and where its threshold comes from). Gray levels and saturations are 0-255."""
 
-    # off by default until it meets its accuracy targets (docs/benchmarks.md): every artefact
-    # >= 90% removed and <= 2% of clean tissue lost, except the real slide's painted fold (88.9%:
-    # on pale dermis a double layer is as dark and saturated as the slide's own denser tissue)
+    # remove by default: on the painted slides it takes >= 93% of every artefact but the real
+    # slide's fold (88.9%: on pale dermis a double layer is as dark and saturated as the slide's
+    # own denser tissue) for <= 1.6% of clean tissue (docs/benchmarks.md); off leaves all of it
     mode: Literal["remove", "mark", "off"] = Field(
-        "off", description="remove: artefacts become holes in the tissue; mark: only written"
+        "remove", description="remove: artefacts become holes in the tissue; mark: only written"
     )
+    model: Path | None = Field(
+        None, description="GrandQC artefact model state dict (wsi/qc_model.py): replaces the rules"
+    )
+    model_mpp: float = Field(1.0, description="um/px the GrandQC model was trained at (MPP1: 1.0)")
     grid_um: float = Field(16.0, description="um/px of the grid the rules run on (the smoothing's scale)")
     detail_mpp: float = Field(4.0, description="um/px of the blur image (HistoQC's 2.5x)")
     white_gray: int = Field(230, description="background: gray above this (HistoQC 0.9)")

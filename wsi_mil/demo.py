@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import PipelineConfig, TilingConfig, TrainConfig
+from .config import PipelineConfig, QCConfig, TilingConfig, TrainConfig
 from .errors import WsiMilError
 from .io import write_json, write_text
 from .pipeline.layout import Layout
@@ -67,8 +67,12 @@ def run_demo(
     folds: int = 5,
     n_heatmaps: int = 3,
     log: Callable[[str], None] = print,
+    artefacts: float = 0.5,
 ) -> dict:
-    """Run the whole pipeline on a synthetic cohort; returns timings and headline metrics."""
+    """Run the whole pipeline on a synthetic cohort; returns timings and headline metrics.
+
+    A fraction `artefacts` of the slides carry painted pen, blur, fold and bubble artefacts
+    (ground truth in cohort/artefact_annotations/), which quality control removes."""
     from .localization.evaluate import evaluate_folder
     from .pipeline.heatmap import HeatmapRequest, heatmap_slide
     from .synthetic import make_cohort
@@ -80,12 +84,16 @@ def run_demo(
     cohort_dir = out / "cohort"
     slides_dir = cohort_dir / "slides"
     truth_dir = cohort_dir / "tumor_annotations"
+    artefact_dir = cohort_dir / "artefact_annotations"
     if not (cohort_dir / "labels.csv").exists() or len(list(slides_dir.glob("*.tif"))) < n_slides:
         log(f"synthesising {n_slides} slides (one with a micro-metastasis)")
-        cohort = make_cohort(cohort_dir, n_slides, seed=0, micro=1)
+        cohort = make_cohort(cohort_dir, n_slides, seed=0, micro=1, artefacts=artefacts)
         truth_dir.mkdir(parents=True, exist_ok=True)
+        artefact_dir.mkdir(parents=True, exist_ok=True)
         for s in cohort:
             (truth_dir / f"{s.path.stem}.geojson").write_text(json.dumps(s.tumor_geojson()))
+            if s.artefacts:
+                (artefact_dir / f"{s.path.stem}.geojson").write_text(json.dumps(s.artefact_geojson()))
         micro = next(s.path.stem for s in cohort if s.is_tumor)  # make_cohort's first tumour slide
         labels = pd.read_csv(cohort_dir / "labels.csv")
         labels["split"] = test_split(labels, micro, n_each=max(1, round(n_slides / 8)))
@@ -94,7 +102,7 @@ def run_demo(
     timings["synthesise"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    cfg = PipelineConfig(tiling=DEMO_TILING)
+    cfg = PipelineConfig(tiling=DEMO_TILING, qc=QCConfig(mode="remove"))
     cfg.extract.encoder, cfg.extract.random_weights, cfg.extract.workers = encoder, True, 0
     layout = Layout(out)
     entries = [SlideEntry(p) for p in sorted(slides_dir.glob("*.tif"))]
@@ -188,6 +196,7 @@ def run_demo(
             }
             for sid, r in loc["per_slide"].items()
         },
+        "qc": qc_summary(layout, encoder, artefact_dir),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     from .localization.render import plot_reliability
@@ -196,6 +205,53 @@ def run_demo(
     _write_report(out, run_dir, heat_dir, truth_dir, slides_dir, shown, summary, encoder, slide_p)
     write_json(out / "summary.json", summary)
     return summary
+
+
+def qc_summary(layout: Layout, encoder: str, artefact_dir: Path) -> dict:
+    """Per slide with painted artefacts: the tissue fraction QC removed by each reason and the
+    patches left over a ground-truth artefact (centre inside it; and more than half covered)."""
+    import shapely
+
+    from .formats.features import read_features
+    from .formats.tissue_geojson import geojson_to_polygons, read_tissue
+
+    out = {}
+    for path in sorted(artefact_dir.glob("*.geojson")):
+        sid = path.stem
+        truth = geojson_to_polygons(json.loads(path.read_text()))
+        bag = read_features(layout.features(encoder, sid), validate=False)
+        size = float(bag.attrs["patch_size_level0"])
+        xy = bag.coords.astype(float)
+        centre = shapely.contains_xy(truth, xy[:, 0] + size / 2, xy[:, 1] + size / 2)
+        boxes = shapely.box(xy[:, 0], xy[:, 1], xy[:, 0] + size, xy[:, 1] + size)
+        covered = shapely.area(shapely.intersection(boxes, truth)) / size**2
+        qc = read_tissue(layout.tissue(sid)).qc or {}
+        out[sid] = {
+            "removed": {r: f for r, f in (qc.get("removed_fraction") or {}).items() if f},
+            "removed_total": qc.get("removed_total"),
+            "patches": len(xy),
+            "patch_centres_on_artefacts": int(centre.sum()),
+            "patches_half_on_artefacts": int((covered > 0.5).sum()),
+        }
+    return out
+
+
+def _qc_section(qc: dict) -> str:
+    """The report's quality-control table (slides with painted artefacts)."""
+    if not qc:
+        return ""
+    rows = "".join(
+        f"<tr><td>{sid}</td><td>{', '.join(f'{k} {100 * v:.1f}%' for k, v in r['removed'].items()) or 'none'}</td>"
+        f"<td>{r['patches']}</td><td>{r['patch_centres_on_artefacts']}</td><td>{r['patches_half_on_artefacts']}</td></tr>"
+        for sid, r in qc.items()
+    )
+    return f"""<h2>Tissue quality control</h2>
+<p>Slides with painted artefacts (pen ink, a defocused band, a fold, a bubble; ground truth in
+cohort/artefact_annotations/). Quality control (<code>--qc remove</code>) cut them out of the
+tissue before tiling: the table gives the share of each slide's tissue removed per reason and
+the patches that still lie on a painted artefact.</p>
+<table><tr><th>slide</th><th>tissue removed, by reason</th><th>patches</th><th>patch centres on an artefact</th>
+<th>patches more than half on an artefact</th></tr>{rows}</table>"""
 
 
 def _truth_png(slide_path: Path, truth: Path, png: Path) -> None:
@@ -270,6 +326,7 @@ Camelyon16's lesion-level score (its Evaluation_FROC.py protocol). Slide AUC
 <p>{_img_tag(heat_dir / "reliability.png", 460)}</p>
 <h2>Heatmaps next to ground truth</h2>
 <table><tr><th>slide</th><th>ground truth (black outline)</th><th>PSMIL combined: P(patch is tumor)</th></tr>{"".join(rows)}</table>
+{_qc_section(summary["qc"])}
 <h2>Stage timings (s)</h2><table>{timing_rows}</table>
 </body></html>"""
     write_text(out / "report.html", page)

@@ -60,6 +60,18 @@ class SyntheticSlide:
         )
         return polygons_to_geojson(polys, "Tumor", (200, 0, 0))
 
+    def artefact_geojson(self) -> dict:
+        """Ground-truth artefacts in level-0 pixels, one QuPath class per kind (wsi.qc.REASONS)."""
+        from .formats.tissue_geojson import polygons_to_geojson
+        from .wsi.qc import REASONS
+        from .wsi.tissue import mask_to_polygons
+
+        features = []
+        for kind, m in self.artefacts.items():
+            polys = mask_to_polygons(m, self.mask_mpp / self.mpp, min_area_px=0, min_hole_px=0, max_holes=64)
+            features += polygons_to_geojson(polys, *REASONS[kind])["features"]
+        return {"type": "FeatureCollection", "features": features}
+
 
 def _smooth_noise(shape, sigma_px: float, rng: np.random.Generator) -> np.ndarray:
     field = rng.standard_normal(shape).astype(np.float32)
@@ -267,6 +279,7 @@ def write_blank_slide(path: str | Path, width: int = 2048, height: int = 2048, m
     return write_synthetic_slide(path, width * mpp, height * mpp, mpp, masks=(empty, empty)).path
 
 
+ARTEFACT_CLEARANCE_UM = 150.0  # make_cohort keeps painted artefacts this far from tumour
 MICRO_RADIUS_UM = (90.0, 130.0)  # a micro-metastasis: about 1-3 patches of 128 um (the demo's grid)
 
 
@@ -279,45 +292,65 @@ def make_cohort(
     mpp: float = 0.5,
     seed: int = 0,
     micro: int = 0,
+    artefacts: float = 0.0,
 ) -> list[SyntheticSlide]:
     """Tumor and normal synthetic slides plus `labels.csv` (slide_id,label,case_id).
 
     The first `micro` tumour slides hold one micro-metastasis (a lesion of radius
-    MICRO_RADIUS_UM, about 1-3 patches at 1 um/px and 128 px) instead of 1-2 larger ones."""
+    MICRO_RADIUS_UM, about 1-3 patches at 1 um/px and 128 px) instead of 1-2 larger ones.
+    A fraction `artefacts` of the slides get three artefacts (`artefact_masks`: pen, blur,
+    fold or bubble) painted on tissue at least ARTEFACT_CLEARANCE_UM from any tumour; the
+    slides are otherwise the same as without them (same seeds, same tissue and tumours)."""
     import pandas as pd
 
     out_dir = Path(out_dir)
     slides_dir = out_dir / "slides"
     rng = np.random.default_rng(seed)
+    art_rng = np.random.default_rng(seed + 7919)  # its own stream: the cohort is the same without
     n_tumor = int(round(n_slides * tumor_ratio))
     labels = np.array([1] * n_tumor + [0] * (n_slides - n_tumor))
     rng.shuffle(labels)
     micro_slides = set(np.flatnonzero(labels)[:micro].tolist())
+    painted = set(art_rng.permutation(n_slides)[: int(round(artefacts * n_slides))].tolist())
     cohort, rows = [], []
-    for i, label in enumerate(labels):
-        name = f"{'tumor' if label else 'normal'}_{i:03d}"
-        small = i in micro_slides
-        s = write_synthetic_slide(
+
+    def write(name: str, i: int, slide_seed: int, regions: int, pieces: int, radius) -> SyntheticSlide:
+        tissue, tumor = make_masks(
+            width_um, height_um, np.random.default_rng(slide_seed), pieces, regions, radius
+        )
+        art = {}
+        if i in painted:
+            r = max(1, int(ARTEFACT_CLEARANCE_UM / MASK_MPP))
+            near = cv2.dilate(
+                tumor.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2)
+            )
+            kinds = tuple(str(k) for k in art_rng.choice(ARTEFACT_KINDS, 3, replace=False))
+            art = artefact_masks(tissue & (near == 0), art_rng, kinds)
+        return write_synthetic_slide(
             slides_dir / f"{name}.tif",
             width_um,
             height_um,
             mpp,
-            tumor_regions=(1 if small else int(rng.integers(1, 3))) if label else 0,
-            n_pieces=int(rng.integers(2, 4)),
-            seed=seed * 1000 + i,
-            tumor_radius_um=MICRO_RADIUS_UM if small else (200, 450),
+            seed=slide_seed,
+            masks=(tissue, tumor),
+            artefacts=art,
+        )
+
+    for i, label in enumerate(labels):
+        name = f"{'tumor' if label else 'normal'}_{i:03d}"
+        small = i in micro_slides
+        regions = (1 if small else int(rng.integers(1, 3))) if label else 0
+        s = write(
+            name,
+            i,
+            seed * 1000 + i,
+            regions,
+            int(rng.integers(2, 4)),
+            MICRO_RADIUS_UM if small else (200, 450),
         )
         if label and not s.is_tumor:  # a tumor blob can miss eroded tissue: retry bigger
-            s = write_synthetic_slide(
-                slides_dir / f"{name}.tif",
-                width_um,
-                height_um,
-                mpp,
-                tumor_regions=1 if small else 2,
-                n_pieces=2,
-                seed=seed * 1000 + i + 500,
-                tumor_radius_um=MICRO_RADIUS_UM if small else (250, 600),
-            )
+            radius = MICRO_RADIUS_UM if small else (250, 600)
+            s = write(name, i, seed * 1000 + i + 500, 1 if small else 2, 2, radius)
         cohort.append(s)
         rows.append(
             {"slide_id": name, "label": "tumor" if label else "normal", "case_id": f"case_{i // 2:03d}"}

@@ -52,7 +52,9 @@ class Manifest:
         seconds: float | None = None,
         error: str = "",
         attempts: int | None = None,
+        extra: dict | None = None,
     ) -> None:
+        """Replace `slide`'s row; `extra` adds columns (quality control's `qc_*` fractions)."""
         pps = (patches / seconds) if patches and seconds else None
         row = {
             "slide": slide,
@@ -62,12 +64,14 @@ class Manifest:
             "patches_per_s": "" if pps is None else f"{pps:.1f}",
             "attempts": "" if attempts is None else attempts,
             "error": error,
+            **(extra or {}),
         }
         with file_lock(self.lock):
             self.rows = _read_rows(self.path)
             self.rows[slide] = row
+            more = sorted({k for r in self.rows.values() for k in r} - set(MANIFEST_FIELDS))
             with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, MANIFEST_FIELDS, extrasaction="ignore", restval="")
+                writer = csv.DictWriter(fh, MANIFEST_FIELDS + more, extrasaction="ignore", restval="")
                 writer.writeheader()
                 writer.writerows(self.rows.values())
 

@@ -39,6 +39,12 @@ class Outcome:
     error: str = ""
     attempts: int = 1
     failed_patches: int = 0
+    extra: dict = field(default_factory=dict)  # manifest columns: quality control's qc_* fractions
+
+
+def qc_extra(summary: dict) -> dict:
+    """The `qc_*` entries of a stage's summary or a grid's attrs (manifest columns)."""
+    return {k: v for k, v in summary.items() if k.startswith("qc_")}
 
 
 @dataclass
@@ -100,8 +106,9 @@ def _conclude(stage: Stage, entry: SlideEntry, outcome: Outcome) -> Outcome:
     if outcome.status == "ok":
         stage.layout.lock(stage.name, entry.name).unlink(missing_ok=True)
     Manifest(stage.layout.manifest(stage.name)).record(
-        entry.name, outcome.status, outcome.patches, outcome.seconds, outcome.error, outcome.attempts
-    )
+        entry.name, outcome.status, outcome.patches, outcome.seconds, outcome.error, outcome.attempts,
+        outcome.extra,
+    )  # fmt: skip
     return outcome
 
 
@@ -124,7 +131,9 @@ def process_slide(stage: Stage, entry: SlideEntry, blocking: bool = False, on_ba
         except Exception as exc:  # any failure is reported for this slide; the others go on
             return _conclude(stage, entry, _failure(entry, exc, attempt))
         patches, failed = summary.get("patches"), int(summary.get("failed_patches") or 0)
-        ok = Outcome(entry.name, "ok", patches, time.perf_counter() - t0, "", attempt, failed)
+        ok = Outcome(
+            entry.name, "ok", patches, time.perf_counter() - t0, "", attempt, failed, qc_extra(summary)
+        )
         return _conclude(stage, entry, ok)
 
 
@@ -226,7 +235,10 @@ def _run_streamed(stage: Stage, todo: list[SlideEntry], finish, on_batch) -> lis
                 outcome = _conclude(stage, entry, _failure(entry, job.error, ctx["attempt"]))
             else:
                 seconds = time.perf_counter() - ctx["t0"]
-                ok = Outcome(entry.name, "ok", len(job.grid), seconds, "", ctx["attempt"], job.failed_patches)
+                ok = Outcome(
+                    entry.name, "ok", len(job.grid), seconds, "", ctx["attempt"], job.failed_patches,
+                    qc_extra(job.grid.attrs),
+                )  # fmt: skip
                 outcome = _conclude(stage, entry, ok)
         finally:
             ctx["lock"].__exit__(None, None, None)

@@ -212,7 +212,8 @@ class ExtractStage(Stage):
             grid = self.grid_for(slide, entry)
         out = self.output(entry)  # with --overwrite the old file is replaced only when complete
         runner = runner_for(self.cfg.extract)
-        return extract_features(entry.path, grid, runner, out, self.cfg.extract, entry.mpp, on_batch)
+        summary = extract_features(entry.path, grid, runner, out, self.cfg.extract, entry.mpp, on_batch)
+        return {**summary, **{k: v for k, v in grid.attrs.items() if k.startswith("qc_")}}
 
     def plan(self, entry: SlideEntry, grid: PatchGrid | None = None):
         """The slide as a job of the cohort stream (features/stream.py): tiled (segmenting

@@ -72,7 +72,48 @@ def test_heading(test: pd.DataFrame) -> tuple[str, bool]:
     return f"{heading}; {note}", False
 
 
-def write_report(out: Path, results: list[dict], splits: pd.DataFrame, cfg: TrainConfig) -> str:
+def qc_table(table: pd.DataFrame) -> pd.DataFrame | None:
+    """Per slide (`table`: slide_id, path) the tissue fraction quality control removed by each
+    reason, from its feature file's `qc_*` attributes; None when no file has them."""
+    from ..formats.features import read_feature_attrs
+
+    rows = []
+    for sid, path in zip(table.slide_id, table.path):
+        attrs = read_feature_attrs(path)[0]
+        if "qc_removed" in attrs:
+            rows.append({"slide_id": sid, **{k[3:]: attrs[k] for k in sorted(attrs) if k.startswith("qc_")}})
+    return pd.DataFrame(rows) if rows else None
+
+
+def qc_lines(qc: pd.DataFrame | None, out: Path, most_rows: int = 40) -> list[str]:
+    """The report's quality-control section (the full table goes to qc.csv)."""
+    if qc is None:
+        return []
+    qc.to_csv(out / "qc.csv", index=False)
+    reasons = [c for c in qc.columns if c not in ("slide_id", "removed", "flagged") and qc[c].any()]
+    flagged = qc.slide_id[qc.flagged.astype(bool)].tolist()
+    lines = [
+        "## Tissue quality control",
+        "",
+        f"{len(qc)} slides; tissue removed per slide: median {100 * qc.removed.median():.1f}%, "
+        f"max {100 * qc.removed.max():.1f}% ({qc.slide_id[qc.removed.idxmax()]}); flagged (kept): "
+        + (", ".join(flagged) if flagged else "none")
+        + ". Per slide and reason in `qc.csv`.",
+        "",
+    ]
+    shown = qc.sort_values("removed", ascending=False).head(most_rows)
+    lines += ["| slide | removed | " + " | ".join(reasons) + " |", "|---" * (len(reasons) + 2) + "|"]
+    for _, r in shown.iterrows():
+        cells = " | ".join(f"{100 * r[c]:.1f}%" for c in reasons)
+        lines.append(f"| {r.slide_id} | {100 * r.removed:.1f}% | {cells} |")
+    if len(qc) > most_rows:
+        lines.append(f"\nThe {most_rows} slides with most tissue removed; all in `qc.csv`.")
+    return [*lines, ""]
+
+
+def write_report(
+    out: Path, results: list[dict], splits: pd.DataFrame, cfg: TrainConfig, qc: pd.DataFrame | None = None
+) -> str:
     n_test = int((splits.split == "test").sum())
     n_train = int((splits.split == "train").sum())
     lines = [
@@ -143,6 +184,7 @@ def write_report(out: Path, results: list[dict], splits: pd.DataFrame, cfg: Trai
             f"schedule {rec.schedule}" + (f"; {settings}" if settings else "") + f". {rec.source}"
         )
     lines += ["", *patch_calibration_lines(results)]
+    lines += ["", *qc_lines(qc, out)]
     lines += [
         "",
         "Per model: `<model>/metrics.json`, `predictions.csv`, `roc.png`, `training_curves.png`"

@@ -8,7 +8,8 @@ coarse QC grid (`QCConfig.grid_um`, 16 um/px: the colour rules see an image smoo
 `BlurDetectionModule`; at 8 um/px a 3 um-sigma defocus is lost) and summed per grid cell.
 Artefacts become polygons in level-0 pixels, cut out of the tissue in mode "remove".
 
-GrandQC's segmentation model is not here yet (`--qc-model`).
+With `QCConfig.model` (`--qc-model`), GrandQC's artefact model (`wsi/qc_model.py`) replaces
+the rules: its classes on the same grid, the same polygons, fractions and modes.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ REASONS: dict[str, tuple[str, tuple[int, int, int]]] = {
     "pen_blue": ("Pen blue", (30, 60, 230)),
     "pen_green": ("Pen green", (30, 170, 60)),
     "pen_red": ("Pen red", (230, 30, 30)),
+    "pen": ("Pen marking", (200, 0, 120)),  # GrandQC's (--qc-model): one class for every ink
+    "dark_spot": ("Dark spot & foreign object", (60, 120, 40)),  # GrandQC's only
     "fold": ("Fold", (120, 40, 90)),
     "bubble": ("Bubble", (90, 200, 230)),
     "blur": ("Blur", (240, 160, 30)),
@@ -133,7 +136,7 @@ def grid_masks(
     taken = np.zeros(tissue.shape, bool)
     out = {}
     for reason in REASONS:
-        m = raw[reason]
+        m = raw.get(reason, np.zeros(tissue.shape, bool))  # "pen", "dark_spot": GrandQC's only
         if m.any():
             m = _grow(m, 0 if reason in ("background", "blur", "bubble") else grow) & tissue & ~taken
         out[reason] = m
@@ -195,7 +198,8 @@ def apply_qc(slide: Slide, mask: TissueMask, cfg: QCConfig | None = None) -> Tis
     cfg = cfg or QCConfig()
     if cfg.mode == "off" or mask.is_empty:
         return mask
-    detail, _ = slide.thumbnail_at_mpp(cfg.detail_mpp)  # first: the thumbnail reuses it
+    # first: the thumbnail reuses it (GrandQC reads its own tiles)
+    detail = None if cfg.model is not None else slide.thumbnail_at_mpp(cfg.detail_mpp)[0]
     if mask.thumbnail is not None and mask.thumb_mpp is not None:
         thumb, thumb_mpp = mask.thumbnail, mask.thumb_mpp
     else:
@@ -207,16 +211,23 @@ def apply_qc(slide: Slide, mask: TissueMask, cfg: QCConfig | None = None) -> Tis
     grid_px = px_level0 * slide.mpp
     tissue = mask.rasterize(w, h, px_level0) > 0
     img = cv2.resize(thumb, (w, h), interpolation=cv2.INTER_AREA)
-    energy = detail_energy(detail, (h, w))
+    energy = None if detail is None else detail_energy(detail, (h, w))
     # the rules see the tissue's bounding box only (with a margin for the windows)
     x, y, bw, bh = cv2.boundingRect(tissue.astype(np.uint8))
     m = 4
     x0, y0, x1, y1 = max(0, x - m), max(0, y - m), min(w, x + bw + m), min(h, y + bh + m)
     box = (slice(y0, y1), slice(x0, x1))
     masks = {}
-    for r, sub in grid_masks(img[box], tissue[box], grid_px, cfg, energy[box]).items():
-        masks[r] = np.zeros((h, w), bool)
-        masks[r][box] = sub
+    if cfg.model is not None:
+        from .qc_model import grandqc_masks, load_grandqc_cached
+
+        found = grandqc_masks(slide, tissue, px_level0, load_grandqc_cached(str(cfg.model)), cfg.model_mpp)
+        kept = _large(np.any(list(found.values()), axis=0), cfg.min_area_um2 / grid_px**2)
+        masks = {r: found[r] & kept if r in found else np.zeros((h, w), bool) for r in REASONS}
+    else:
+        for r, sub in grid_masks(img[box], tissue[box], grid_px, cfg, energy[box]).items():
+            masks[r] = np.zeros((h, w), bool)
+            masks[r][box] = sub
     polys = shapely.make_valid(mask.polygons) if any(m.any() for m in masks.values()) else mask.polygons
     area = max(polys.area, 1e-9)
     artefacts, fractions = {}, {}
