@@ -218,7 +218,9 @@ def qc_summary(layout: Layout, encoder: str, artefact_dir: Path) -> dict:
     out = {}
     for path in sorted(artefact_dir.glob("*.geojson")):
         sid = path.stem
-        truth = geojson_to_polygons(json.loads(path.read_text()))
+        truth = shapely.union_all(
+            list(geojson_to_polygons(json.loads(path.read_text())).geoms)
+        )  # kinds overlap
         bag = read_features(layout.features(encoder, sid), validate=False)
         size = float(bag.attrs["patch_size_level0"])
         xy = bag.coords.astype(float)
