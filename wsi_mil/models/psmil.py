@@ -12,8 +12,10 @@ Prototypes move only in training, after each optimiser step, by momentum:
 - `prototype_update="mean"` (wsi-mil 0.1): every column j moves to the normalised mean of the
   instances assigned to j, regardless of the label: an unsupervised 2-means, not class
   prototypes.
-- `prototype_update="confident"` (model/PSMIL.py, gamma 0.01): the label's column moves to the
-  bag's most confident instance for that class.
+- `prototype_update="confident"` (model/PSMIL.py, gamma 0.01): the label's column moves toward
+  the bag's most confident instance h for that class, Q_c <- normalize((1 - gamma) Q_c +
+  gamma h), h unnormalised as the authors mix it (until issue #29 h was normalised first, which
+  moved the column roughly |h| times slower; docs/methods.md has both measured).
 `prototype_init="first_bag"` (default, the authors': every column starts at the first training
 bag's mean embedding, so P starts uniform and the label updates pull the columns apart) or
 `"random"` (unit random columns, wsi-mil 0.1). Measured (bench_mil_recipes.py, test AUC):
@@ -32,6 +34,16 @@ are indistinguishable (within 0.013 on four cohorts; docs/benchmarks.md, "PSMIL 
 fresh bags"). "dot" beat "cosine", so "dot" is the default.
 Deliberate difference from the authors' code: it also updated prototypes at test time using
 true labels, a label leak; here `eval()` never changes Q.
+tests/test_psmil_parity.py runs a restatement of the authors' code (PSAMIL.py's psa with the
+"label" update, PSMIL.py with the "confident" one) beside this model in their setting
+(`hidden=0` or a frozen projection, `detach_probs`, `attn_scale=1`, and `hard_mix` for psa):
+outputs, attention, prototypes and SGD steps agree within float rounding, apart from these
+deliberate differences: the classifier has a bias (the authors' `linear` has none); the
+columns start normalised, after the first bag's step (theirs start before that bag is pooled,
+which then pools uniformly, and stay unnormalised until each column's first update: the first
+bag and each column's first move differ); and where PSAMIL.py's psa branch selects exactly one
+instance, its `nonzero().squeeze()` reduces that instance to the mean of its coordinates, while
+here (as in the same function's contrastive branch) the column moves toward the instance.
 The authors' psa pooling (PSAMIL.py (93b763d), `pooling == "psa"`) computes P without gradient
 and averages softmax(P w) with softmax(onehot(argmax P) w): `detach_probs=True`,
 `hard_mix=True`, `attn_scale=1`. Off by default, measured over ten seeds (mean held-out bag
@@ -112,25 +124,24 @@ class ProbabilityAttention(nn.Module):
             self.prototypes.copy_(F.normalize(h.mean(0), dim=0).unsqueeze(1).expand_as(self.prototypes))
             self.initialised.fill_(True)
         q = self.prototypes
-        q_new = q.clone()
         p = self.probabilities(h)
-        if self.prototype_update == "label":
-            c = int(label)
-            sel = p.argmax(dim=1) == c
-            m = h[sel].mean(0) if sel.any() else (a.detach() @ h if a is not None else h.mean(0))
-            q_new[:, c] = F.normalize((1 - self.gamma) * q[:, c] + self.gamma * m, dim=0)
-            self.prototypes.copy_(q_new)
-            return
         if self.prototype_update == "mean":
+            q_new = q.clone()
             assign = p.argmax(dim=1)
             for j in range(self.k):
                 sel = assign == j
                 if sel.any():
                     q_new[:, j] = F.normalize(h[sel].mean(0), dim=0)
-        else:
-            c = int(label)
-            q_new[:, c] = F.normalize(h[p[:, c].argmax()], dim=0)
-        self.prototypes.copy_(F.normalize((1 - self.gamma) * q + self.gamma * q_new, dim=0))
+            self.prototypes.copy_(F.normalize((1 - self.gamma) * q + self.gamma * q_new, dim=0))
+            return
+        # the label's column only, mixed with the unnormalised target as the authors mix it
+        c = int(label)
+        if self.prototype_update == "label":  # PSAMIL.py: mean of the instances assigned to c
+            sel = p.argmax(dim=1) == c
+            m = h[sel].mean(0) if sel.any() else (a.detach() @ h if a is not None else h.mean(0))
+        else:  # PSMIL.py: the instance most confidently of class c
+            m = h[p[:, c].argmax()]
+        self.prototypes[:, c] = F.normalize((1 - self.gamma) * q[:, c] + self.gamma * m, dim=0)
 
 
 def alignment_loss(view_probs: list[torch.Tensor]) -> torch.Tensor:
