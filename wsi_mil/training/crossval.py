@@ -49,7 +49,7 @@ from .fit import predict_probs, train_fold
 from .metrics import METRICS, bootstrap_ci, compute_metrics, decide, intervals_supported, majority_vote
 from .optim import resolve_recipe
 from .probe import fit_probe
-from .report import save_plots, write_report
+from .report import qc_table, save_plots, write_report
 from .run_inputs import feature_spec, prepare_run
 
 log = logging.getLogger("wsi_mil")
@@ -96,7 +96,8 @@ def train_one_fold(
     if progress:
 
         def on_epoch(r):
-            progress(f"{model_name} fold {k + 1} epoch {r['epoch']} val AUC {r['val_auc']:.3f}")
+            step = f"C {r['C']:g}" if "C" in r else f"epoch {r['epoch']}"  # the linear probe walks C
+            progress(f"{model_name} fold {k + 1} {step} val AUC {r['val_auc']:.3f}")
 
     slide_level = getattr(model_class(model_name), "slide_level", False)  # the linear probe
     res = (fit_probe if slide_level else train_fold)(
@@ -367,5 +368,5 @@ def _run(
                 m, splits, cohort, cfg, run.root, device, loaded, inversion, annotations, progress
             )
         )
-    write_report(run.root, results, splits, cfg)
+    write_report(run.root, results, splits, cfg, qc_table(cohort.table))
     return results
