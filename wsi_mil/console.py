@@ -170,14 +170,7 @@ QC = Annotated[  # the one --qc option of segment, tile and extract (wsi/qc.py)
     Optional[str], config_option("qc", "mode", "Tissue QC: remove artefacts, mark them only, or off", "--qc")
 ]
 QCModel = Annotated[  # GrandQC's artefact model in place of the rules (wsi/qc_model.py)
-    Optional[Path],
-    config_option(
-        "qc",
-        "model",
-        "GrandQC artefact model (state dict, e.g. GrandQC_MPP1_state_dict.pth)",
-        "--qc-model",
-        "the rules of wsi/qc_rules.py",
-    ),
+    Optional[Path], config_option("qc", "model", "GrandQC state dict", "--qc-model", "the rules")
 ]
 Device = Annotated[Optional[str], config_option("extract", "device", DEVICE_HELP, "--device")]
 TrainDevice = Annotated[Optional[str], config_option("train", "device", DEVICE_HELP, "--device")]
