@@ -6,6 +6,17 @@ count), the landmark kernel is inverted with the iterative Moore-Penrose scheme 
 a depthwise residual convolution (kernel 33) over the values is added. Memory is O(N m), never
 O(N^2). Deliberate difference: sequences no longer than the landmark count use exact softmax
 attention (cheaper than padding them up to 256 landmarks, and exact).
+
+Two options restate ICLR_CAMIL's TensorFlow port of that package
+(`nystromformer/nystrom_attention.py`, 5f8ef57), which CAMIL sets:
+- `residual="heads"`: their `Conv2D(kernel_size=(33, 1), filters=dim_head, groups=heads,
+  padding="same")` runs on the values laid out [batch, heads, n, dim_head] channels-last, so
+  it slides over the 8 heads (zero-padded "same"), mixes the value channels within 8 groups
+  and leaves the sequence alone; the package's residual ("sequence", the default) is a
+  per-head convolution along the sequence.
+- `exact_short=False`: every sequence takes the padded Nystrom path, as theirs (and the
+  package) do: a bag of n < 256 tokens is zero-padded at the front to 256, whose keys (0) take
+  part in every softmax, and the 256 x 256 landmark kernel goes through the pseudo-inverse.
 """
 
 from __future__ import annotations
@@ -38,16 +49,31 @@ class NystromAttention(nn.Module):
         pinv_iters: int = 6,
         residual_kernel: int = 33,
         dropout: float = 0.1,
+        residual: str = "sequence",
+        exact_short: bool = True,
     ):
         super().__init__()
         dim_head = dim_head or dim // heads
         self.heads, self.dim_head, self.landmarks, self.pinv_iters = heads, dim_head, landmarks, pinv_iters
+        self.residual, self.exact_short = residual, exact_short
         self.scale = dim_head**-0.5
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_out = nn.Sequential(nn.Linear(heads * dim_head, dim), nn.Dropout(dropout))
-        self.res_conv = nn.Conv2d(
-            heads, heads, (residual_kernel, 1), padding=(residual_kernel // 2, 0), groups=heads, bias=False
-        )
+        kernel, pad = (residual_kernel, 1), (residual_kernel // 2, 0)
+        if residual == "sequence":  # nystrom-attention: per head, along the sequence
+            self.res_conv = nn.Conv2d(heads, heads, kernel, padding=pad, groups=heads, bias=False)
+        elif residual == "heads":  # ICLR_CAMIL's Conv2D: across the heads, channel groups, per token
+            if residual_kernel % 2 == 0 or dim_head % heads:
+                raise ValueError("residual='heads' needs an odd kernel and dim_head divisible by heads")
+            self.res_conv = nn.Conv2d(dim_head, dim_head, kernel, padding=pad, groups=heads, bias=False)
+        else:
+            raise ValueError(f"residual must be 'sequence' or 'heads', not {residual!r}")
+
+    def _residual(self, v: torch.Tensor) -> torch.Tensor:
+        """The value residual of [b, h, n, d] values."""
+        if self.residual == "sequence":
+            return self.res_conv(v)
+        return self.res_conv(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # channels d, height h, width n
 
     def qk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled queries and keys [1, h, n, d] (for reading out one token's exact attention)."""
@@ -62,10 +88,10 @@ class NystromAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         m = self.landmarks
-        if n <= m:  # few tokens: exact softmax attention costs less than the approximation
+        if n <= m and self.exact_short:  # few tokens: exact softmax attention costs less
             q, k, v = self._qkv(x)
             out = torch.softmax(q * self.scale @ k.transpose(-1, -2), dim=-1) @ v
-            out = out + self.res_conv(v)
+            out = out + self._residual(v)
             return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
         pad = (m - n % m) % m
         if pad:
@@ -79,6 +105,47 @@ class NystromAttention(nn.Module):
         attn2 = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1)
         attn3 = torch.softmax(q_l @ k.transpose(-1, -2), dim=-1)
         out = (attn1 @ pinv_iterative(attn2, self.pinv_iters)) @ (attn3 @ v)
-        out = out + self.res_conv(v)
+        out = out + self._residual(v)
         out = out.transpose(1, 2).reshape(b, n + pad, self.heads * self.dim_head)
         return self.to_out(out)[:, -n:]
+
+    def forward_single(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, dim] -> [B, dim]: each row as a sequence of its own, i.e. `forward(x[i:i+1, None])`
+        for every i, batched in O(B) (the heatmap's one-instance bags).
+
+        With `exact_short=False` a single token is padded with m - 1 zero tokens at the front;
+        then attn1 = attn2 = attn3 = A (one landmark a token) and every matrix of the
+        pseudo-inverse iteration has the form G C G^T with G = [ones, e_last] (m x 2), so the
+        iteration runs on 2 x 2 matrices C (products: C1 (G^T G) C2) instead of m x m ones."""
+        b = len(x)
+        q, k, v = self._qkv(x.unsqueeze(1))  # [b, h, 1, d]
+        res = self._residual(v)
+        if self.exact_short or self.landmarks <= 1:
+            return self.to_out((v + res).transpose(1, 2).reshape(b, self.heads * self.dim_head))
+        m = self.landmarks
+        s = ((q * self.scale) * k).sum(-1)[..., 0].double()  # [b, h] the token's own logit
+        a_real = torch.sigmoid(s - math.log(m - 1))  # e^s / (m - 1 + e^s): its weight on itself
+        a_pad = (1 - a_real) / (m - 1)  # its weight on each padding token; those rows are uniform 1/m
+        one = torch.ones_like(s)
+        c_a = torch.stack(
+            [torch.stack([one / m, 0 * one], -1), torch.stack([a_pad - 1 / m, a_real - a_pad], -1)], -2
+        )  # A = (u - e) u^T / m + e (a_pad u + (a_real - a_pad) e)^T
+        gram = torch.tensor([[m, 1.0], [1.0, 1.0]], dtype=torch.float64, device=x.device)
+
+        def mul(c1, c2):
+            return c1 @ gram @ c2
+
+        # pinv_iterative's scale: max row sum (1: softmax rows) x max column sum, over the heads
+        col_sum = (m - 1) / m + torch.maximum(a_real, a_pad)
+        row_sum = torch.maximum(torch.ones_like(s), (m - 1) * a_pad + a_real)
+        scale = row_sum.amax(-1) * col_sum.amax(-1)  # [b]
+        z = c_a.transpose(-1, -2) / scale[:, None, None, None]
+        for _ in range(self.pinv_iters):
+            xz = mul(c_a, z)
+            inner = 7 * xz - mul(xz, xz)  # xz (7I - xz)
+            inner = 15 * xz - mul(xz, inner)  # xz (15I - xz (7I - xz))
+            z = 0.25 * (13 * z - mul(z, inner))
+        c_out = mul(mul(c_a, z), c_a)  # A Z A
+        coef = c_out.sum((-1, -2)).to(v.dtype)  # e_last^T G C G^T v = (sum of C) v_token
+        out = coef[..., None, None] * v + res  # [b, h, 1, d]
+        return self.to_out(out.transpose(1, 2).reshape(b, self.heads * self.dim_head))
