@@ -29,7 +29,6 @@ predicted one.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +36,7 @@ import torch
 from scipy.special import expit
 from scipy.stats import rankdata
 
+from ..class_names import positive_class
 from ..config import HeatmapConfig
 from ..errors import WsiMilError
 from ..formats.scores import PatchScores
@@ -46,8 +46,6 @@ from .patch_calibration import PatchCalibration, load_calibrations
 
 log = logging.getLogger("wsi_mil")
 SCALES = ("absolute", "rank")
-NEGATIVE_NAMES = {"normal", "negative", "benign", "healthy", "control", "0", "false", "no", "neg", "none"}
-NEGATION = re.compile(r"^(non|not|no|without)[\s_\-]+\S")
 LAYER_LEGEND = {
     "combined": "probability that this patch is {target} (instance, attention and inversion, calibrated)",
     "patch_alone": "probability that this patch is {target} (from the patch alone, calibrated)",
@@ -74,14 +72,6 @@ def rank_normalise(x: np.ndarray) -> np.ndarray:
     return rankdata(x, method="average") / len(x)
 
 
-def is_negative_name(name: str, other: str = "") -> bool:
-    """A class named like the absence of something: normal, benign, non-tumor, no_X, ..."""
-    n = name.strip().lower()
-    return (
-        n in NEGATIVE_NAMES or bool(NEGATION.match(n)) or (bool(other) and n == "non" + other.strip().lower())
-    )
-
-
 def mapped_class(classes: list[str], prob: np.ndarray | None = None, target: str | None = None) -> int:
     """The class whose evidence a heatmap shows (see the module docstring)."""
     if target is not None:
@@ -89,9 +79,9 @@ def mapped_class(classes: list[str], prob: np.ndarray | None = None, target: str
             raise WsiMilError(f"--target {target}: not a class of this run ({', '.join(classes)})")
         return classes.index(target)
     if len(classes) == 2:
-        negative = [i for i, c in enumerate(classes) if is_negative_name(c, classes[1 - i])]
-        if len(negative) == 1:
-            return 1 - negative[0]
+        positive = positive_class(classes)
+        if positive is not None:
+            return positive
         raise WsiMilError(
             f"classes {classes[0]!r} and {classes[1]!r}: neither reads as the negative one, so which "
             f"to map is ambiguous; pass --target {classes[0]} or --target {classes[1]}"

@@ -38,6 +38,12 @@ class MILModel(nn.Module):
             loss = loss + out.aux_loss
         return loss
 
+    @classmethod
+    def kwargs_for_classes(cls, classes: list[str]) -> dict:
+        """Constructor arguments a run derives from its class names (crossval passes them; the
+        user's `model_kwargs` win)."""
+        return {}
+
     def on_train_step(self, out: MILOutput, label: torch.Tensor) -> None:
         """Called by the trainer after each optimiser step, in training only."""
 

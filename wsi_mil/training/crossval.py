@@ -99,10 +99,12 @@ def train_one_fold(
             step = f"C {r['C']:g}" if "C" in r else f"epoch {r['epoch']}"  # the linear probe walks C
             progress(f"{model_name} fold {k + 1} {step} val AUC {r['val_auc']:.3f}")
 
-    slide_level = getattr(model_class(model_name), "slide_level", False)  # the linear probe
+    cls = model_class(model_name)
+    slide_level = getattr(cls, "slide_level", False)  # the linear probe
+    from_classes = cls.kwargs_for_classes(classes)  # e.g. PSMIL's attention start
     res = (fit_probe if slide_level else train_fold)(
         model_name,
-        cfg.model_kwargs,
+        {**from_classes, **cfg.model_kwargs},
         train_ds,
         select_ds,
         len(classes),
