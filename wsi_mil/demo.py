@@ -68,11 +68,14 @@ def run_demo(
     n_heatmaps: int = 3,
     log: Callable[[str], None] = print,
     artefacts: float = 0.5,
+    qc: QCConfig | None = None,
+    cohort_seed: int = 0,
 ) -> dict:
     """Run the whole pipeline on a synthetic cohort; returns timings and headline metrics.
 
     A fraction `artefacts` of the slides carry painted pen, blur, fold and bubble artefacts
-    (ground truth in cohort/artefact_annotations/), which quality control removes."""
+    (ground truth in cohort/artefact_annotations/), which quality control removes (`qc`, default
+    remove mode). `cohort_seed` draws another cohort (benches choose settings on those)."""
     from .localization.evaluate import evaluate_folder
     from .pipeline.heatmap import HeatmapRequest, heatmap_slide
     from .synthetic import make_cohort
@@ -87,7 +90,7 @@ def run_demo(
     artefact_dir = cohort_dir / "artefact_annotations"
     if not (cohort_dir / "labels.csv").exists() or len(list(slides_dir.glob("*.tif"))) < n_slides:
         log(f"synthesising {n_slides} slides (one with a micro-metastasis)")
-        cohort = make_cohort(cohort_dir, n_slides, seed=0, micro=1, artefacts=artefacts)
+        cohort = make_cohort(cohort_dir, n_slides, seed=cohort_seed, micro=1, artefacts=artefacts)
         truth_dir.mkdir(parents=True, exist_ok=True)
         artefact_dir.mkdir(parents=True, exist_ok=True)
         for s in cohort:
@@ -102,7 +105,7 @@ def run_demo(
     timings["synthesise"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    cfg = PipelineConfig(tiling=DEMO_TILING, qc=QCConfig(mode="remove"))
+    cfg = PipelineConfig(tiling=DEMO_TILING, qc=qc or QCConfig(mode="remove"))
     cfg.extract.encoder, cfg.extract.random_weights, cfg.extract.workers = encoder, True, 0
     layout = Layout(out)
     entries = [SlideEntry(p) for p in sorted(slides_dir.glob("*.tif"))]

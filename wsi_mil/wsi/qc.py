@@ -249,5 +249,6 @@ def apply_qc(slide: Slide, mask: TissueMask, cfg: QCConfig | None = None) -> Tis
         "removed_fraction": fractions,
         "removed_total": total,
         "flagged": bool(total > cfg.flag_fraction),
+        "max_patch_artefact": cfg.max_patch_artefact,  # tiling's per-patch limit (remove mode)
     }
     return TissueMask(kept, mask.thumbnail, mask.thumb_mpp, mask.level0_mpp, artefacts, summary)

@@ -146,12 +146,14 @@ def tile(slide: Slide, mask: TissueMask, cfg: TilingConfig | None = None) -> Pat
     threshold = max(cfg.min_tissue, 1e-9)
     keep = frac >= threshold
     if mask.artefacts and (mask.qc or {}).get("mode") == "remove":
-        # a patch at a removed artefact's edge goes when it shows more artefact than tissue
+        # a patch at a removed artefact's edge goes when it shows more artefact than tissue, or
+        # artefact over more than `max_patch_artefact` of it (tissue files written without it:
+        # the first rule only): ink on a third of a patch still draws the model's attention
         reasons = list(mask.artefacts)
         per = np.stack([artefact_fractions(mask.artefacts[r], xs, ys, size0) for r in reasons])
         art = per.sum(0)
         before = keep | (frac + art >= threshold)  # kept without QC (artefacts were tissue)
-        keep &= art <= frac
+        keep &= (art <= frac) & (art <= mask.qc.get("max_patch_artefact", 1.0))
         dy, dx = np.nonzero(before & ~keep)
         grid.dropped = np.stack([xs[dx], ys[dy]], axis=1).astype(np.int64)
         grid.dropped_reason = np.array(reasons)[per[:, dy, dx].argmax(0)] if len(dy) else np.array([], str)
