@@ -31,7 +31,8 @@ def painted_patches(out: Path, sid: str) -> tuple[int, int, list[tuple[float, fl
     scores = pd.read_csv(out / "heatmaps" / f"{sid}_scores.csv")
     layer = json.loads((out / "tissue" / f"{sid}_qc.geojson").read_text())
     arts = unary_union([shape(f["geometry"]) for f in layer["features"]])
-    size = float(h5py.File(out / "heatmaps" / f"{sid}_scores.h5").attrs["patch_size_level0"])
+    with h5py.File(out / "heatmaps" / f"{sid}_scores.h5") as f:
+        size = float(f.attrs["patch_size_level0"])
     frac = np.array(
         [box(x, y, x + size, y + size).intersection(arts).area / size**2 for x, y in zip(scores.x, scores.y)]
     )

@@ -107,8 +107,9 @@ def camil_graph(features: torch.Tensor, coords: torch.Tensor | None, k: int = 8)
     norm = x.norm(dim=-1)
     dot = torch.stack([(x * x[nbr[:, j]]).sum(-1) for j in range(nbr.shape[1])], 1)  # no [N, 16, D]
     denom = norm.unsqueeze(1) * norm[nbr]
-    # scipy's cosine distance; a zero vector gives nan there, which the generator's nan_to_num zeroes
-    cos_dist = torch.where(denom > 0, 1 - dot / denom.clamp_min(1e-300), torch.zeros_like(dot))
+    # scipy's cosine distance; only a zero vector's nan is zeroed, as the generator's nan_to_num
+    # does there: a non-finite feature stays non-finite (it is refused when bags are read)
+    cos_dist = torch.where(denom == 0, torch.zeros_like(dot), 1 - dot / denom)
     others = torch.nn.functional.normalize(cos_dist[:, 1:], dim=1)  # sklearn normalize(norm="l2")
     sim = torch.exp(-others)
     weights = torch.cat([sim.max(dim=1, keepdim=True).values, sim], dim=1)
