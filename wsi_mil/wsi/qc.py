@@ -106,7 +106,7 @@ def grid_masks(
     disjoint, in `REASONS` order. Colour rules are evaluated on the tissue cells only."""
     idx = np.flatnonzero(tissue)
     smoothed = smooth(img, px_um, cfg)
-    px = smoothed.reshape(-1, 3)[idx]
+    px = np.take(smoothed.reshape(-1, 3), idx, axis=0)
 
     def scatter(values: np.ndarray) -> np.ndarray:
         out = np.zeros(tissue.size, bool)

@@ -123,10 +123,13 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
     return (r + g + b) / 3
 
 
-def robust_median(values: np.ndarray, most: int = 20_000) -> float:
-    """Median of at most `most` evenly spaced values (a slide's tissue median to 1%)."""
-    step = max(1, len(values) // most)
-    return float(np.median(values[::step]))
+def robust_median(values: np.ndarray, where: np.ndarray | None = None, most: int = 20_000) -> float:
+    """Median of at most `most` evenly spaced values (a slide's tissue median to 1%), of
+    `values[where]` when a mask is given (subsampled before it is gathered: the same values)."""
+    if where is None:
+        return float(np.median(values.ravel()[:: max(1, values.size // most)]))
+    idx = np.flatnonzero(where)
+    return float(np.median(values.ravel()[idx[:: max(1, len(idx) // most)]]))
 
 
 def fold_mask(
@@ -143,8 +146,8 @@ def fold_mask(
         return np.zeros(tissue.shape, bool)
     od = optical_density(rgb)
     sat = _hsv(rgb)[1]
-    od_ref = max(robust_median(od[ref_px]), 0.05)
-    sat_ref = max(robust_median(sat[ref_px]), 20.0)
+    od_ref = max(robust_median(od, ref_px), 0.05)
+    sat_ref = max(robust_median(sat, ref_px), 20.0)
     dense = od > cfg.fold_od_ratio * od_ref
     return dense & ((sat > cfg.fold_saturation_ratio * sat_ref) | (od > cfg.fold_dark_ratio * od_ref))
 
@@ -170,11 +173,13 @@ def detail_energy(rgb: np.ndarray, shape: tuple[int, int], row_step: int = 4) ->
 def _expected(level: np.ndarray, values: np.ndarray, ref: np.ndarray, bins: int) -> np.ndarray:
     """For each `level`, the median of `values` over the `ref` cells of about the same level
     (quantile bins of the reference, interpolated between bin centres)."""
-    step = max(1, int(ref.sum()) // 10_000)
-    lv, vv = level[ref][::step], values[ref][::step]
+    idx = np.flatnonzero(ref)  # subsampled before gathering: the same cells as [ref][::step]
+    idx = idx[:: max(1, len(idx) // 10_000)]
+    lv, vv = level[idx], values[idx]
     if bins <= 1 or len(lv) < 10 * bins:
         return np.full(level.shape, float(np.median(vv)), np.float32)
-    parts = np.array_split(np.argsort(lv), bins)
+    order = np.argsort(lv)
+    parts = np.array_split(order, bins)
     centres = np.array([np.median(lv[p]) for p in parts])
     medians = np.array([np.median(vv[p]) for p in parts])
     return np.interp(level, centres, medians).astype(np.float32)
