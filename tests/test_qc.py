@@ -80,6 +80,21 @@ def test_fold_is_relative_to_the_tissue():
     assert not qc.fold_mask(tissue_patch(PURPLE), np.ones((64, 64), bool), CFG).any()
 
 
+def test_robust_median_of_masked_values_is_the_subsampled_median():
+    """The tissue medians the rules compare against: the median of every step-th masked value
+    (the mask's cells subsampled before they are gathered), also for 2-D images."""
+    from wsi_mil.wsi.qc_rules import robust_median
+
+    rng = np.random.default_rng(0)
+    values = rng.random((300, 250)).astype(np.float32)
+    mask = rng.random((300, 250)) < 0.6
+    masked = values[mask]
+    for most in (1_000, 20_000, 10**6):
+        step = max(1, len(masked) // most)
+        assert robust_median(values, mask, most) == float(np.median(masked[::step]))
+    assert robust_median(values.ravel(), mask.ravel(), 1_000) == robust_median(values, mask, 1_000)
+
+
 def test_bubble_rule():
     img, truth = with_square(tissue_patch(), lambda p: 0.25 * p + 0.75 * np.array([226, 226, 230]))
     found, false = agreement(qc.bubble_mask(img, CFG), truth)
