@@ -273,6 +273,7 @@ def test_cluster_extraction_with_reader_workers_on_the_real_slide(tmp_path, real
     for i in range(2):
         os.symlink(real_slide, slides / f"cmu{i}.svs")
     opts = ["--encoder", "resnet18", "--random-weights", "--workers", "2", "--batch-size", "16"]
+    opts += ["--target-mpp", "1.0", "--patch-size", "128"]  # ~90 patches a slide, still JPEG tiles
     local = subprocess.run(
         _cli("extract", str(slides), "--out", str(tmp_path / "a"), *opts),
         env=env,
