@@ -123,13 +123,17 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
     return (r + g + b) / 3
 
 
-def robust_median(values: np.ndarray, where: np.ndarray | None = None, most: int = 20_000) -> float:
-    """Median of at most `most` evenly spaced values (a slide's tissue median to 1%), of
-    `values[where]` when a mask is given (subsampled before it is gathered: the same values)."""
-    if where is None:
-        return float(np.median(values.ravel()[:: max(1, values.size // most)]))
+def spaced_cells(where: np.ndarray, most: int) -> np.ndarray:
+    """Flat indices of at most `most` evenly spaced cells of the mask `where`: the cells of
+    `x[where][::step]`, found without gathering every masked value first."""
     idx = np.flatnonzero(where)
-    return float(np.median(values.ravel()[idx[:: max(1, len(idx) // most)]]))
+    return idx[:: max(1, len(idx) // most)]
+
+
+def robust_median(values: np.ndarray, where: np.ndarray, most: int = 20_000) -> float:
+    """Median of at most `most` evenly spaced values of `values[where]` (a slide's tissue
+    median to 1%)."""
+    return float(np.median(values.ravel()[spaced_cells(where, most)]))
 
 
 def fold_mask(
@@ -173,13 +177,11 @@ def detail_energy(rgb: np.ndarray, shape: tuple[int, int], row_step: int = 4) ->
 def _expected(level: np.ndarray, values: np.ndarray, ref: np.ndarray, bins: int) -> np.ndarray:
     """For each `level`, the median of `values` over the `ref` cells of about the same level
     (quantile bins of the reference, interpolated between bin centres)."""
-    idx = np.flatnonzero(ref)  # subsampled before gathering: the same cells as [ref][::step]
-    idx = idx[:: max(1, len(idx) // 10_000)]
+    idx = spaced_cells(ref, 10_000)
     lv, vv = level[idx], values[idx]
     if bins <= 1 or len(lv) < 10 * bins:
         return np.full(level.shape, float(np.median(vv)), np.float32)
-    order = np.argsort(lv)
-    parts = np.array_split(order, bins)
+    parts = np.array_split(np.argsort(lv), bins)
     centres = np.array([np.median(lv[p]) for p in parts])
     medians = np.array([np.median(vv[p]) for p in parts])
     return np.interp(level, centres, medians).astype(np.float32)
