@@ -28,7 +28,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import CACHE, large_slide, median_time  # noqa: E402
 
 from wsi_mil.config import QCConfig, TilingConfig  # noqa: E402
-from wsi_mil.synthetic import ARTEFACT_KINDS, artefact_masks, paint_artefacts, write_synthetic_slide  # noqa: E402
+from wsi_mil.synthetic import (  # noqa: E402
+    ARTEFACT_KINDS,
+    ON_TISSUE_KINDS,
+    artefact_masks,
+    paint_artefacts,
+    write_synthetic_slide,
+)
 from wsi_mil.wsi.qc import apply_qc  # noqa: E402
 from wsi_mil.wsi.readers import open_slide  # noqa: E402
 from wsi_mil.wsi.tiling import tile  # noqa: E402
@@ -104,9 +110,7 @@ def real_case(cfg: QCConfig, seed: int = 0) -> dict:
 def synthetic_case(i: int, cfg: QCConfig) -> dict:
     path = CACHE / f"qc_synthetic_{i}.tif"
     s = write_synthetic_slide(path, 3000, 2000, 0.5, tumor_regions=1, seed=100 + i, artefacts=True)
-    truth = {
-        k: v & (s.tissue_mask if k in ("blur", "fold", "bubble") else True) for k, v in s.artefacts.items()
-    }
+    truth = {k: v & (s.tissue_mask if k in ON_TISSUE_KINDS else True) for k, v in s.artefacts.items()}
     return evaluate(path, truth, cfg, s.artefacts)
 
 

@@ -15,12 +15,12 @@ from wsi_mil.formats.tissue_geojson import qc_path, read_tissue, write_tissue
 from wsi_mil.pipeline.layout import Layout
 from wsi_mil.pipeline.stages import TileStage
 from wsi_mil.synthetic import artefact_masks, paint_artefacts, write_synthetic_slide
-from wsi_mil.synthetic_artefacts import INK
+from wsi_mil.synthetic_artefacts import INK, ON_TISSUE_KINDS
 from wsi_mil.wsi import qc
 from wsi_mil.wsi.collect import SlideEntry
 from wsi_mil.wsi.readers import open_slide
 from wsi_mil.wsi.tiling import tile
-from wsi_mil.wsi.tissue import segment_tissue
+from wsi_mil.wsi.tissue import mask_to_polygons, segment_tissue
 
 CFG = QCConfig(mode="remove")
 PINK = (236, 168, 196)  # the synthetic stroma colour
@@ -171,6 +171,29 @@ def test_qc_layer_and_holes(painted_slide, tmp_path):
     for (x, y), reason in zip(grid.dropped, grid.dropped_reason):  # the reason covering most of it
         areas = {r: g.intersection(box(x, y, x + size, y + size)).area for r, g in by_reason.items()}
         assert areas[reason] > 0 and areas[reason] >= 0.9 * max(areas.values())
+
+
+def test_artefact_annotations_cover_tissue_except_ink(painted_slide):
+    """The demo's ground truth: blur, fold and bubble only over tissue (over glass they change no
+    analysed pixel), ink wherever it was painted."""
+    s = painted_slide
+    layer = s.artefact_geojson()["features"]
+    f = s.mask_mpp / s.mpp
+    tissue = mask_to_polygons(s.tissue_mask, f, min_area_px=0, min_hole_px=0, max_holes=64).buffer(2 * f)
+    for kind, m in s.artefacts.items():
+        drawn = shapely.union_all(
+            [
+                shape(x["geometry"])
+                for x in layer
+                if x["properties"]["classification"]["name"] == qc.REASONS[kind][0]
+            ]
+        )
+        if kind in ON_TISSUE_KINDS:
+            assert drawn.difference(tissue).area <= 0.01 * drawn.area, kind
+            if (m & ~s.tissue_mask).any():  # painted over glass too: that part is left out
+                assert drawn.area < 0.99 * m.sum() * f**2, kind
+        else:
+            assert drawn.area == pytest.approx(m.sum() * f**2, rel=0.05), kind
 
 
 def test_qc_off_equals_no_qc(clean_slide, tmp_path):

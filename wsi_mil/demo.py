@@ -212,7 +212,8 @@ def run_demo(
 
 def qc_summary(layout: Layout, encoder: str, artefact_dir: Path) -> dict:
     """Per slide with painted artefacts: the tissue fraction QC removed by each reason and the
-    patches left over a ground-truth artefact (centre inside it; and more than half covered)."""
+    patches left over a ground-truth artefact (centre inside it; and more than half covered;
+    `SyntheticSlide.artefact_geojson`: blur, fold and bubble where they cover tissue)."""
     import shapely
 
     from .formats.features import read_features
@@ -252,7 +253,7 @@ def _qc_section(qc: dict) -> str:
     )
     return f"""<h2>Tissue quality control</h2>
 <p>Slides with painted artefacts (pen ink, a defocused band, a fold, a bubble; ground truth in
-cohort/artefact_annotations/). Quality control (<code>--qc remove</code>) cut them out of the
+cohort/artefact_annotations/: ink wherever painted, the others where they cover tissue). Quality control (<code>--qc remove</code>) cut them out of the
 tissue before tiling: the table gives the share of each slide's tissue removed per reason and
 the patches that still lie on a painted artefact.</p>
 <table><tr><th>slide</th><th>tissue removed, by reason</th><th>patches</th><th>patch centres on an artefact</th>

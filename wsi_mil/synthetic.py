@@ -15,7 +15,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .synthetic_artefacts import ARTEFACT_KINDS, BLUR_UM, artefact_masks, paint_artefacts  # noqa: F401
+from .synthetic_artefacts import (  # noqa: F401
+    ARTEFACT_KINDS,
+    BLUR_UM,
+    ON_TISSUE_KINDS,
+    artefact_masks,
+    paint_artefacts,
+)
 from .synthetic_bags import grid_coords, make_feature_cohort  # noqa: F401
 
 TEXTURE_MPP = 0.25  # um/px of the master textures
@@ -62,13 +68,17 @@ class SyntheticSlide:
         return polygons_to_geojson(polys, "Tumor", (200, 0, 0))
 
     def artefact_geojson(self) -> dict:
-        """Ground-truth artefacts in level-0 pixels, one QuPath class per kind (wsi.qc.REASONS)."""
+        """Ground-truth artefacts in level-0 pixels, one QuPath class per kind (wsi.qc.REASONS);
+        blur, fold and bubble where they cover tissue (`ON_TISSUE_KINDS`), ink wherever painted."""
         from .formats.tissue_geojson import polygons_to_geojson
         from .wsi.qc import REASONS
         from .wsi.tissue import mask_to_polygons
 
         features = []
         for kind, m in self.artefacts.items():
+            m = m & self.tissue_mask if kind in ON_TISSUE_KINDS else m
+            if not m.any():
+                continue
             polys = mask_to_polygons(m, self.mask_mpp / self.mpp, min_area_px=0, min_hole_px=0, max_holes=64)
             features += polygons_to_geojson(polys, *REASONS[kind])["features"]
         return {"type": "FeatureCollection", "features": features}

@@ -22,6 +22,9 @@ INK = {  # transmission of each ink (multiplied into the tissue or glass under i
 }
 BLUR_UM = 3.0  # sigma of the painted defocus (found at 4 um/px; 1.5 um is not)
 FOLD_POWER = 2.5  # a fold's transmission is the tissue's to this power (a double layer, stained more)
+# Kinds whose ground truth is the part over tissue: over glass a defocus or a fold changes no
+# pixel and a bubble only dims glass, which is not analysed; ink is seen over glass too.
+ON_TISSUE_KINDS = ("blur", "fold", "bubble")
 
 
 def artefact_masks(
