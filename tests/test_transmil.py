@@ -132,3 +132,22 @@ def test_transmil_forward_on_a_short_bag_differs_from_the_authors_only_by_exact_
             torch.testing.assert_close(ours(x).logits, want, atol=1e-5, rtol=1e-4)
         finally:
             del ours.layer1.attn.forward, ours.layer2.attn.forward
+
+
+def test_transmil_patch_dropout_trains_on_half_the_bag_and_predicts_on_all_of_it():
+    """The small-cohort recipe's `dropout_patch` (runs under 300 bags): a training step sees a
+    random half of the bag, inference the whole bag, deterministically."""
+    from wsi_mil.config import TrainConfig
+    from wsi_mil.training.optim import resolve_recipe
+
+    assert resolve_recipe("transmil", TrainConfig(), n_bags=48).kwargs({}) == {"dropout_patch": 0.5}
+    assert resolve_recipe("transmil", TrainConfig(), n_bags=300).kwargs({}) == {}
+    torch.manual_seed(0)
+    model = create_model("transmil", 16, 2, dropout_patch=0.5)
+    x = torch.randn(40, 16)
+    model.train()
+    assert len(model(x).instance_scores) == 20
+    model.eval()
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    assert len(a.instance_scores) == 40 and torch.equal(a.logits, b.logits)

@@ -72,6 +72,13 @@ def single_instance_logits(
     return torch.stack(rows) if rows else features.new_zeros(0, model.n_classes)
 
 
+def drop_instances(features: torch.Tensor, p: float) -> torch.Tensor:
+    """A random (1 - p) of the bag's instances, at least one (dsmil-wsi's `--dropout_patch`:
+    train_tcga.py `dropout_patches`); for training steps only."""
+    keep = max(1, int(len(features) * (1 - p)))
+    return features[torch.randperm(len(features), device=features.device)[:keep]]
+
+
 def gated_attention_scores(h: torch.Tensor, a: nn.Linear, b: nn.Linear, w: nn.Linear) -> torch.Tensor:
     """Ilse et al. 2018 gated attention logits: w^T (tanh(A h) * sigmoid(B h)), shape [N]."""
     return w(torch.tanh(a(h)) * torch.sigmoid(b(h))).squeeze(-1)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MILModel, MILOutput
+from .base import MILModel, MILOutput, drop_instances
 from .recipe import Recipe
 
 AUTHORS_RECIPE = Recipe(
@@ -100,8 +100,7 @@ class DSMIL(MILModel):
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
         if self.training and self.dropout_patch > 0:  # a random subset of the bag each step
-            keep = max(1, int(len(features) * (1 - self.dropout_patch)))
-            features = features[torch.randperm(len(features), device=features.device)[:keep]]
+            features = drop_instances(features, self.dropout_patch)
         ins_logits = self.instance_classifier(features)  # [N, C]
         crit = ins_logits.argmax(dim=0)  # [C]
         q = self.q(features)  # [N, 128]
