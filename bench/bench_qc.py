@@ -30,8 +30,8 @@ from common import CACHE, large_slide, median_time  # noqa: E402
 from wsi_mil.config import QCConfig, TilingConfig  # noqa: E402
 from wsi_mil.synthetic import (  # noqa: E402
     ARTEFACT_KINDS,
-    ON_TISSUE_KINDS,
     artefact_masks,
+    on_tissue,
     paint_artefacts,
     write_synthetic_slide,
 )
@@ -99,9 +99,7 @@ def real_case(cfg: QCConfig, seed: int = 0) -> dict:
     h, w = round(rgb.shape[0] * mpp / GRID_UM), round(rgb.shape[1] * mpp / GRID_UM)
     t = tissue.rasterize(w, h, GRID_UM / mpp) > 0
     kinds = ("pen_blue", "pen_green", "pen_red", "pen_black", "blur", "fold")
-    truth = artefact_masks(t, np.random.default_rng(seed), kinds, GRID_UM, scale_um=300)
-    for kind in ("blur", "fold"):  # painted on tissue only: over glass they change nothing
-        truth[kind] &= t
+    truth = on_tissue(artefact_masks(t, np.random.default_rng(seed), kinds, GRID_UM, scale_um=300), t)
     CACHE.mkdir(exist_ok=True)
     write_tiff(out, paint_artefacts(rgb, truth, mpp, GRID_UM), mpp)
     return evaluate(out, truth, cfg)
@@ -110,7 +108,7 @@ def real_case(cfg: QCConfig, seed: int = 0) -> dict:
 def synthetic_case(i: int, cfg: QCConfig) -> dict:
     path = CACHE / f"qc_synthetic_{i}.tif"
     s = write_synthetic_slide(path, 3000, 2000, 0.5, tumor_regions=1, seed=100 + i, artefacts=True)
-    truth = {k: v & (s.tissue_mask if k in ON_TISSUE_KINDS else True) for k, v in s.artefacts.items()}
+    truth = on_tissue(s.artefacts, s.tissue_mask)
     return evaluate(path, truth, cfg, s.artefacts)
 
 

@@ -20,6 +20,7 @@ from .synthetic_artefacts import (  # noqa: F401
     BLUR_UM,
     ON_TISSUE_KINDS,
     artefact_masks,
+    on_tissue,
     paint_artefacts,
 )
 from .synthetic_bags import grid_coords, make_feature_cohort  # noqa: F401
@@ -75,8 +76,7 @@ class SyntheticSlide:
         from .wsi.tissue import mask_to_polygons
 
         features = []
-        for kind, m in self.artefacts.items():
-            m = m & self.tissue_mask if kind in ON_TISSUE_KINDS else m
+        for kind, m in on_tissue(self.artefacts, self.tissue_mask).items():
             if not m.any():
                 continue
             polys = mask_to_polygons(m, self.mask_mpp / self.mpp, min_area_px=0, min_hole_px=0, max_holes=64)

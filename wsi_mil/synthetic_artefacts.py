@@ -27,6 +27,11 @@ FOLD_POWER = 2.5  # a fold's transmission is the tissue's to this power (a doubl
 ON_TISSUE_KINDS = ("blur", "fold", "bubble")
 
 
+def on_tissue(masks: dict[str, np.ndarray], tissue: np.ndarray) -> dict[str, np.ndarray]:
+    """The ground truth of painted `masks`: `ON_TISSUE_KINDS` within `tissue`, ink as painted."""
+    return {k: m & tissue if k in ON_TISSUE_KINDS else m for k, m in masks.items()}
+
+
 def artefact_masks(
     tissue: np.ndarray,
     rng: np.random.Generator,

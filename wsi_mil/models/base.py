@@ -72,9 +72,11 @@ def single_instance_logits(
     return torch.stack(rows) if rows else features.new_zeros(0, model.n_classes)
 
 
-def drop_instances(features: torch.Tensor, p: float) -> torch.Tensor:
-    """A random (1 - p) of the bag's instances, at least one (dsmil-wsi's `--dropout_patch`:
-    train_tcga.py `dropout_patches`); for training steps only."""
+def drop_instances(features: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """In training, a random (1 - p) of the bag's instances, at least one (dsmil-wsi's
+    `--dropout_patch`: train_tcga.py `dropout_patches`); otherwise the whole bag."""
+    if not training or p <= 0:
+        return features
     keep = max(1, int(len(features) * (1 - p)))
     return features[torch.randperm(len(features), device=features.device)[:keep]]
 

@@ -99,8 +99,7 @@ class DSMIL(MILModel):
         self.q_dim = q_dim
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
-        if self.training and self.dropout_patch > 0:  # a random subset of the bag each step
-            features = drop_instances(features, self.dropout_patch)
+        features = drop_instances(features, self.dropout_patch, self.training)
         ins_logits = self.instance_classifier(features)  # [N, C]
         crit = ins_logits.argmax(dim=0)  # [C]
         q = self.q(features)  # [N, 128]

@@ -93,8 +93,7 @@ class TransMIL(MILModel):
         self.fc2 = nn.Linear(dim, n_classes)
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
-        if self.training and self.dropout_patch > 0:  # a random subset of the bag each step
-            features = drop_instances(features, self.dropout_patch)
+        features = drop_instances(features, self.dropout_patch, self.training)
         n = len(features)
         h = self.fc1(features).unsqueeze(0)
         side = math.ceil(math.sqrt(n))
