@@ -5,7 +5,7 @@
   224 px input.
 - `resnet18`: torchvision ResNet18 with the classifier removed, 512-d.
 - the pathology foundation models under TRIDENT's names (`uni_v1`, `uni_v2`, `virchow`,
-  `virchow2`, `hoptimus0`, `hoptimus1`, `gigapath`, `conch_v15`, `phikon_v2`, `phikon`,
+  `virchow2`, `hoptimus0`, `hoptimus1`, `gigapath`, `conch_v15`, `conch_v1`, `phikon_v2`, `phikon`,
   `ctranspath`, `kaiko-vits16`, `kaiko-vits8`, `kaiko-vitb16`, `kaiko-vitb8`, `kaiko-vitl14`,
   `lunit-vits8`, `gpfm`, `openmidnight`, TRIDENT's `resnet50`), with their authors' exact
   architecture, embedding rule, input size, resize filter and normalisation
@@ -227,7 +227,15 @@ def _checkpoint(spec: FoundationSpec, weights) -> tuple[Path, str]:
 
 def _foundation(spec: FoundationSpec, weights=None, random_weights=False, **overrides) -> Encoder:
     loading = bool(weights or not random_weights)
-    if loading and spec.builder in ("timm", "conch_v15", "dinov2_hf", "vit_hf", "dinov2_meta", "ctranspath"):
+    if loading and spec.builder in (
+        "timm",
+        "conch_v15",
+        "conch_v1",
+        "dinov2_hf",
+        "vit_hf",
+        "dinov2_meta",
+        "ctranspath",
+    ):
         overrides = {"weight_init": "skip", **overrides}  # the strict load overwrites every tensor
     net = build_vit(spec, **overrides)
     source, sha = "random", None

@@ -11,11 +11,13 @@ Embedding rules:
   GPFM, OpenMidnight;
 - "cls+mean": the class token concatenated with the mean of the patch tokens, skipping the
   class and register tokens (Virchow: `output[:, 1:]`, Virchow2: `output[:, 5:]`);
-- "attn_pool": CONCH v1.5's attentional pooler over all tokens, then a LayerNorm (768-d);
+- "attn_pool": CONCH's attentional pooler over all tokens, then a LayerNorm (v1.5: 768-d,
+  v1: 512-d);
 - "avg": the mean of the final feature map (CTransPath's Swin after its norm; TRIDENT's
   `resnet50`, layer3 then `AdaptiveAvgPool2d`).
 
-Builders other than a plain timm ViT (features/foundation_arch.py): CONCH v1.5's vision tower;
+Builders other than a plain timm ViT (features/foundation_arch.py): CONCH v1.5's and v1's vision
+towers;
 Phikon-v2 (transformers Dinov2Model), Phikon (transformers ViTModel) and OpenMidnight (DINOv2's
 own layout) built as the equivalent timm ViT from their checkpoints' keys; CTransPath (timm's
 Swin-T with TransPath's ConvStem, checkpoint in timm 0.5.4's layout); TRIDENT's `resnet50`
@@ -33,7 +35,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .foundation_arch import ConchV15Vision, ConvStem, FeaturePool
+from .foundation_arch import ConchV1Vision, ConchV15Vision, ConvStem, FeaturePool
 from .foundation_specs import FOUNDATION_MODELS, HOPTIMUS, IMAGENET, FoundationSpec
 
 __all__ = ["FOUNDATION_MODELS", "HOPTIMUS", "IMAGENET", "FoundationSpec", "build_vit", "weights_module"]
@@ -84,6 +86,8 @@ def build_vit(spec: FoundationSpec, **overrides) -> nn.Module:
     net = timm.create_model(spec.arch, pretrained=False, **kw)
     if spec.builder == "conch_v15":
         return ConchV15Vision(net)
+    if spec.builder == "conch_v1":
+        return ConchV1Vision(net)
     return TokenPool(net, spec.prefix_tokens) if spec.embedding == "cls+mean" else net
 
 

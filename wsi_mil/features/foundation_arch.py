@@ -10,6 +10,14 @@
   (28 + 0.1) / 14); the checkpoint's grid is first brought to 14x14 with timm's
   `resample_abs_pos_embed` (bilinear, no antialias). Both are deterministic functions of the
   weights, so they are applied once here when the checkpoint is loaded.
+- CONCH v1 (MahmoodLab/CONCH, `pytorch_model.bin`: the whole CoCa model), restated from the
+  authors' `conch/open_clip_custom/` (mahmoodlab/CONCH e9c9e5b; TRIDENT `Conchv1InferenceEncoder`
+  calls `encode_image(proj_contrast=False, normalize=False)`, i.e. `VisualModel.forward_no_head`):
+  `trunk` (timm `VisionTransformer`, ViT-B/16 at 448 px, `forward_features`) ->
+  `attn_pool_contrast` (their `AttentionalPooler`: 1 query of 512, `nn.MultiheadAttention(512,
+  8, kdim=768, vdim=768)` with biases, LayerNorms eps 1e-5 on queries and keys) -> token 0 ->
+  `ln_contrast` (LayerNorm 512). Only `visual.` tensors are loaded; the text tower, the caption
+  pooler and the contrastive projection (unused by this embedding) are left out of the file's keys.
 - Phikon-v2 (owkin/phikon-v2, `model.safetensors`): a `transformers` Dinov2Model, ViT-L/16,
   embedding = CLS of `last_hidden_state` (TRIDENT `Phikonv2InferenceEncoder`). It is built as
   the equivalent timm ViT and the Dinov2 keys are renamed (query/key/value fused into qkv);
@@ -80,6 +88,38 @@ class ConchV15Vision(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.trunk.forward_features(x)  # class + patch tokens after the final norm
         return self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])
+
+
+class MultiheadPooler(nn.Module):
+    """CoCa's attentional pooler as CONCH v1 builds it (open_clip_custom/transformer.py
+    `AttentionalPooler`): torch's MultiheadAttention (separate q/k/v projections, biases)."""
+
+    def __init__(self, d_model: int = 512, context_dim: int = 768, n_head: int = 8, n_queries: int = 1):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(n_queries, d_model))
+        self.attn = nn.MultiheadAttention(
+            d_model, n_head, kdim=context_dim, vdim=context_dim, batch_first=True
+        )
+        self.ln_q = nn.LayerNorm(d_model)
+        self.ln_k = nn.LayerNorm(context_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln_k(x)
+        q = self.ln_q(self.query).expand(len(x), -1, -1)
+        return self.attn(q, x, x, need_weights=False)[0]
+
+
+class ConchV1Vision(nn.Module):
+    """CONCH v1's vision tower: ViT-B trunk tokens -> attentional pooler -> LayerNorm (512-d)."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+        self.attn_pool_contrast = MultiheadPooler(512, trunk.embed_dim, 8, 1)
+        self.ln_contrast = nn.LayerNorm(512)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_contrast(self.attn_pool_contrast(self.trunk.forward_features(x))[:, 0])
 
 
 class ConvStem(nn.Module):
@@ -252,6 +292,28 @@ def _dinov2_reg_grid(patch_pos: torch.Tensor, grid: int) -> torch.Tensor:
     return patch.permute(0, 2, 3, 1).reshape(1, -1, dim).to(patch_pos.dtype)
 
 
+# a CONCH v1 checkpoint's tensors that its image embedding does not use
+_CONCH_V1_UNUSED = ("text.", "text_decoder.", "logit_scale", "visual.attn_pool_caption.", "visual.ln_caption.",
+                    "visual.proj_contrast")  # fmt: skip
+
+
+def conch_v1_vision(sd: dict, grid: int | None = None) -> dict:
+    """A CONCH v1 CoCa checkpoint's image tower (`visual.` keys, prefix dropped); a position
+    grid other than `grid` is resized as the authors' `resize_pos_embed` does (timm
+    `resample_abs_pos_embed`, bilinear, no antialias)."""
+    out = {k[len("visual.") :] if k.startswith("visual.") else k: v
+           for k, v in sd.items() if not k.startswith(_CONCH_V1_UNUSED)}  # fmt: skip
+    pos = out.get("trunk.pos_embed")
+    if grid is not None and pos is not None and _grid(pos) != grid:
+        from timm.layers import resample_abs_pos_embed
+
+        out["trunk.pos_embed"] = resample_abs_pos_embed(
+            pos.float(), new_size=(grid, grid), num_prefix_tokens=1, interpolation="bilinear",
+            antialias=False, verbose=False,
+        )  # fmt: skip
+    return out
+
+
 def ctranspath_to_timm(sd: dict) -> dict:
     """TransPath's timm 0.5.4 Swin checkpoint in current timm's Swin layout."""
     old = "layers.0.downsample.reduction.weight" in sd
@@ -275,6 +337,8 @@ NATIVE_LAYOUTS = {
                     lambda sd: "register_tokens" in sd),
     "ctranspath": ("TransPath's timm 0.5.4 Swin", "layers.0.downsample.reduction.weight",
                    lambda sd: "layers.0.downsample.reduction.weight" in sd),
+    "conch_v1": ("CONCH v1's CoCa model", "visual.trunk.patch_embed.proj.weight",
+                 lambda sd: any(k.startswith("visual.trunk.") for k in sd)),
 }  # fmt: skip
 
 
@@ -295,6 +359,8 @@ def from_authors_layout(builder: str, sd: dict, net: nn.Module | None, grid: int
         return vit_hf_to_timm(sd)
     if builder == "ctranspath":
         return ctranspath_to_timm(sd)
+    if builder == "conch_v1":
+        return conch_v1_vision(sd, None if net is None else net.trunk.patch_embed.grid_size[0])
     if builder == "conch_v15" and "trunk.pos_embed" in sd and net is not None:
         grid = net.trunk.patch_embed.grid_size[0]
         return {**sd, "trunk.pos_embed": conch_pos_embed(sd["trunk.pos_embed"], grid)}

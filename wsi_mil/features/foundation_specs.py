@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))  # H-optimus card
+OPENAI = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # CONCH constants.py
 KAIKO = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # TRIDENT utils/constants.py KAIKO_MEAN/STD
 
 
@@ -36,7 +37,7 @@ class FoundationSpec:
     source: str = ""
     act_layer: str | None = None  # "silu" with SwiGLU MLPs
     mlp_layer: str | None = None  # "swiglu_packed"
-    # "timm", "conch_v15", "dinov2_hf", "vit_hf", "dinov2_meta", "ctranspath", "timm_features"
+    # "timm", "conch_v15", "conch_v1", "dinov2_hf", "vit_hf", "dinov2_meta", "ctranspath", "timm_features"
     # (features/foundation.py and foundation_arch.py)
     builder: str = "timm"
     hub_files: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")  # tried in order
@@ -109,6 +110,15 @@ FOUNDATION_MODELS: dict[str, FoundationSpec] = {
             768, "attn_pool", 1, "MahmoodLab/conchv1_5", True, patch_px=512, input_size=448,
             source=_SRC + "L1302-1320; model_zoo/conchv1_5 (Resize 448 bilinear)",
             builder="conch_v15", hub_files=("pytorch_model_vision.bin",),
+        ),
+        FoundationSpec(
+            "conch_v1", "vit_base_patch16_224", {"img_size": 448, "dynamic_img_size": True},
+            512, "attn_pool", 1, "MahmoodLab/CONCH", True, patch_px=512, input_size=448,
+            mean_std=OPENAI, interpolation="bicubic",
+            source=_SRC + "L347-390 (conch create_model_from_pretrained, encode_image without projection); "
+            "CONCH e9c9e5b conch_ViT-B-16.json, coca_model.py L70-96, vision_tower.py, transform.py "
+            "(Resize 448 bicubic + CenterCrop 448, OpenAI mean/std)",
+            builder="conch_v1", hub_files=("pytorch_model.bin",),
         ),
         FoundationSpec(
             "phikon_v2", "vit_large_patch16_224", {"img_size": 224, "init_values": 1.0},
