@@ -51,7 +51,8 @@ class VisualModel(nn.Module):  # vision_tower.py, attentional pools on (conch_Vi
             embed_dim_contrast, prev_chs, n_head=8, n_queries=1, bias=pooler_bias
         )
         self.ln_contrast = nn.LayerNorm(embed_dim_contrast)
-        self.proj_contrast = nn.Parameter(prev_chs**-0.5 * torch.randn(embed_dim_contrast, embed_dim_contrast))
+        scale = prev_chs**-0.5
+        self.proj_contrast = nn.Parameter(scale * torch.randn(embed_dim_contrast, embed_dim_contrast))
         self.head = nn.Sequential(OrderedDict())
         self.attn_pool_caption = AttentionalPooler(embed_dim_caption, prev_chs, n_head=8, n_queries=256)
         self.ln_caption = nn.LayerNorm(embed_dim_caption)
@@ -92,7 +93,8 @@ def resize_pos_embed(state_dict, model):  # coca_model.py, for the VisualModel a
     if pos_embed_w.shape != model.trunk.pos_embed.shape:
         from timm.layers import resample_abs_pos_embed
 
-        num_prefix_tokens = 0 if getattr(model.trunk, "no_embed_class", False) else model.trunk.num_prefix_tokens
+        trunk = model.trunk
+        num_prefix_tokens = 0 if getattr(trunk, "no_embed_class", False) else trunk.num_prefix_tokens
         pos_embed_w = resample_abs_pos_embed(
             pos_embed_w, new_size=model.trunk.patch_embed.grid_size, num_prefix_tokens=num_prefix_tokens,
             interpolation="bilinear", antialias=False, verbose=True,

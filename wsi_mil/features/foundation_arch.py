@@ -293,8 +293,8 @@ def _dinov2_reg_grid(patch_pos: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 # a CONCH v1 checkpoint's tensors that its image embedding does not use
-_CONCH_V1_UNUSED = ("text.", "text_decoder.", "logit_scale", "visual.attn_pool_caption.", "visual.ln_caption.",
-                    "visual.proj_contrast")  # fmt: skip
+_CONCH_V1_UNUSED = ("text.", "text_decoder.", "logit_scale", "visual.attn_pool_caption.",
+                    "visual.ln_caption.", "visual.proj_contrast")  # fmt: skip
 
 
 def conch_v1_vision(sd: dict, grid: int | None = None) -> dict:
