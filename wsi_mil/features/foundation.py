@@ -35,7 +35,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .foundation_arch import ConchV1Vision, ConchV15Vision, ConvStem, FeaturePool
+from .foundation_arch import ConvStem, FeaturePool, conch_vision
 from .foundation_specs import FOUNDATION_MODELS, HOPTIMUS, IMAGENET, FoundationSpec
 
 __all__ = ["FOUNDATION_MODELS", "HOPTIMUS", "IMAGENET", "FoundationSpec", "build_vit", "weights_module"]
@@ -84,10 +84,8 @@ def build_vit(spec: FoundationSpec, **overrides) -> nn.Module:
         return timm.create_model(spec.arch, pretrained=False, **kw)
     kw = _vit_kwargs(spec, overrides)
     net = timm.create_model(spec.arch, pretrained=False, **kw)
-    if spec.builder == "conch_v15":
-        return ConchV15Vision(net)
-    if spec.builder == "conch_v1":
-        return ConchV1Vision(net)
+    if spec.builder in ("conch_v15", "conch_v1"):
+        return conch_vision(net, spec.builder)
     return TokenPool(net, spec.prefix_tokens) if spec.embedding == "cls+mean" else net
 
 

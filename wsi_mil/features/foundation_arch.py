@@ -76,20 +76,6 @@ class AttentionalPooler(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(b, q.shape[1], -1))
 
 
-class ConchV15Vision(nn.Module):
-    """CONCH v1.5's vision tower: ViT-L trunk tokens -> attentional pooler -> LayerNorm (768-d)."""
-
-    def __init__(self, trunk: nn.Module):
-        super().__init__()
-        self.trunk = trunk
-        self.attn_pool_contrast = AttentionalPooler(768, trunk.embed_dim, 8, 1)
-        self.ln_contrast = nn.LayerNorm(768)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.trunk.forward_features(x)  # class + patch tokens after the final norm
-        return self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])
-
-
 class MultiheadPooler(nn.Module):
     """CoCa's attentional pooler as CONCH v1 builds it (open_clip_custom/transformer.py
     `AttentionalPooler`): torch's MultiheadAttention (separate q/k/v projections, biases)."""
@@ -109,17 +95,26 @@ class MultiheadPooler(nn.Module):
         return self.attn(q, x, x, need_weights=False)[0]
 
 
-class ConchV1Vision(nn.Module):
-    """CONCH v1's vision tower: ViT-B trunk tokens -> attentional pooler -> LayerNorm (512-d)."""
+class CoCaVision(nn.Module):
+    """CONCH's vision tower: trunk tokens (after the final norm) -> attentional pooler -> its
+    token 0 -> LayerNorm. v1.5: ViT-L trunk, `AttentionalPooler`, 768-d; v1: ViT-B trunk,
+    `MultiheadPooler`, 512-d (`conch_vision`)."""
 
-    def __init__(self, trunk: nn.Module):
+    def __init__(self, trunk: nn.Module, pooler: nn.Module, dim: int):
         super().__init__()
         self.trunk = trunk
-        self.attn_pool_contrast = MultiheadPooler(512, trunk.embed_dim, 8, 1)
-        self.ln_contrast = nn.LayerNorm(512)
+        self.attn_pool_contrast = pooler
+        self.ln_contrast = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln_contrast(self.attn_pool_contrast(self.trunk.forward_features(x))[:, 0])
+
+
+def conch_vision(trunk: nn.Module, version: str) -> CoCaVision:
+    """CONCH v1.5's (`"conch_v15"`) or v1's (`"conch_v1"`) vision tower around `trunk`."""
+    if version == "conch_v15":
+        return CoCaVision(trunk, AttentionalPooler(768, trunk.embed_dim, 8, 1), 768)
+    return CoCaVision(trunk, MultiheadPooler(512, trunk.embed_dim, 8, 1), 512)
 
 
 class ConvStem(nn.Module):
@@ -297,7 +292,7 @@ _CONCH_V1_UNUSED = ("text.", "text_decoder.", "logit_scale", "visual.attn_pool_c
                     "visual.ln_caption.", "visual.proj_contrast")  # fmt: skip
 
 
-def conch_v1_vision(sd: dict, grid: int | None = None) -> dict:
+def conch_v1_image_tower(sd: dict, grid: int | None = None) -> dict:
     """A CONCH v1 CoCa checkpoint's image tower (`visual.` keys, prefix dropped); a position
     grid other than `grid` is resized as the authors' `resize_pos_embed` does (timm
     `resample_abs_pos_embed`, bilinear, no antialias)."""
@@ -360,7 +355,7 @@ def from_authors_layout(builder: str, sd: dict, net: nn.Module | None, grid: int
     if builder == "ctranspath":
         return ctranspath_to_timm(sd)
     if builder == "conch_v1":
-        return conch_v1_vision(sd, None if net is None else net.trunk.patch_embed.grid_size[0])
+        return conch_v1_image_tower(sd, None if net is None else net.trunk.patch_embed.grid_size[0])
     if builder == "conch_v15" and "trunk.pos_embed" in sd and net is not None:
         grid = net.trunk.patch_embed.grid_size[0]
         return {**sd, "trunk.pos_embed": conch_pos_embed(sd["trunk.pos_embed"], grid)}
