@@ -151,3 +151,41 @@ def test_transmil_patch_dropout_trains_on_half_the_bag_and_predicts_on_all_of_it
     with torch.no_grad():
         a, b = model(x), model(x)
     assert len(a.instance_scores) == 40 and torch.equal(a.logits, b.logits)
+
+
+@pytest.mark.parametrize("side", [1, 2, 5])
+def test_ppeg_as_one_summed_kernel_equals_its_three_convolutions_and_identity(side):
+    """Small grids (bags of 1-25), where the 7 x 7 kernel overhangs the grid on every side."""
+    from wsi_mil.models.transmil import PPEG
+
+    torch.manual_seed(0)
+    ppeg = PPEG(16)
+    x = torch.randn(1, 1 + side * side, 16, requires_grad=True)
+    grid = x[:, 1:].transpose(1, 2).reshape(1, 16, side, side)
+    parts = ppeg.proj(grid) + grid + ppeg.proj1(grid) + ppeg.proj2(grid)
+    want = torch.cat([x[:, :1], parts.flatten(2).transpose(1, 2)], dim=1)
+    got = ppeg(x, side)
+    torch.testing.assert_close(got, want)
+    params = [x, ppeg.proj1.weight, ppeg.proj2.bias]
+    for a, b in zip(torch.autograd.grad(got.sum(), params), torch.autograd.grad(want.sum(), params)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 65])
+def test_nystrom_residual_on_short_sequences_equals_the_convolution(n):
+    """The banded-matmul residual (sequences up to BANDED_MAX_TOKENS) against the package's
+    per-head convolution along the sequence, values and weight gradients."""
+    from wsi_mil.models.nystrom import NystromAttention
+
+    torch.manual_seed(0)
+    attn = NystromAttention(64, 8, 8, 256)
+    v = torch.randn(2, 8, n, 8)
+    got, want = attn._residual(v), attn.res_conv(v)
+    torch.testing.assert_close(got, want)
+    w = attn.res_conv.weight
+    torch.testing.assert_close(
+        torch.autograd.grad(got.square().sum(), w)[0],
+        torch.autograd.grad(want.square().sum(), w)[0],
+        rtol=1e-5,
+        atol=1e-4,  # sums of 2 x 8 x 64 products in another order
+    )

@@ -27,6 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+BANDED_MAX_TOKENS = 64  # shorter sequences: the residual convolution as a banded matmul (faster on CPU)
+
+
+def banded_conv(v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Each head's "same" convolution along the sequence (`Conv2d((k, 1), groups=heads)` of [b, h,
+    n, d] values; `weight` [h, k]) as one banded [h, n, n] matrix times the values: the same
+    products and sums, without a convolution kernel's per-call cost on short sequences."""
+    n, k = v.shape[2], weight.shape[1]
+    i = torch.arange(n, device=v.device)
+    tap = i[None, :] - i[:, None] + k // 2  # T[i, j] = weight[j - i + k // 2] (cross-correlation)
+    inside = (tap >= 0) & (tap < k)
+    return (weight[:, tap.clamp(0, k - 1)] * inside) @ v
+
 
 def pinv_iterative(x: torch.Tensor, iters: int = 6) -> torch.Tensor:
     abs_x = x.abs()
@@ -72,6 +85,8 @@ class NystromAttention(nn.Module):
     def _residual(self, v: torch.Tensor) -> torch.Tensor:
         """The value residual of [b, h, n, d] values."""
         if self.residual == "sequence":
+            if v.shape[2] <= BANDED_MAX_TOKENS:
+                return banded_conv(v, self.res_conv.weight[:, 0, :, 0])
             return self.res_conv(v)
         return self.res_conv(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # channels d, height h, width n
 

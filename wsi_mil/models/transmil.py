@@ -16,6 +16,7 @@ import math
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import MILModel, MILOutput, drop_instances
@@ -39,11 +40,21 @@ class PPEG(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 7, 1, 3, groups=dim)
         self.proj1 = nn.Conv2d(dim, dim, 5, 1, 2, groups=dim)
         self.proj2 = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+        identity = torch.zeros(1, 1, 7, 7)
+        identity[..., 3, 3] = 1.0
+        self.register_buffer("identity", identity, persistent=False)
 
     def forward(self, x, side: int):
         cls, feat = x[:, :1], x[:, 1:]
         grid = feat.transpose(1, 2).reshape(len(x), -1, side, side)
-        grid = self.proj(grid) + grid + self.proj1(grid) + self.proj2(grid)
+        # proj(grid) + grid + proj1(grid) + proj2(grid) as one 7x7 depthwise convolution: the
+        # centred kernels summed (zero-padded "same" convolutions add up exactly)
+        weight = (
+            self.proj.weight + F.pad(self.proj1.weight, (1, 1, 1, 1)) + F.pad(self.proj2.weight, (2, 2, 2, 2))
+        )
+        weight = weight + self.identity
+        bias = self.proj.bias + self.proj1.bias + self.proj2.bias
+        grid = F.conv2d(grid, weight, bias, padding=3, groups=grid.shape[1])
         return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
 
 
