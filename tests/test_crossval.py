@@ -266,3 +266,26 @@ def test_bootstrap_intervals_only_where_every_class_has_ten_test_slides():
     assert not with_ci and "3 normal, 3 tumor" in heading and "no bootstrap intervals" in heading
     heading, with_ci = test_heading(pd.DataFrame({"label_name": ["tumor"] * 10 + ["normal"] * 40}))
     assert with_ci and "95% bootstrap CI" in heading
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_binary_bootstrap_intervals_equal_the_per_resample_metrics(seed):
+    """The vectorised binary bootstrap against sklearn's metrics on each resample (tied
+    scores, and decisions that make F1 undefined, included)."""
+    from wsi_mil.training.metrics import METRICS, bootstrap_ci, compute_metrics
+
+    rng = np.random.default_rng(seed)
+    y = (rng.random(40) < 0.4).astype(int)
+    p = np.round(np.clip(rng.random(40) + 0.3 * y, 0, 1), 1)  # one decimal: many ties
+    prob = np.stack([1 - p, p], 1)
+    pred = (p >= 0.5).astype(int) if seed else np.zeros(40, int)
+    draws = np.random.default_rng(seed)
+    want = {m: [] for m in METRICS}
+    for _ in range(200):
+        idx = draws.integers(0, 40, 40)
+        if len(np.unique(y[idx])) > 1:
+            for k, v in compute_metrics(y[idx], prob[idx], pred[idx]).items():
+                want[k].append(v)
+    got = bootstrap_ci(y, prob, pred, n_boot=200, seed=seed)
+    for k in METRICS:
+        np.testing.assert_allclose(got[k], np.quantile(want[k], [0.025, 0.975]), atol=1e-12)

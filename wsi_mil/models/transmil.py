@@ -2,7 +2,8 @@
 
 Linear(in, 512) + ReLU; the sequence is padded to a square by repeating its first instances;
 a class token is prepended; Nystrom attention layer (8 heads, 256 landmarks) -> PPEG
-(depthwise 7x7 + 5x5 + 3x3 convolutions on the square grid, plus identity) -> second Nystrom
+(depthwise 7x7 + 5x5 + 3x3 convolutions on the square grid, plus identity; run as one
+depthwise convolution with the summed kernel) -> second Nystrom
 layer -> LayerNorm -> Linear(512, C) on the class token.
 `instance_scores`: the class token's exact softmax attention over the instances in the last
 layer, averaged over heads (an O(N) read-out; the Nystrom approximation is used for the update).

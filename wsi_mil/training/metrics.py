@@ -101,23 +101,47 @@ def intervals_supported(y) -> bool:
 def bootstrap_ci(
     y: np.ndarray, prob: np.ndarray, pred: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap (resampling slides) 95% intervals for every metric."""
+    """Percentile bootstrap (resampling slides) 95% intervals for every metric. Resamples
+    with one class only are skipped. Binary tasks compute all resamples at once
+    (`_binary_metrics`: the same values as `compute_metrics`, without sklearn's per-call cost)."""
     rng = np.random.default_rng(seed)
     y, pred = np.asarray(y), np.asarray(pred)
-    samples = {m: [] for m in METRICS}
     n = len(y)
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        if len(np.unique(y[idx])) < 2:
-            continue
-        for k, v in compute_metrics(y[idx], prob[idx], pred[idx]).items():
-            samples[k].append(v)
+    draws = np.stack([rng.integers(0, n, n) for _ in range(n_boot)]) if n_boot else np.zeros((0, n), int)
+    draws = draws[[len(np.unique(y[idx])) > 1 for idx in draws]] if len(draws) else draws
+    if prob.shape[1] == 2 and set(np.unique(y)) <= {0, 1}:
+        samples = _binary_metrics(y[draws], prob[:, 1][draws], pred[draws])
+    else:
+        rows = [compute_metrics(y[idx], prob[idx], pred[idx]) for idx in draws]
+        samples = {m: np.array([r[m] for r in rows], float) for m in METRICS}
     out = {}
-    for k, vals in samples.items():
-        vals = np.asarray([v for v in vals if np.isfinite(v)])
+    for k in METRICS:
+        vals = samples[k][np.isfinite(samples[k])]
         out[k] = (
             (float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2)))
             if len(vals)
             else (float("nan"), float("nan"))
         )
     return out
+
+
+def _binary_metrics(y: np.ndarray, p_pos: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
+    """`compute_metrics` of many binary resamples at once (rows of [B, n] labels 0/1, positive
+    probabilities, decisions), each holding both classes: accuracy, balanced accuracy (mean
+    recall), AUC (Mann-Whitney with tied scores counted half, as the ROC trapezoids count them)
+    and F1 of class 1 (0 when undefined, sklearn's zero_division=0)."""
+    from scipy.stats import rankdata
+
+    pos, hit = y == 1, pred == y
+    n_pos, n_neg = pos.sum(1), (~pos).sum(1)
+    tp, tn = (hit & pos).sum(1), (hit & ~pos).sum(1)
+    fp, fn = n_neg - tn, n_pos - tp
+    ranks = rankdata(p_pos, axis=1)  # average ranks of ties
+    auc = ((ranks * pos).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    f1_den = 2 * tp + fp + fn
+    return {
+        "accuracy": hit.mean(1),
+        "balanced_accuracy": (tp / n_pos + tn / n_neg) / 2,
+        "auc": auc,
+        "f1": np.where(f1_den > 0, 2 * tp / np.maximum(f1_den, 1), 0.0),
+    }
