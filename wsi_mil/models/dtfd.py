@@ -2,7 +2,9 @@
 
 Linear(in, 512, bias=False) + ReLU; the bag is split at random into `n_groups` pseudo-bags
 (default 4). Tier 1, per pseudo-bag: gated attention (512, 128) and a Linear(512, C)
-classifier on the attention-pooled feature, trained with the bag label. Instance probabilities
+classifier on the attention-pooled feature, trained with the bag label (the pseudo-bags run as
+one padded batch, each softmax over its own instances: the authors' per-pseudo-bag loop, in
+fewer operations). Instance probabilities
 come from that classifier on attention-weighted instance features (the paper's Grad-CAM form).
 Distillation (`distill`): AFS (default, the attention-pooled feature), MaxS (the instance with
 the highest positive-class probability) or MaxMinS (highest and lowest). Tier 2: gated
@@ -71,32 +73,37 @@ class DTFDMIL(MILModel):
     def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
         h_all = self.reduce(features)
         groups = self._split(features)
-        sub_logits, distilled, group_attn = [], [], []
-        for idx in groups:
-            h = h_all[idx]
-            z, a = self.attention(h)
-            sub_logits.append(self.classifier(z))
-            group_attn.append(a)
-            if self.distill == "AFS":
-                distilled.append(z.unsqueeze(0))
-            else:
-                # instance probabilities as the authors' get_cam_1d: the classifier's weights
-                # (no bias) on each attention-weighted instance feature a_i h_i
-                cam = (h * a.unsqueeze(1)) @ self.classifier[1].weight.T
-                probs = torch.softmax(cam, dim=1)
-                pos = probs[:, -1]
-                picks = [pos.argmax()] + ([pos.argmin()] if self.distill == "MaxMinS" else [])
-                distilled.append(h[torch.stack(picks)])
-        tier2_in = torch.cat(distilled)
+        # tier 1 on all pseudo-bags at once: [G, L] padded rows (sizes differ by at most one),
+        # each row's softmax over its own instances only (padding at -inf weighs 0)
+        size = max(len(idx) for idx in groups)
+        pad = torch.stack([F.pad(idx, (0, size - len(idx)), value=-1) for idx in groups])  # [G, L]
+        valid = pad >= 0
+        h = h_all[pad.clamp(min=0)]  # [G, L, hidden]
+        att = self.attention
+        logits = att.w(att.a(h) * att.b(h)).squeeze(-1).masked_fill(~valid, float("-inf"))
+        a = torch.softmax(logits, dim=1)  # [G, L]
+        z = torch.bmm(a.unsqueeze(1), h).squeeze(1)  # [G, hidden]
+        sub_logits = self.classifier(z)
+        if self.distill == "AFS":
+            tier2_in = z
+        else:
+            # instance probabilities as the authors' get_cam_1d: the classifier's weights
+            # (no bias) on each attention-weighted instance feature a_i h_i
+            cam = (h * a.unsqueeze(-1)) @ self.classifier[1].weight.T  # [G, L, C]
+            pos = torch.softmax(cam, dim=-1)[..., -1]
+            picks = [pos.masked_fill(~valid, -float("inf")).argmax(1)]
+            if self.distill == "MaxMinS":
+                picks.append(pos.masked_fill(~valid, float("inf")).argmin(1))
+            rows = torch.arange(len(groups), device=features.device)
+            tier2_in = torch.stack([h[rows, p] for p in picks], dim=1).flatten(0, 1)  # max, min per group
         if self.training:  # tier-2's loss trains tier 2 only; in eval the input keeps its
             tier2_in = tier2_in.detach()  # gradient, which sparse inversion needs
         z2, a2 = self.attention2(tier2_in)
-        logits = self.classifier2(z2)
-        scores = torch.empty(len(features), device=features.device)
+        logits2 = self.classifier2(z2)
         per_group = a2 if self.distill == "AFS" else a2.view(len(groups), -1).sum(1)
-        for idx, a, w in zip(groups, group_attn, per_group):
-            scores[idx] = a * w
-        return MILOutput(logits, scores, None, {"sub_logits": torch.stack(sub_logits)})
+        scores = torch.empty(len(features), device=features.device)
+        scores[pad[valid]] = (a * per_group.unsqueeze(1))[valid]
+        return MILOutput(logits2, scores, None, {"sub_logits": sub_logits})
 
     def clip_groups(self) -> list[list[nn.Parameter]]:
         """The authors clip each module's gradient norm on its own (Main_DTFD_MIL.py (10964f4):
