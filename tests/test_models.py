@@ -69,6 +69,27 @@ def test_eval_is_deterministic(name):
     torch.testing.assert_close(a.instance_scores, b.instance_scores)
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_training_on_two_threads_is_reproducible(name):
+    """Same seed and bags on two intra-op threads: the same weights, so a crossval rerun
+    reproduces its epochs (CAMIL's neighbour gather once summed its gradients in a
+    thread-dependent order)."""
+    torch.set_num_threads(2)  # the autouse fixture restores the count
+
+    def train():
+        torch.manual_seed(0)
+        model = create_model(name, D, 2)
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+        for x, coords, y in toy_bags(16):
+            loss = model.loss(model(x, coords), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(train(), train())
+
+
 @pytest.mark.parametrize("name", ["abmil", "dsmil", "psmil", "dtfd"])
 def test_permutation_invariance(name):
     torch.manual_seed(0)

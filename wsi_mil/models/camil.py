@@ -61,6 +61,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import GatedAttention, MILModel, MILOutput
@@ -177,7 +178,7 @@ class CAMIL(MILModel):
     def neighbour_attention(self, t: torch.Tensor, nbr: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Raw scores sum_j w_ij q_i . k_j / sqrt(d) of `NeighborAggregator` (before the softmax)."""
         q, key = self.wq(t), self.wk(t)
-        return ((q.unsqueeze(1) * key[nbr]).sum(-1) * weights).sum(1) * self.scale
+        return ((q.unsqueeze(1) * F.embedding(nbr, key)).sum(-1) * weights).sum(1) * self.scale
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
         x = self.fc(features)
