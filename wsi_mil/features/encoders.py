@@ -227,15 +227,7 @@ def _checkpoint(spec: FoundationSpec, weights) -> tuple[Path, str]:
 
 def _foundation(spec: FoundationSpec, weights=None, random_weights=False, **overrides) -> Encoder:
     loading = bool(weights or not random_weights)
-    if loading and spec.builder in (
-        "timm",
-        "conch_v15",
-        "conch_v1",
-        "dinov2_hf",
-        "vit_hf",
-        "dinov2_meta",
-        "ctranspath",
-    ):
+    if loading and spec.builder != "timm_features":  # every ViT/Swin build takes weight_init
         overrides = {"weight_init": "skip", **overrides}  # the strict load overwrites every tensor
     net = build_vit(spec, **overrides)
     source, sha = "random", None

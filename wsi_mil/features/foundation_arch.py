@@ -299,13 +299,8 @@ def conch_v1_image_tower(sd: dict, grid: int | None = None) -> dict:
     out = {k[len("visual.") :] if k.startswith("visual.") else k: v
            for k, v in sd.items() if not k.startswith(_CONCH_V1_UNUSED)}  # fmt: skip
     pos = out.get("trunk.pos_embed")
-    if grid is not None and pos is not None and _grid(pos) != grid:
-        from timm.layers import resample_abs_pos_embed
-
-        out["trunk.pos_embed"] = resample_abs_pos_embed(
-            pos.float(), new_size=(grid, grid), num_prefix_tokens=1, interpolation="bilinear",
-            antialias=False, verbose=False,
-        )  # fmt: skip
+    if grid is not None and pos is not None:  # v1.5's first resize is v1's rule; no second step
+        out["trunk.pos_embed"] = conch_pos_embed(pos, grid, trained_grid=grid)
     return out
 
 
