@@ -196,6 +196,54 @@ def test_phikon_family_changed_settings_are_caught(tmp_path):
         assert not torch.allclose(enc(x), ref(pixel_values=x).last_hidden_state[:, 0], atol=1e-4)
 
 
+# -- transformers: Hibou-L (DINOv2 with registers) ----------------------------------------------
+
+HIBOU_CONFIG = {  # histai/hibou-b config.json (Dinov2ModelWithRegisters) at ViT-L width, depth, heads
+    "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "mlp_ratio": 4,
+    "use_swiglu_ffn": True, "num_register_tokens": 4, "patch_size": 14, "image_size": 224,
+    "layer_norm_eps": 1e-6, "qkv_bias": True,
+}  # fmt: skip
+
+
+def _hibou_reference(tmp_path, **changed):
+    ensure_torchvision_importable()
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Dinov2WithRegistersConfig(**{**HIBOU_CONFIG, "num_hidden_layers": 1, **changed})
+    torch.manual_seed(0)
+    ref = transformers.Dinov2WithRegistersModel(config).eval()
+    _randomise(ref)
+    ref.save_pretrained(tmp_path)  # the hub layout: attention.attention.query, mlp.weights_in ...
+    return ref
+
+
+@pytest.mark.parametrize("image_size", [224, 518])  # a file grid other than 16: resized on loading
+def test_hibou_l_equals_transformers_dinov2_with_registers(tmp_path, image_size):
+    ref = _hibou_reference(tmp_path, image_size=image_size)
+    enc = create_encoder("hibou_l", weights=tmp_path / "model.safetensors", depth=1)
+    x = _input(enc, 2)
+    with torch.no_grad():
+        want = ref(pixel_values=x).pooler_output  # TRIDENT L531-534
+        torch.testing.assert_close(enc(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_hibou_family_changed_settings_are_caught(tmp_path):
+    _hibou_reference(tmp_path / "gelu_mlp", use_swiglu_ffn=False)
+    with pytest.raises(WsiMilError, match="weights do not fit encoder hibou_l: tensors 3 of another shape.*mlp.fc1"):
+        create_encoder("hibou_l", weights=tmp_path / "gelu_mlp" / "model.safetensors", depth=1)
+    _hibou_reference(tmp_path / "reg8", num_register_tokens=8)
+    with pytest.raises(WsiMilError, match="weights do not fit encoder hibou_l: .*reg_token"):
+        create_encoder("hibou_l", weights=tmp_path / "reg8" / "model.safetensors", depth=1)
+    ref = _hibou_reference(tmp_path / "eps", layer_norm_eps=1e-12)  # same tensors, another norm
+    enc = create_encoder("hibou_l", weights=tmp_path / "eps" / "model.safetensors", depth=1)
+    x = _input(enc)
+    with torch.no_grad():
+        ref_out = ref(pixel_values=x * 0 + 0.5).pooler_output  # a flat image: tokens of tiny variance
+        assert not torch.allclose(enc(x * 0 + 0.5), ref_out, atol=1e-4)
+    _hibou_reference(tmp_path / "ok")  # Phikon-v2 is a transformers Dinov2 too: named, not loaded
+    with pytest.raises(WsiMilError, match="have hibou_l's key layout.*not phikon_v2's: pass --encoder hibou_l"):
+        create_encoder("phikon_v2", weights=tmp_path / "ok" / "model.safetensors", depth=1)
+
+
 # -- OpenMidnight: DINOv2's own layout (dinov2_vitg14_reg) ---------------------------------------
 
 

@@ -24,6 +24,15 @@
   `embeddings.mask_token` (used only for masked-image pretraining) is dropped. A checkpoint
   whose position grid is not 14x14 is resized once with transformers' rule (bicubic to the
   target size, float32, no antialias). Parity with `transformers` is tested.
+- Hibou-L (histai/hibou-L, `model.safetensors`): the hub's `Dinov2ModelWithRegisters`
+  (`trust_remote_code`; histai/hibou-b's config.json: 4 registers, `use_swiglu_ffn`, patch 14,
+  224 px) at ViT-L size (1024 wide, 24 blocks, 16 heads: HistAI/hibou `vit_large`), embedding =
+  `pooler_output`, the CLS after the final norm (TRIDENT `HibouLInferenceEncoder`). Renamed as
+  Phikon-v2 (`mlp.weights_in/out` -> `fc1/fc2`: SwiGLU's packed gate and value, as timm's
+  `SwiGLUPacked`) into timm's `vit_large_patch14_reg4_dinov2`; registers and the class token's
+  position as for OpenMidnight below, a grid other than 16 x 16 resized with transformers'
+  rule for the register models (bicubic, antialiased). Parity with transformers'
+  `Dinov2WithRegistersModel` is tested; the hub's own modeling file was not read.
 - Phikon (owkin/phikon): a `transformers` ViTModel, ViT-B/16, LayerNorm eps 1e-12 (its
   config.json), CLS of `last_hidden_state` (TRIDENT `PhikonInferenceEncoder`, built with
   `add_pooling_layer=False`, so a checkpoint's `pooler.` tensors are dropped). Renamed onto timm's
@@ -201,6 +210,8 @@ _DINOV2_RENAMES = (
     (".layer_scale1.lambda1", ".ls1.gamma"),
     (".layer_scale2.lambda1", ".ls2.gamma"),
     ("layernorm.", "norm."),
+    (".mlp.weights_in.", ".mlp.fc1."),  # use_swiglu_ffn: packed (gate, value), silu(gate) * value
+    (".mlp.weights_out.", ".mlp.fc2."),
 )
 
 
@@ -234,10 +245,21 @@ def _renamed(sd: dict, renames: tuple) -> dict:
 
 
 def dinov2_to_timm(sd: dict, grid: int) -> dict:
-    """A transformers Dinov2Model state dict in timm's ViT layout (position grid `grid`)."""
-    out = _renamed({k: v for k, v in sd.items() if k != "embeddings.mask_token"}, _DINOV2_RENAMES)
-    if "pos_embed" in out:
-        out["pos_embed"] = dinov2_pos_embed(out["pos_embed"], grid)
+    """A transformers Dinov2Model state dict in timm's ViT layout (position grid `grid`). With
+    `embeddings.register_tokens` (Dinov2WithRegisters: the registers join after the positions
+    are added) it is timm's reg4 DINOv2 layout, as `dinov2_meta_to_timm`."""
+    sd = {k: v for k, v in sd.items() if k != "embeddings.mask_token"}
+    registers = sd.pop("embeddings.register_tokens", None)
+    out = _renamed(sd, _DINOV2_RENAMES)
+    if registers is None:
+        if "pos_embed" in out:
+            out["pos_embed"] = dinov2_pos_embed(out["pos_embed"], grid)
+        return out
+    out["reg_token"] = registers
+    if "cls_token" in out and "pos_embed" in out:
+        pos = out["pos_embed"]
+        out["cls_token"] = out["cls_token"] + pos[:, :1]
+        out["pos_embed"] = _dinov2_reg_grid(pos[:, 1:], grid)  # transformers: bicubic, antialiased
     return out
 
 

@@ -16,6 +16,7 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))  # H-optimus card
 OPENAI = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # CONCH constants.py
 KAIKO = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # TRIDENT utils/constants.py KAIKO_MEAN/STD
+HIBOU = ((0.7068, 0.5755, 0.722), (0.195, 0.2316, 0.1816))  # TRIDENT utils/constants.py HIBOU_MEAN/STD
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,16 @@ FOUNDATION_MODELS: dict[str, FoundationSpec] = {
             1024, "cls", 1, "owkin/phikon-v2", False,
             source=_SRC + "L1273, L1278-1291 (AutoModel, CLS; Resize 224 + CenterCrop 224)",
             builder="dinov2_hf", hub_files=("model.safetensors",),
+        ),
+        FoundationSpec(
+            "hibou_l", "vit_large_patch14_reg4_dinov2", {"img_size": 224, "mlp_ratio": 2 * 2736 / 1024},
+            1024, "cls", 5, "histai/hibou-L", True, mean_std=HIBOU, interpolation="bicubic",
+            source=_SRC + "L500-534 (AutoModel trust_remote_code, pooler_output; Resize 224 bicubic); "
+            "histai/hibou-b config.json (Dinov2ModelWithRegisters: 4 registers, use_swiglu_ffn, patch "
+            "14, 224 px, eps 1e-6) at ViT-L width, depth and heads (HistAI/hibou vision_transformer.py "
+            "vit_large: 1024, 24, 16; build_model: swiglufused, 4 registers, patch 14)",
+            builder="dinov2_hf", hub_files=("model.safetensors",), act_layer="silu",
+            mlp_layer="swiglu_packed",
         ),
         FoundationSpec(
             "ctranspath", "swin_tiny_patch4_window7_224", {"img_size": 224},

@@ -2,8 +2,8 @@
 encoder's key layout a checkpoint has.
 
 Checkpoint identity (`load_checkpoint`): a file that does not load strictly, or that is not in
-the authors' own layout of an encoder whose checkpoint is converted (Phikon-v2 and Phikon:
-transformers; OpenMidnight: DINOv2's; CTransPath: timm 0.5.4's Swin; a UNI checkpoint is
+the authors' own layout of an encoder whose checkpoint is converted (Phikon-v2, Hibou-L and
+Phikon: transformers; OpenMidnight: DINOv2's; CTransPath: timm 0.5.4's Swin; a UNI checkpoint is
 timm-layout and would pass the Dinov2 renaming unchanged), has its key layout (key names with
 block numbers folded, and tensor shapes) compared with every registered encoder's; one in another encoder's
 layout is refused naming both. The file's sha256 is streamed and cached per path, mtime and size.
