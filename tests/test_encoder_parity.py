@@ -228,10 +228,11 @@ def test_hibou_l_equals_transformers_dinov2_with_registers(tmp_path, image_size)
 
 def test_hibou_family_changed_settings_are_caught(tmp_path):
     _hibou_reference(tmp_path / "gelu_mlp", use_swiglu_ffn=False)
-    with pytest.raises(WsiMilError, match="weights do not fit encoder hibou_l: tensors 3 of another shape.*mlp.fc1"):
+    fit = "weights do not fit encoder hibou_l"
+    with pytest.raises(WsiMilError, match=f"{fit}: tensors 3 of another shape.*mlp.fc1"):
         create_encoder("hibou_l", weights=tmp_path / "gelu_mlp" / "model.safetensors", depth=1)
     _hibou_reference(tmp_path / "reg8", num_register_tokens=8)
-    with pytest.raises(WsiMilError, match="weights do not fit encoder hibou_l: .*reg_token"):
+    with pytest.raises(WsiMilError, match=f"{fit}: .*reg_token"):
         create_encoder("hibou_l", weights=tmp_path / "reg8" / "model.safetensors", depth=1)
     ref = _hibou_reference(tmp_path / "eps", layer_norm_eps=1e-12)  # same tensors, another norm
     enc = create_encoder("hibou_l", weights=tmp_path / "eps" / "model.safetensors", depth=1)
@@ -240,7 +241,8 @@ def test_hibou_family_changed_settings_are_caught(tmp_path):
         ref_out = ref(pixel_values=x * 0 + 0.5).pooler_output  # a flat image: tokens of tiny variance
         assert not torch.allclose(enc(x * 0 + 0.5), ref_out, atol=1e-4)
     _hibou_reference(tmp_path / "ok")  # Phikon-v2 is a transformers Dinov2 too: named, not loaded
-    with pytest.raises(WsiMilError, match="have hibou_l's key layout.*not phikon_v2's: pass --encoder hibou_l"):
+    named = "have hibou_l's key layout.*not phikon_v2's: pass --encoder hibou_l"
+    with pytest.raises(WsiMilError, match=named):
         create_encoder("phikon_v2", weights=tmp_path / "ok" / "model.safetensors", depth=1)
 
 

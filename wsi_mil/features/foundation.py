@@ -17,11 +17,10 @@ Embedding rules:
   `resnet50`, layer3 then `AdaptiveAvgPool2d`).
 
 Builders other than a plain timm ViT (features/foundation_arch.py): CONCH v1.5's and v1's vision
-towers;
-Phikon-v2 (transformers Dinov2Model), Hibou-L (Dinov2 with registers), Phikon (transformers ViTModel) and OpenMidnight (DINOv2's
-own layout) built as the equivalent timm ViT from their checkpoints' keys; CTransPath (timm's
-Swin-T with TransPath's ConvStem, checkpoint in timm 0.5.4's layout); TRIDENT's `resnet50`
-(timm `features_only` up to layer3).
+towers; Phikon-v2 (transformers Dinov2Model), Hibou-L (Dinov2 with registers), Phikon
+(transformers ViTModel) and OpenMidnight (DINOv2's own layout) built as the equivalent timm ViT
+from their checkpoints' keys; CTransPath (timm's Swin-T with TransPath's ConvStem, checkpoint
+in timm 0.5.4's layout); TRIDENT's `resnet50` (timm `features_only` up to layer3).
 
 Resizing follows the authors' transforms: patches are read at the model's resolution and
 resized to its input size with its interpolation, antialiased as torchvision's `Resize` does on
