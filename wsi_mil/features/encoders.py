@@ -7,7 +7,7 @@
 - the pathology foundation models under TRIDENT's names (`uni_v1`, `uni_v2`, `virchow`,
   `virchow2`, `hoptimus0`, `hoptimus1`, `gigapath`, `conch_v15`, `conch_v1`, `phikon_v2`, `phikon`,
   `ctranspath`, `kaiko-vits16`, `kaiko-vits8`, `kaiko-vitb16`, `kaiko-vitb8`, `kaiko-vitl14`,
-  `lunit-vits8`, `gpfm`, `openmidnight`, `hibou_l`, TRIDENT's `resnet50`), with their authors' exact
+  `lunit-vits8`, `gpfm`, `openmidnight`, `hibou_l`, `musk`, TRIDENT's `resnet50`), with their authors' exact
   architecture, embedding rule, input size, resize filter and normalisation
   (features/foundation_specs.py).
 - `timm:<name>` and `hf-hub:<repo>`: any other timm model, pooled features via
@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from ..errors import WsiMilError
+from .checkpoint_layouts import from_authors_layout
 from .compat import import_timm, import_torchvision
 from .foundation import FOUNDATION_MODELS, FoundationSpec, build_vit, weights_module
-from .foundation_arch import from_authors_layout
 from .weights import file_sha256, load_checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

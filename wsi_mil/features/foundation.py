@@ -8,7 +8,7 @@ names are TRIDENT's so users can switch. docs/encoders.md tabulates them.
 Embedding rules:
 - "cls": the class token after the final norm (timm `global_pool="token"`; transformers
   `last_hidden_state[:, 0]`), UNI, UNI2-h, H-optimus, Prov-GigaPath, Phikon(-v2), Kaiko, Lunit,
-  GPFM, OpenMidnight, Hibou-L (`pooler_output`);
+  GPFM, OpenMidnight, Hibou-L (`pooler_output`), MUSK (`return_global`, no head);
 - "cls+mean": the class token concatenated with the mean of the patch tokens, skipping the
   class and register tokens (Virchow: `output[:, 1:]`, Virchow2: `output[:, 5:]`);
 - "attn_pool": CONCH's attentional pooler over all tokens, then a LayerNorm (v1.5: 768-d,
@@ -16,11 +16,12 @@ Embedding rules:
 - "avg": the mean of the final feature map (CTransPath's Swin after its norm; TRIDENT's
   `resnet50`, layer3 then `AdaptiveAvgPool2d`).
 
-Builders other than a plain timm ViT (features/foundation_arch.py): CONCH v1.5's and v1's vision
-towers; Phikon-v2 (transformers Dinov2Model), Hibou-L (Dinov2 with registers), Phikon
-(transformers ViTModel) and OpenMidnight (DINOv2's own layout) built as the equivalent timm ViT
-from their checkpoints' keys; CTransPath (timm's Swin-T with TransPath's ConvStem, checkpoint
-in timm 0.5.4's layout); TRIDENT's `resnet50` (timm `features_only` up to layer3).
+Builders other than a plain timm ViT (features/foundation_arch.py; checkpoint conversions in
+features/checkpoint_layouts.py): CONCH v1.5's and v1's vision towers; Phikon-v2 (transformers
+Dinov2Model), Hibou-L (Dinov2 with registers), Phikon (transformers ViTModel), OpenMidnight
+(DINOv2's own layout) and MUSK (BEiT-3's image branch) built as the equivalent timm ViT from
+their checkpoints' keys; CTransPath (timm's Swin-T with TransPath's ConvStem, checkpoint in timm
+0.5.4's layout); TRIDENT's `resnet50` (timm `features_only` up to layer3).
 
 Resizing follows the authors' transforms: patches are read at the model's resolution and
 resized to its input size with its interpolation, antialiased as torchvision's `Resize` does on

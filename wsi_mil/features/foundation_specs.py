@@ -16,6 +16,7 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))  # H-optimus card
 OPENAI = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # CONCH constants.py
 KAIKO = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # TRIDENT utils/constants.py KAIKO_MEAN/STD
+INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # timm IMAGENET_INCEPTION_MEAN/STD (TRIDENT L330-332)
 HIBOU = ((0.7068, 0.5755, 0.722), (0.195, 0.2316, 0.1816))  # TRIDENT utils/constants.py HIBOU_MEAN/STD
 
 
@@ -38,8 +39,8 @@ class FoundationSpec:
     source: str = ""
     act_layer: str | None = None  # "silu" with SwiGLU MLPs
     mlp_layer: str | None = None  # "swiglu_packed"
-    # "timm", "conch_v15", "conch_v1", "dinov2_hf", "vit_hf", "dinov2_meta", "ctranspath", "timm_features"
-    # (features/foundation.py and foundation_arch.py)
+    # "timm", "conch_v15", "conch_v1", "dinov2_hf", "vit_hf", "dinov2_meta", "ctranspath", "musk",
+    # "timm_features" (features/foundation.py, foundation_arch.py and checkpoint_layouts.py)
     builder: str = "timm"
     hub_files: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")  # tried in order
     hub_repo_type: str = "model"
@@ -136,6 +137,17 @@ FOUNDATION_MODELS: dict[str, FoundationSpec] = {
             "vit_large: 1024, 24, 16; build_model: swiglufused, 4 registers, patch 14)",
             builder="dinov2_hf", hub_files=("model.safetensors",), act_layer="silu",
             mlp_layer="swiglu_packed",
+        ),
+        FoundationSpec(
+            "musk", "vit_large_patch16_384",
+            {"img_size": 384, "scale_attn_norm": True, "scale_mlp_norm": True},
+            1024, "cls", 1, "xiangjx/musk", True, patch_px=384, input_size=384, mean_std=INCEPTION,
+            interpolation="bicubic",
+            source=_SRC + "L290-344 (musk_large_patch16_384, image CLS without head or norm; Resize 384 "
+            "bicubic + CenterCrop 384); lilab-stanford/MUSK 714b666 modeling.py (_get_large_config: "
+            "1024 / 24 / 16 heads, FFN 4096, multiway, normalize_output) and its torchscale BEiT-3 "
+            "(pre-norm, sub-LayerNorms in attention and FFN, eps 1e-5, GELU, positions from row 2)",
+            builder="musk", norm_eps=1e-5, hub_files=("model.safetensors",),
         ),
         FoundationSpec(
             "ctranspath", "swin_tiny_patch4_window7_224", {"img_size": 224},

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from ..errors import WsiMilError
+from .checkpoint_layouts import NATIVE_LAYOUTS, file_grid, from_authors_layout
 from .compat import import_timm, import_torchvision
 from .foundation import FOUNDATION_MODELS, build_vit, weights_module
-from .foundation_arch import NATIVE_LAYOUTS, file_grid, from_authors_layout
 
 # the registered encoders with a checkpoint layout of their own (encoders.ENCODERS' order)
 LAYOUT_ENCODERS = ("resnet50_trunc", "resnet18", *FOUNDATION_MODELS)
