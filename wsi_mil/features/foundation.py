@@ -21,7 +21,8 @@ features/checkpoint_layouts.py): CONCH v1.5's and v1's vision towers; Phikon-v2 
 Dinov2Model), Hibou-L (Dinov2 with registers), Phikon (transformers ViTModel), OpenMidnight
 (DINOv2's own layout) and MUSK (BEiT-3's image branch) built as the equivalent timm ViT from
 their checkpoints' keys; CTransPath (timm's Swin-T with TransPath's ConvStem, checkpoint in timm
-0.5.4's layout); TRIDENT's `resnet50` (timm `features_only` up to layer3).
+0.5.4's layout); TRIDENT's `resnet50` (timm `features_only` up to layer3); GenBio-PathFM
+(features/rope_vit.py: a DINOv3-style ViT with a bfloat16 RoPE, per colour channel).
 
 Resizing follows the authors' transforms: patches are read at the model's resolution and
 resized to its input size with its interpolation, antialiased as torchvision's `Resize` does on
@@ -37,6 +38,7 @@ from torch import nn
 
 from .foundation_arch import ConvStem, FeaturePool, conch_vision
 from .foundation_specs import FOUNDATION_MODELS, HOPTIMUS, IMAGENET, FoundationSpec
+from .rope_vit import PerChannel, RopeViT
 
 __all__ = ["FOUNDATION_MODELS", "HOPTIMUS", "IMAGENET", "FoundationSpec", "build_vit", "weights_module"]
 
@@ -77,6 +79,8 @@ def build_vit(spec: FoundationSpec, **overrides) -> nn.Module:
     if spec.builder == "timm_features":  # TRIDENT's resnet50: layer3 + average pool
         overrides.pop("depth", None)
         return FeaturePool(timm.create_model(spec.arch, pretrained=False, **{**spec.kwargs, **overrides}))
+    if spec.builder == "genbio":  # not a timm model: features/rope_vit.py
+        return PerChannel(RopeViT(**{**spec.kwargs, "depth": overrides.get("depth", spec.kwargs["depth"])}))
     if spec.builder == "ctranspath":
         if "depth" in overrides:
             overrides["depths"] = (overrides.pop("depth"),) * 4
@@ -91,6 +95,6 @@ def build_vit(spec: FoundationSpec, **overrides) -> nn.Module:
 
 def weights_module(net: nn.Module) -> nn.Module:
     """The module whose state dict the authors' checkpoint holds (the ViT inside a TokenPool)."""
-    if isinstance(net, TokenPool):
+    if isinstance(net, (TokenPool, PerChannel)):
         return net.net
     return net.body if isinstance(net, FeaturePool) else net

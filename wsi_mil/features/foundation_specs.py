@@ -17,6 +17,7 @@ HOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))  # H
 OPENAI = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # CONCH constants.py
 KAIKO = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # TRIDENT utils/constants.py KAIKO_MEAN/STD
 INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # timm IMAGENET_INCEPTION_MEAN/STD (TRIDENT L330-332)
+GENBIO = ((0.697, 0.575, 0.728), (0.188, 0.240, 0.187))  # TRIDENT utils/constants.py GENBIO_PATHFM_*
 HIBOU = ((0.7068, 0.5755, 0.722), (0.195, 0.2316, 0.1816))  # TRIDENT utils/constants.py HIBOU_MEAN/STD
 
 
@@ -40,7 +41,8 @@ class FoundationSpec:
     act_layer: str | None = None  # "silu" with SwiGLU MLPs
     mlp_layer: str | None = None  # "swiglu_packed"
     # "timm", "conch_v15", "conch_v1", "dinov2_hf", "vit_hf", "dinov2_meta", "ctranspath", "musk",
-    # "timm_features" (features/foundation.py, foundation_arch.py and checkpoint_layouts.py)
+    # "timm_features", "genbio" (features/foundation.py, foundation_arch.py, checkpoint_layouts.py,
+    # rope_vit.py)
     builder: str = "timm"
     hub_files: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")  # tried in order
     hub_repo_type: str = "model"
@@ -148,6 +150,16 @@ FOUNDATION_MODELS: dict[str, FoundationSpec] = {
             "1024 / 24 / 16 heads, FFN 4096, multiway, normalize_output) and its torchscale BEiT-3 "
             "(pre-norm, sub-LayerNorms in attention and FFN, eps 1e-5, GELU, positions from row 2)",
             builder="musk", norm_eps=1e-5, hub_files=("model.safetensors",),
+        ),
+        FoundationSpec(
+            "genbio-pathfm", "genbio_pathfm",
+            {"width": 1536, "depth": 40, "heads": 24, "patch": 16, "storage": 4},
+            4608, "cls", 5, "genbio-ai/genbio-pathfm", False, mean_std=GENBIO,
+            source=_SRC + "L1581-1636 (GenBioPathFMInference: each channel's CLS, concatenated; Resize "
+            "224 bilinear); model_zoo/genbio_pathfm/genbio_pathfm.py (VisionTransformer L477-576, "
+            "GenBioPathFMInference L583-655: patch 16, 1 channel, 1536 / 40 / 24 heads, 4 storage "
+            "tokens, swiglu64, LayerScale, no qkv bias, RoPE base 100 in bfloat16)",
+            builder="genbio", hub_files=("model.pth",),
         ),
         FoundationSpec(
             "ctranspath", "swin_tiny_patch4_window7_224", {"img_size": 224},
