@@ -1,9 +1,10 @@
 """The authors' checkpoint key layouts mapped onto wsi-mil's builds (features/foundation_arch.py
 describes each model and where its settings come from): transformers Dinov2 (Phikon-v2,
 Hibou-L) and ViT (Phikon), DINOv2's own layout (OpenMidnight), TransPath's timm 0.5.4 Swin
-(CTransPath), CONCH v1's whole CoCa model, CONCH v1.5's position grid, MUSK's BEiT-3. Each is a deterministic
-function of the weights, applied once when a checkpoint is loaded; `NATIVE_LAYOUTS` names the
-layout each builder expects, so a checkpoint in another layout is refused (features/weights.py).
+(CTransPath), CONCH v1's whole CoCa model, CONCH v1.5's position grid and MUSK's BEiT-3. Each
+is a deterministic function of the weights, applied once when a checkpoint is loaded;
+`NATIVE_LAYOUTS` names the layout each builder expects, so a checkpoint in another layout is
+refused (features/weights.py).
 """
 
 from __future__ import annotations

@@ -211,8 +211,8 @@ def negatives_weights(z: np.ndarray, from_class_slide: np.ndarray, instance_p: n
     slides, each input's AUC against the instance evidence's confident calls (calibrated
     P < 0.1: not the class, P > 0.5: the class), turned into a weight CONTEXT_SCALE x
     max(0, 2 AUC - 1). An input that ranks patches as the instance evidence does weighs up to
-    CONTEXT_SCALE; one that disagrees (an attention looking away from the class, as PSMIL's on the demo)
-    weighs 0."""
+    CONTEXT_SCALE; one that disagrees (an attention looking away from the class, as PSMIL's on
+    the demo) weighs 0."""
     from sklearn.metrics import roc_auc_score
 
     lo, hi = CONFIDENT
