@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from wsi_mil.errors import WsiMilError
 from wsi_mil.features.compat import ensure_torchvision_importable, import_timm
@@ -244,6 +245,57 @@ def test_hibou_family_changed_settings_are_caught(tmp_path):
     named = "have hibou_l's key layout.*not phikon_v2's: pass --encoder hibou_l"
     with pytest.raises(WsiMilError, match=named):
         create_encoder("phikon_v2", weights=tmp_path / "ok" / "model.safetensors", depth=1)
+
+
+# -- KEEP: the hub's KEEPModel (MAGIC-AI4Med/KEEP a346a70 quick_start/keep_inference.py) ---------
+
+
+class KEEPModel(nn.Module):
+    """KEEPModel restated (its image encoder and head; a small BERT stands in for the text tower,
+    whose tensors the image embedding does not use)."""
+
+    def __init__(self, depth=1, head_act=nn.GELU, projection_dim=768):
+        super().__init__()
+        ensure_torchvision_importable()
+        transformers = pytest.importorskip("transformers")
+        self.visual = _random_timm(
+            "vit_large_patch16_224", pretrained=False, img_size=224, patch_size=16, init_values=1e-5,
+            num_classes=0, dynamic_img_size=True, depth=depth,
+        )  # fmt: skip
+        width, dim = self.visual.num_features, projection_dim
+        self.visual_head = nn.Sequential(nn.Linear(width, dim), head_act(), nn.Linear(dim, dim))
+        bert = transformers.BertConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+        )
+        self.text = transformers.BertModel(bert)
+        self.logit_scale = nn.Parameter(torch.ones([]))
+        _randomise(self.visual_head)
+
+    def encode_image(self, image_inputs):
+        return F.normalize(self.visual_head(self.visual(image_inputs)), dim=-1)
+
+
+def test_keep_equals_the_authors_keepmodel(tmp_path):
+    ref = KEEPModel().eval()
+    torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")  # the whole model, as the hub's
+    enc = create_encoder("keep", weights=tmp_path / "pytorch_model.bin", depth=1)
+    assert (enc.info.dim, enc.info.patch_px, enc.info.interpolation) == (768, 256, "bicubic")
+    x = _input(enc, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), ref.encode_image(x), atol=1e-5, rtol=1e-5)
+    # another head activation: the same tensors, another embedding
+    ref = KEEPModel(head_act=nn.ReLU).eval()
+    torch.save(ref.state_dict(), tmp_path / "relu.bin")
+    enc = create_encoder("keep", weights=tmp_path / "relu.bin", depth=1)
+    with torch.no_grad():
+        assert not torch.allclose(enc(x), ref.encode_image(x), atol=1e-4)
+    # another projection width: refused by the strict load; the UNI trunk alone is named as UNI's
+    torch.save(KEEPModel(projection_dim=512).state_dict(), tmp_path / "p512.bin")
+    with pytest.raises(WsiMilError, match=r"not fit encoder keep: tensors .*of another shape.*visual_head"):
+        create_encoder("keep", weights=tmp_path / "p512.bin", depth=1)
+    torch.save(ref.visual.state_dict(), tmp_path / "uni.bin")
+    with pytest.raises(WsiMilError, match=r"uni_v1's key layout.*not keep's"):
+        create_encoder("keep", weights=tmp_path / "uni.bin", depth=1)
 
 
 # -- OpenMidnight: DINOv2's own layout (dinov2_vitg14_reg) ---------------------------------------

@@ -30,7 +30,7 @@ PUBLISHED = {
 TRIDENT_DIM = {
     "ctranspath": 768, "phikon": 768, "kaiko-vits16": 384, "kaiko-vits8": 384, "kaiko-vitb16": 768,
     "kaiko-vitb8": 768, "kaiko-vitl14": 1024, "lunit-vits8": 384, "gpfm": 1024, "openmidnight": 1536,
-    "resnet50": 1024, "hibou_l": 1024, "musk": 1024, "genbio-pathfm": 4608,
+    "resnet50": 1024, "hibou_l": 1024, "musk": 1024, "genbio-pathfm": 4608, "keep": 768,
 }  # fmt: skip
 
 

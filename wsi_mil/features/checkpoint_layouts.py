@@ -1,7 +1,8 @@
 """The authors' checkpoint key layouts mapped onto wsi-mil's builds (features/foundation_arch.py
 describes each model and where its settings come from): transformers Dinov2 (Phikon-v2,
 Hibou-L) and ViT (Phikon), DINOv2's own layout (OpenMidnight), TransPath's timm 0.5.4 Swin
-(CTransPath), CONCH v1's whole CoCa model, CONCH v1.5's position grid and MUSK's BEiT-3. Each
+(CTransPath), CONCH v1's whole CoCa model, CONCH v1.5's position grid, MUSK's BEiT-3 and KEEP's
+CLIP model. Each
 is a deterministic function of the weights, applied once when a checkpoint is loaded;
 `NATIVE_LAYOUTS` names the layout each builder expects, so a checkpoint in another layout is
 refused (features/weights.py).
@@ -241,6 +242,10 @@ def musk_to_timm(sd: dict, grid: int) -> dict:
     return out
 
 
+# a KEEP checkpoint's tensors that its image embedding does not use (the BERT text tower)
+_KEEP_UNUSED = ("text.", "logit_scale")
+
+
 # builder -> (the authors' checkpoint layout, one key it has, test that a state dict is in it)
 NATIVE_LAYOUTS = {
     "dinov2_hf": ("transformers Dinov2Model", "embeddings.patch_embeddings.projection.weight",
@@ -255,6 +260,7 @@ NATIVE_LAYOUTS = {
                  lambda sd: any(k.startswith("visual.trunk.") for k in sd)),
     "musk": ("MUSK's BEiT-3 model", "beit3.vision_embed.proj.weight",
              lambda sd: any(k.startswith("beit3.") for k in sd)),
+    "keep": ("KEEP's CLIP model", "visual_head.0.weight", lambda sd: "visual_head.0.weight" in sd),
 }  # fmt: skip
 
 
@@ -279,6 +285,8 @@ def from_authors_layout(builder: str, sd: dict, net: nn.Module | None, grid: int
         return musk_to_timm(sd, grid or net.patch_embed.grid_size[0])
     if builder == "ctranspath":
         return ctranspath_to_timm(sd)
+    if builder == "keep":
+        return {k: v for k, v in sd.items() if not k.startswith(_KEEP_UNUSED)}
     if builder == "conch_v1":
         return conch_v1_image_tower(sd, None if net is None else net.trunk.patch_embed.grid_size[0])
     if builder == "conch_v15" and "trunk.pos_embed" in sd and net is not None:

@@ -7,7 +7,7 @@
 - the pathology foundation models under TRIDENT's names (`uni_v1`, `uni_v2`, `virchow`,
   `virchow2`, `hoptimus0`, `hoptimus1`, `gigapath`, `conch_v15`, `conch_v1`, `phikon_v2`, `phikon`,
   `ctranspath`, `kaiko-vits16`, `kaiko-vits8`, `kaiko-vitb16`, `kaiko-vitb8`, `kaiko-vitl14`,
-  `lunit-vits8`, `gpfm`, `openmidnight`, `hibou_l`, `musk`, `genbio-pathfm`, TRIDENT's
+  `lunit-vits8`, `gpfm`, `openmidnight`, `hibou_l`, `musk`, `genbio-pathfm`, `keep`, TRIDENT's
   `resnet50`), with their authors' exact architecture, embedding rule, input size, resize
   filter and normalisation (features/foundation_specs.py).
 - `timm:<name>` and `hf-hub:<repo>`: any other timm model, pooled features via

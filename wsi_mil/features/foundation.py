@@ -13,6 +13,7 @@ Embedding rules:
   class and register tokens (Virchow: `output[:, 1:]`, Virchow2: `output[:, 5:]`);
 - "attn_pool": CONCH's attentional pooler over all tokens, then a LayerNorm (v1.5: 768-d,
   v1: 512-d);
+- "proj": KEEP's: the class token through its projection head, L2-normalised;
 - "avg": the mean of the final feature map (CTransPath's Swin after its norm; TRIDENT's
   `resnet50`, layer3 then `AdaptiveAvgPool2d`).
 
@@ -36,7 +37,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .foundation_arch import ConvStem, FeaturePool, conch_vision
+from .foundation_arch import ConvStem, FeaturePool, ProjectedViT, conch_vision
 from .foundation_specs import FOUNDATION_MODELS, HOPTIMUS, IMAGENET, FoundationSpec
 from .rope_vit import PerChannel, RopeViT
 
@@ -90,6 +91,8 @@ def build_vit(spec: FoundationSpec, **overrides) -> nn.Module:
     net = timm.create_model(spec.arch, pretrained=False, **kw)
     if spec.builder in ("conch_v15", "conch_v1"):
         return conch_vision(net, spec.builder)
+    if spec.builder == "keep":
+        return ProjectedViT(net, spec.dim)
     return TokenPool(net, spec.prefix_tokens) if spec.embedding == "cls+mean" else net
 
 

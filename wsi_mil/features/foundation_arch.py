@@ -53,6 +53,12 @@
   positions for the class token and patches (rows 2 on of the table: fairseq's offset), a final
   LayerNorm, the class token out. That is timm's `vit_large_patch16_384` with `scale_attn_norm`
   and `scale_mlp_norm`; the language branch, text embedding, heads and mask token are dropped.
+- KEEP (Astaxanthin/KEEP, whole CLIP model: `visual.`, `visual_head.`, a BERT `text.`,
+  `logit_scale`), restated from MAGIC-AI4Med/KEEP a346a70 `quick_start/keep_inference.py`
+  (`KEEPModel`, the hub's `trust_remote_code` class; TRIDENT `KeepInferenceEncoder` returns
+  `encode_image`): timm `vit_large_patch16_224` (UNI's arguments: init_values 1e-5), its class
+  token through Linear(1024, 768), GELU, Linear(768, 768), L2-normalised. The text tower and
+  logit scale are dropped by name.
 - CTransPath (CHIEF_CTransPath.pth): TransPath's Swin-T with a convolutional stem
   (`ConvStem`, TRIDENT `model_zoo/ctranspath/ctran.py`), saved by timm 0.5.4. Current timm's Swin
   computes the same; its checkpoint differs only in where the patch merging sits (end of stage i
@@ -124,6 +130,21 @@ class CoCaVision(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln_contrast(self.attn_pool_contrast(self.trunk.forward_features(x))[:, 0])
+
+
+class ProjectedViT(nn.Module):
+    """KEEP's image embedding (`KEEPModel.encode_image`, MAGIC-AI4Med/KEEP
+    quick_start/keep_inference.py): the ViT's class token through `visual_head` (Linear, GELU,
+    Linear), L2-normalised."""
+
+    def __init__(self, visual: nn.Module, dim: int):
+        super().__init__()
+        self.visual = visual
+        width = visual.num_features
+        self.visual_head = nn.Sequential(nn.Linear(width, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.visual_head(self.visual(x)), dim=-1)
 
 
 def conch_vision(trunk: nn.Module, version: str) -> CoCaVision:

@@ -41,7 +41,7 @@ class FoundationSpec:
     act_layer: str | None = None  # "silu" with SwiGLU MLPs
     mlp_layer: str | None = None  # "swiglu_packed"
     # "timm", "conch_v15", "conch_v1", "dinov2_hf", "vit_hf", "dinov2_meta", "ctranspath", "musk",
-    # "timm_features", "genbio" (features/foundation.py, foundation_arch.py, checkpoint_layouts.py,
+    # "timm_features", "genbio", "keep" (features/foundation.py, foundation_arch.py, checkpoint_layouts.py,
     # rope_vit.py)
     builder: str = "timm"
     hub_files: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")  # tried in order
@@ -150,6 +150,16 @@ FOUNDATION_MODELS: dict[str, FoundationSpec] = {
             "1024 / 24 / 16 heads, FFN 4096, multiway, normalize_output) and its torchscale BEiT-3 "
             "(pre-norm, sub-LayerNorms in attention and FFN, eps 1e-5, GELU, positions from row 2)",
             builder="musk", norm_eps=1e-5, hub_files=("model.safetensors",),
+        ),
+        FoundationSpec(
+            "keep", "vit_large_patch16_224",
+            {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
+            768, "proj", 1, "Astaxanthin/KEEP", False, patch_px=256, interpolation="bicubic",
+            source=_SRC + "L234-287 (AutoModel trust_remote_code, encode_image; Resize 224 bicubic + "
+            "CenterCrop 224, ImageNet); MAGIC-AI4Med/KEEP a346a70 quick_start/keep_inference.py "
+            "(KEEPModel: timm vit_large_patch16_224 with UNI's arguments, visual_head Linear-GELU-Linear "
+            "to 768, L2-normalised)",
+            builder="keep",
         ),
         FoundationSpec(
             "genbio-pathfm", "genbio_pathfm",
