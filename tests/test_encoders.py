@@ -228,3 +228,15 @@ def test_encoder_table_lists_every_registered_name():
     px = {r["name"]: r["patch_px"] for r in encoder_table()}
     assert (px["uni_v1"], px["conch_v15"], px["virchow2"], px["gigapath"]) == (256, 512, 224, 256)
     assert (px["ctranspath"], px["kaiko-vitb8"], px["lunit-vits8"]) == (256, 256, 224)
+
+
+def test_a_trident_encoder_not_built_here_says_why():
+    """TRIDENT's names that wsi-mil does not build are refused with the reason, not as unknown
+    typos; `wsi-mil encoders` lists them too."""
+    from wsi_mil.features.foundation_specs import NOT_REGISTERED
+
+    assert not set(NOT_REGISTERED) & set(FOUNDATION_MODELS)
+    with pytest.raises(
+        WsiMilError, match=r"unknown encoder 'midnight12k' \(a transformers Dinov2Model.*config.json"
+    ):
+        create_encoder("midnight12k", random_weights=True)

@@ -16,11 +16,13 @@ def register(app: typer.Typer) -> None:
     def encoders():
         """The registered patch and slide encoders: embedding size, input, resolution, weights."""
         from .features.encoders import encoder_table
+        from .features.foundation_specs import NOT_REGISTERED as PATCH_NOT_REGISTERED
         from .features.slide_encoders import slide_encoder_table
         from .features.slide_specs import NOT_REGISTERED
 
         print_encoders(encoder_table())
         say("Also: timm:<model name> and hf-hub:<repo> for any other timm model.")
+        say("Not built here: " + "; ".join(f"{k}: {v}" for k, v in PATCH_NOT_REGISTERED.items()))
         print_encoders(slide_encoder_table(), slide=True)
         say("Not built here: " + "; ".join(f"{k}: {v}" for k, v in NOT_REGISTERED.items()))
 

@@ -42,6 +42,7 @@ from ..errors import WsiMilError
 from .checkpoint_layouts import from_authors_layout
 from .compat import import_timm, import_torchvision
 from .foundation import FOUNDATION_MODELS, FoundationSpec, build_vit, weights_module
+from .foundation_specs import NOT_REGISTERED as PATCH_NOT_REGISTERED
 from .weights import file_sha256, load_checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -296,7 +297,8 @@ def create_encoder(
         def build(**kw):
             return _timm(name, **kw)
     else:
-        raise WsiMilError(f"unknown encoder {name!r}; choose one of {', '.join(list_encoders())}")
+        why = f" ({PATCH_NOT_REGISTERED[name]})" if name in PATCH_NOT_REGISTERED else ""
+        raise WsiMilError(f"unknown encoder {name!r}{why}; choose one of {', '.join(list_encoders())}")
     # Random weights are seeded, so every process (cluster workers, a later heatmap run)
     # builds the same encoder and features stay comparable.
     with torch.random.fork_rng():

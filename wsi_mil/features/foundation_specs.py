@@ -217,3 +217,13 @@ FOUNDATION_MODELS: dict[str, FoundationSpec] = {
         ),
     ]
 }  # fmt: skip
+
+# TRIDENT's patch encoders not built here, and why (docs/encoders.md)
+NOT_REGISTERED = {
+    "h0-mini": "its architecture (MLP ratio, LayerScale, registers) is only in the hub's config.json, "
+    "not restated by TRIDENT (load.py L1416-1423) and not readable offline",
+    "midnight12k": "a transformers Dinov2Model whose config.json (heads, LayerScale, SwiGLU) is only on "
+    "the hub and not readable offline (TRIDENT load.py L1358)",
+    "gemma4-e4b": "the vision tower of a multimodal language model",
+    "gemma4-26b": "the vision tower of a multimodal language model",
+}
