@@ -55,9 +55,9 @@ class Rope2d(nn.Module):
         self.register_buffer("periods", base ** (2 * torch.arange(n, dtype=dtype) / (head_dim // 2)))
 
     def forward(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        dt = self.periods.dtype
-        ys = torch.arange(0.5, h, dtype=dt) / h
-        xs = torch.arange(0.5, w, dtype=dt) / w
+        dd = {"dtype": self.periods.dtype, "device": self.periods.device}  # on the model's device
+        ys = torch.arange(0.5, h, **dd) / h
+        xs = torch.arange(0.5, w, **dd) / w
         coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).flatten(0, 1) * 2.0 - 1.0
         angles = (2 * math.pi * coords[:, :, None] / self.periods[None, None]).flatten(1).tile(2)
         return angles.sin(), angles.cos()
