@@ -69,21 +69,25 @@ _DINOV2_RENAMES = (
 )
 
 
-def _fuse_qkv(sd: dict) -> dict:
-    """transformers' per-layer query/key/value fused into timm's qkv (left under their own
-    names when one is missing, so the strict load reports them)."""
+_HF_QKV = ("encoder.layer.{i}.attention.attention.{n}.{kind}", ("query", "key", "value"))
+
+
+def _fuse_qkv(sd: dict, template: str = _HF_QKV[0], names: tuple = _HF_QKV[1]) -> dict:
+    """Per-layer query, key and value tensors (keys `template` with {i}, {n} in `names`, {kind})
+    fused into timm's qkv; left under their own names when one is missing, so the strict load
+    reports them. Default: transformers' layout."""
     out = {}
-    layers = {k.split(".")[2] for k in sd if ".attention.attention." in k}
+    prefix = template.split("{i}")[0]
+    layers = {k[len(prefix) :].split(".")[0] for k in sd if k.startswith(prefix)}
+    layers = {i for i in layers if i.isdigit()}
     for i in sorted(layers, key=int):
         for kind in ("weight", "bias"):
-            names = ("query", "key", "value")
-            parts = [sd.get(f"encoder.layer.{i}.attention.attention.{n}.{kind}") for n in names]
+            keys = [template.format(i=i, n=n, kind=kind) for n in names]
+            parts = [sd.get(k) for k in keys]
             if all(p is not None for p in parts):
                 out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)
             else:
-                for n, p in zip(names, parts):
-                    if p is not None:
-                        out[f"encoder.layer.{i}.attention.attention.{n}.{kind}"] = p
+                out.update({k: p for k, p in zip(keys, parts) if p is not None})
     return out
 
 
@@ -209,7 +213,7 @@ _MUSK_RENAMES = (
     ("beit3.encoder.layer_norm.A.", "norm."),
 )
 _MUSK_POS = "beit3.encoder.embed_positions.A.weight"
-_MUSK_QKV = re.compile(r"beit3\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.A\.(weight|bias)$")
+_MUSK_QKV = "beit3.encoder.layers.{i}.self_attn.{n}_proj.A.{kind}"
 
 
 def musk_to_timm(sd: dict, grid: int) -> dict:
@@ -219,26 +223,15 @@ def musk_to_timm(sd: dict, grid: int) -> dict:
     other than `grid` resized as MUSK's `load_model_and_may_interpolate` does (bicubic, no
     antialias). The language branch (`.B.`), the text embedding, both heads, the logit scale and
     the mask token are left out by name."""
-    out, qkv = {}, {}
-    for key, value in sd.items():
-        if key.startswith(_MUSK_UNUSED) or ".B." in key:
-            continue
-        m = _MUSK_QKV.match(key)
-        if m:
-            qkv[(int(m[1]), m[3], m[2])] = value
-        elif key == _MUSK_POS:
+    vision = {k: v for k, v in sd.items() if not (k.startswith(_MUSK_UNUSED) or ".B." in k)}
+    out = _fuse_qkv(vision, _MUSK_QKV, ("q", "k", "v"))
+    for key, value in vision.items():
+        if key == _MUSK_POS:
             out["pos_embed"] = dinov2_pos_embed(value[2:].unsqueeze(0), grid)
-        else:
+        elif not any(f".self_attn.{n}_proj." in key for n in "qkv"):  # fused above
             for old, new in _MUSK_RENAMES:
                 key = key.replace(old, new)
             out[key] = value
-    for i, kind in {(i, kind) for i, kind, _ in qkv}:
-        parts = [qkv.get((i, kind, n)) for n in "qkv"]
-        if all(p is not None for p in parts):
-            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)
-        else:  # left under their own names, so the strict load reports them
-            out.update({f"beit3.encoder.layers.{i}.self_attn.{n}_proj.A.{kind}": p
-                        for n, p in zip("qkv", parts) if p is not None})  # fmt: skip
     return out
 
 
