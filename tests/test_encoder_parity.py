@@ -158,6 +158,77 @@ def test_timm_family_a_changed_activation_changes_the_embedding(tmp_path):
         assert not torch.allclose(enc(x), _embed(ref, x, rule), atol=1e-3)
 
 
+# -- H0-mini: plism-benchmark's build (owkin/plism-benchmark 4736df4, plismbench/models) --------
+
+
+class _PlismSwiGLUFFNFused(nn.Module):
+    """utils.py `SwiGLUFFNFused`: xformers' packed SwiGLU (`w12` = [w1; w2], `w3`), hidden size by
+    DINOv2's rule (2/3 of the timm hidden size, rounded up to 8). `**_`: the arguments today's
+    timm also passes (norm_layer, device, dtype), unused as in their timm."""
+
+    gate = staticmethod(F.silu)
+
+    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=None, drop=0.0,
+                 bias=True, **_):  # fmt: skip
+        super().__init__()
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        hidden_features = (int(hidden_features * 2 / 3) + 7) // 8 * 8
+        self.w12 = nn.Linear(in_features, 2 * hidden_features, bias=bias)
+        self.w3 = nn.Linear(hidden_features, out_features, bias=bias)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(self.gate(x1) * x2)
+
+
+H0_MINI_PLISM = {  # bioptimus.py `H0Mini`, local-weights branch, verbatim; its forward returns the CLS
+    "model_name": "vit_base_patch14_reg4_dinov2", "img_size": 224, "patch_size": 14, "init_values": 1e-5,
+    "num_classes": 0, "dynamic_img_size": False, "mlp_ratio": 4, "mlp_layer": _PlismSwiGLUFFNFused,
+    "act_layer": torch.nn.SiLU,
+}  # fmt: skip
+
+
+def _h0_mini_reference(tmp_path, **changed) -> tuple[nn.Module, object]:
+    kw = {**H0_MINI_PLISM, "depth": 1, **changed}
+    ref = _random_timm(kw.pop("model_name"), **kw)
+    torch.save(ref.state_dict(), tmp_path / "h0_mini.pth")  # their file's keys: mlp.w12, mlp.w3
+    return ref, tmp_path / "h0_mini.pth"
+
+
+def test_h0_mini_equals_plism_benchmarks_build(tmp_path):
+    ref, path = _h0_mini_reference(tmp_path)
+    enc = create_encoder("h0-mini", weights=path, depth=1)
+    assert (enc.info.dim, enc.info.input_size) == (768, 224)
+    assert enc.info.mean == (0.707223, 0.578729, 0.703617)  # their transform's Normalize
+    assert enc.info.std == (0.211883, 0.230117, 0.177517)
+    x = _input(enc)
+    with torch.no_grad():
+        want = ref(x)
+        torch.testing.assert_close(enc(x), want, atol=1e-5, rtol=1e-5)
+        # the hub's timm layout (SwiGLUPacked's fc1, fc2 names) loads to the same network
+        sd = ref.state_dict()
+        timm_keys = {k.replace(".w12.", ".fc1.").replace(".w3.", ".fc2."): v for k, v in sd.items()}
+        torch.save(timm_keys, tmp_path / "m.bin")
+        torch.testing.assert_close(create_encoder("h0-mini", weights=tmp_path / "m.bin", depth=1)(x), want)
+
+
+class _GeluGated(_PlismSwiGLUFFNFused):
+    gate = staticmethod(F.gelu)
+
+
+def test_h0_mini_changed_settings_are_caught(tmp_path):
+    ref, path = _h0_mini_reference(tmp_path, mlp_layer=_GeluGated)
+    enc = create_encoder("h0-mini", weights=path, depth=1)
+    x = _input(enc)
+    with torch.no_grad():
+        assert not torch.allclose(enc(x), ref(x), atol=1e-3)
+    for changed in ({"mlp_ratio": 5.33334}, {"init_values": 0.0}, {"model_name": "vit_base_patch14_dinov2"}):
+        _, path = _h0_mini_reference(tmp_path, **changed)
+        with pytest.raises(WsiMilError, match="weights do not fit encoder h0-mini|not h0-mini's"):
+            create_encoder("h0-mini", weights=path, depth=1)
+
+
 # -- transformers: Phikon (ViTModel) ------------------------------------------------------------
 
 PHIKON_CONFIG = {  # owkin/phikon config.json

@@ -140,13 +140,17 @@ def vit_hf_to_timm(sd: dict) -> dict:
     return _renamed({k: v for k, v in sd.items() if not k.startswith("pooler.")}, _VIT_RENAMES)
 
 
+def dinov2_swiglu_to_timm(sd: dict) -> dict:
+    """DINOv2's SwiGLUFFN names (`mlp.w12`, `mlp.w3`; silu of the first half times the second)
+    as timm's SwiGLUPacked ones (`mlp.fc1`, `mlp.fc2`, the same order), as timm's `_convert_dinov2`."""
+    renamed = (re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", k)) for k in sd)
+    return dict(zip(renamed, sd.values()))
+
+
 def dinov2_meta_to_timm(sd: dict, grid: int) -> dict:
     """A DINOv2 (facebookresearch) state dict with registers in timm's reg4 ViT layout."""
-    out = {}
-    for key, value in sd.items():
-        if key in ("mask_token", "register_tokens", "cls_token", "pos_embed"):
-            continue
-        out[re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", key))] = value
+    skip = ("mask_token", "register_tokens", "cls_token", "pos_embed")
+    out = dinov2_swiglu_to_timm({k: v for k, v in sd.items() if k not in skip})
     if "register_tokens" in sd:
         out["reg_token"] = sd["register_tokens"]
     if "cls_token" in sd and "pos_embed" in sd:
@@ -282,6 +286,8 @@ def from_authors_layout(builder: str, sd: dict, net: nn.Module | None, grid: int
         return {k: v for k, v in sd.items() if not k.startswith(_KEEP_UNUSED)}
     if builder == "conch_v1":
         return conch_v1_image_tower(sd, None if net is None else net.trunk.patch_embed.grid_size[0])
+    if builder == "timm":  # a SwiGLU ViT saved from DINOv2's code (H0-mini in plism-benchmark)
+        return dinov2_swiglu_to_timm(sd)
     if builder == "conch_v15" and "trunk.pos_embed" in sd and net is not None:
         grid = net.trunk.patch_embed.grid_size[0]
         return {**sd, "trunk.pos_embed": conch_pos_embed(sd["trunk.pos_embed"], grid)}

@@ -103,6 +103,16 @@ FOUNDATION_MODELS: dict[str, FoundationSpec] = {
             1536, "cls", 5, "bioptimus/H-optimus-1", True, mean_std=HOPTIMUS, source=_SRC + "L1205-1211",
         ),
         FoundationSpec(
+            "h0-mini", "vit_base_patch14_reg4_dinov2",
+            {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 2.66667 * 2, "dynamic_img_size": True},
+            768, "cls", 5, "bioptimus/H0-mini", True, mean_std=HOPTIMUS,
+            source=_SRC + "L1390-1454 (timm hf-hub with SwiGLUPacked, SiLU, img_size 224; the CLS); "
+            "owkin/plism-benchmark 4736df4 bioptimus.py H0Mini (vit_base_patch14_reg4_dinov2, 224 px, "
+            "patch 14, init_values 1e-5, mlp_ratio 4 with DINOv2's SwiGLUFFNFused: hidden 2048, SiLU; "
+            "H-optimus mean/std)",
+            act_layer="silu", mlp_layer="swiglu_packed",
+        ),
+        FoundationSpec(
             "gigapath", "vit_giant_patch14_dinov2",
             {"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40,
              "num_heads": 24, "mlp_ratio": 5.33334, "dynamic_img_size": True},
@@ -220,8 +230,6 @@ FOUNDATION_MODELS: dict[str, FoundationSpec] = {
 
 # TRIDENT's patch encoders not built here, and why (docs/encoders.md)
 NOT_REGISTERED = {
-    "h0-mini": "its architecture (MLP ratio, LayerScale, registers) is only in the hub's config.json, "
-    "not restated by TRIDENT (load.py L1416-1423) and not readable offline",
     "midnight12k": "a transformers Dinov2Model whose config.json (heads, LayerScale, SwiGLU) is only on "
     "the hub and not readable offline (TRIDENT load.py L1358)",
     "gemma4-e4b": "the vision tower of a multimodal language model",
