@@ -1,8 +1,8 @@
 """Slide encoders behind one registry: `create_slide_encoder(name, weights, ...)`.
 
 Names are TRIDENT's (`trident/slide_encoder_models/load.py`): `chief`, `feather`,
-`feather_uni_v2`, `madeleine` (settings in features/slide_specs.py, networks in
-features/slide_arch.py) and `mean-<patch encoder>` for every registered patch encoder (plus
+`feather_uni_v2`, `madeleine`, `titan` (settings in features/slide_specs.py, networks in
+features/slide_arch.py and slide_titan.py) and `mean-<patch encoder>` for every registered patch encoder (plus
 TRIDENT's spellings of the Kaiko ones). Each takes the features of one patch encoder, tiled at
 one resolution and patch size; `check_features` refuses any other.
 
@@ -38,15 +38,25 @@ class SlideEncoderInfo:
 
 
 class SlideEncoder(nn.Module):
-    """Patch features [N, D] (+ level-0 coords [N, 2]) -> slide embedding [1, dim]."""
+    """Patch features [N, D] (+ level-0 coords [N, 2], and the patch size at level 0 for TITAN's
+    grid) -> slide embedding [1, dim]."""
 
     def __init__(self, net: nn.Module, info: SlideEncoderInfo):
         super().__init__()
         self.net, self.info = net, info
 
     @torch.no_grad()
-    def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(features.float(), coords)
+    def forward(
+        self, features: torch.Tensor, coords: torch.Tensor | None = None, patch_size_level0: int | None = None
+    ) -> torch.Tensor:
+        if not getattr(self.net, "takes_patch_size", False):
+            return self.net(features.float(), coords)
+        if coords is None or not patch_size_level0:
+            raise WsiMilError(
+                f"slide encoder {self.info.name} places patches on a grid: it needs their level-0 coords "
+                "and patch size (the feature file's patch_size_level0 attribute); re-extract with wsi-mil"
+            )
+        return self.net(features.float(), coords, patch_size_level0)
 
 
 def _patch_dims() -> dict[str, int]:
@@ -109,7 +119,7 @@ def create_slide_encoder(
     info.weights = "random"
     if weights or not random_weights:
         path, info.weights = (Path(weights), str(weights)) if weights else _hub_checkpoint(spec)
-        info.weights_sha256 = load_plain_checkpoint(net, path, name)
+        info.weights_sha256 = load_plain_checkpoint(net, path, name, spec.unused)
     return SlideEncoder(net, info).eval()
 
 

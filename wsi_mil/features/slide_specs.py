@@ -19,7 +19,7 @@ class SlideEncoderSpec:
     dim: int  # slide embedding size
     mpp: float | None  # resolution its patches are read at (None: any, mean pooling)
     patch_px: int | None  # patch side at `mpp` (None: any)
-    builder: str  # "mean", "chief", "abmil", "madeleine" (features/slide_arch.py)
+    builder: str  # "mean", "chief", "abmil", "madeleine" (features/slide_arch.py), "titan" (slide_titan.py)
     kwargs: dict = field(default_factory=dict)  # the authors' constructor arguments
     hub: str | None = None  # Hugging Face repository of the weights (None: --weights only)
     hub_files: tuple[str, ...] = ()
@@ -27,6 +27,7 @@ class SlideEncoderSpec:
     weights_note: str = ""  # where the weights come from when not on the hub
     source: str = ""
     extra: str = ""
+    unused: tuple[str, ...] = ()  # checkpoint tensors dropped by name (another tower's)
 
 
 _TR = "TRIDENT load.py "
@@ -65,6 +66,14 @@ SLIDE_MODELS: dict[str, SlideEncoderSpec] = {
             "419287d; settings of scripts/launch_pretrain_withoutStainEncodings.sh (the hub's "
             f"model_config.json not read); {_TR}L364-386; {_README} (256 px, 10x)",
         ),
+        SlideEncoderSpec(
+            "titan", "conch_v15", 768, 768, 0.5, 512, "titan", {},
+            hub="MahmoodLab/TITAN", hub_files=("model.safetensors",), gated=True, unused=("text_encoder.",),
+            source="MahmoodLab/TITAN hub remote code (public copies): configuration_titan.py "
+            "(TitanVisionConfig defaults; TitanConfig: attentional_pool 'parallel'), vision_transformer.py "
+            "(preprocess_features, VisionTransformer, AttentionalPooler), modeling_titan.py "
+            f"(encode_slide_from_patch_features: no_proj=True); {_TR}L459-478; {_README} (512 px, 20x)",
+        ),
     ]
 }  # fmt: skip
 
@@ -79,7 +88,6 @@ TRIDENT_MEAN_ALIASES = {
 
 # TRIDENT's slide encoders not built here, and why (docs/encoders.md)
 NOT_REGISTERED = {
-    "titan": "model code and config only on the Hugging Face hub (trust_remote_code); not readable offline",
     "prism": "model code only on the Hugging Face hub (Perceiver + BioGPT, trust_remote_code)",
     "gigapath": "LongNet dilated attention needs flash_attn 2.5.8 (CUDA only; TRIDENT load.py L329-334)",
     "threads": "not released (TRIDENT load.py L405: 'Coming Soon!')",

@@ -272,9 +272,9 @@ def load_checkpoint(
     return file_sha256(path)
 
 
-def load_plain_checkpoint(net: nn.Module, path: str | Path, name: str) -> str:
+def load_plain_checkpoint(net: nn.Module, path: str | Path, name: str, unused: tuple = ()) -> str:
     """A checkpoint in `net`'s own key layout (a slide encoder's) loaded strictly: a missing,
-    extra or reshaped tensor is one error (a classifier head `net` lacks is dropped). Returns
-    the file's sha256."""
-    _load_into(net, load_state_dict_file(path), path, name, drop_heads=True)
+    extra or reshaped tensor is one error (a classifier head `net` lacks and the `unused`
+    prefixes are dropped). Returns the file's sha256."""
+    _load_into(net, load_state_dict_file(path), path, name, drop_heads=True, unused=unused)
     return file_sha256(path)

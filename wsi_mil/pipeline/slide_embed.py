@@ -70,7 +70,8 @@ def embed_slides(
             skipped += 1
         else:
             bag = read_features(path)
-            z = encoder(torch.from_numpy(bag.features), torch.from_numpy(bag.coords))
+            size0 = sources[path].get("patch_size_level0")
+            z = encoder(torch.from_numpy(bag.features), torch.from_numpy(bag.coords), size0)
             z = z.float().cpu().numpy().reshape(1, -1)
             if not np.isfinite(z).all():
                 raise WsiMilError(f"{path}: the {info.name} embedding is not finite; check the feature file")
@@ -80,7 +81,7 @@ def embed_slides(
                 patch_encoder=info.patch_encoder, encoder_weights=info.weights,
                 encoder_weights_sha256=info.weights_sha256,
                 patch_encoder_weights_sha256=sources[path].get("encoder_weights_sha256"),
-                target_mpp=mpp, patch_size=size, patch_size_level0=sources[path].get("patch_size_level0"),
+                target_mpp=mpp, patch_size=size, patch_size_level0=size0,
                 n_patches=len(bag), embedding="slide", source_features=str(path.resolve()),
             )  # fmt: skip
             write_features(out, z.astype(np.float32), np.zeros((1, 2), np.int64), attrs)
