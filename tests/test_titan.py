@@ -1,5 +1,6 @@
 """TITAN's slide encoder against its authors' code, restated from the hub's remote-code files
-(MahmoodLab/TITAN, read from public copies): `configuration_titan.py` (TitanVisionConfig's
+(MahmoodLab/TITAN, as copied with the hub's config.json in DIAGNijmegen/unicorn_baseline at
+dec3809, src/unicorn_baseline/vision/pathology/titan/): `configuration_titan.py` (TitanVisionConfig's
 defaults; TitanConfig sets `attentional_pool = "parallel"`), `vision_transformer.py`
 (preprocess_features, Attention's ALiBi path, Block, CustomSequential, AttentionalPooler,
 VisionTransformer.forward_features / forward_attn_pool / forward / get_alibi,
@@ -192,7 +193,7 @@ class VisionTransformer(nn.Module):
         return all_bias
 
 
-VISION_CONFIG = {  # TitanVisionConfig defaults, attentional_pool as TitanConfig sets it
+VISION_CONFIG = {  # the hub config.json's vision_config (= TitanVisionConfig defaults, pool "parallel")
     "grid_size": 14, "global_pool": "token", "embed_dim": 768, "depth": 6, "num_heads": 12, "mlp_ratio": 4.0,
     "qkv_bias": True, "mlp_patch_embed_dim": 768, "pos_encode_type": "alibi", "attentional_pool": "parallel",
     "attn_pooler_queries": 128, "attn_pooler_heads": 8,

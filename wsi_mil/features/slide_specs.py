@@ -69,7 +69,9 @@ SLIDE_MODELS: dict[str, SlideEncoderSpec] = {
         SlideEncoderSpec(
             "titan", "conch_v15", 768, 768, 0.5, 512, "titan", {},
             hub="MahmoodLab/TITAN", hub_files=("model.safetensors",), gated=True, unused=("text_encoder.",),
-            source="MahmoodLab/TITAN hub remote code (public copies): configuration_titan.py "
+            source="MahmoodLab/TITAN hub remote code and config.json, as copied in "
+            "DIAGNijmegen/unicorn_baseline dec3809 src/unicorn_baseline/vision/pathology/titan/: "
+            "configuration_titan.py "
             "(TitanVisionConfig defaults; TitanConfig: attentional_pool 'parallel'), vision_transformer.py "
             "(preprocess_features, VisionTransformer, AttentionalPooler), modeling_titan.py "
             f"(encode_slide_from_patch_features: no_proj=True); {_TR}L459-478; {_README} (512 px, 20x)",

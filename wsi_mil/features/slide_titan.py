@@ -4,8 +4,9 @@ blocks, 12 heads, MLP ratio 4, qkv bias, 768-d patch input, ALiBi; `TitanConfig`
 CoCa pooling to "parallel", 128 + 1 queries, 8 heads), `vision_transformer.py`
 (`preprocess_features`, `VisionTransformer`, `AttentionalPooler`) and `modeling_titan.py`
 (`encode_slide_from_patch_features` = `vision_encoder(features, coords, patch_size_lv0,
-no_proj=True)`). Read from public copies of those files (the hub itself is not reachable
-here); tests/test_titan.py restates them and compares.
+no_proj=True)`). Read from the copies of those files and of the hub's `config.json` (which
+sets the same values) in DIAGNijmegen/unicorn_baseline at dec3809
+(`src/unicorn_baseline/vision/pathology/titan/`); tests/test_titan.py restates them and compares.
 
 One slide at a time, as TITAN encodes (batch 1):
 - the patches are placed on a grid by `(coords - min) // patch_size_level0` (features at the
