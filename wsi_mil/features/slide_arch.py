@@ -9,7 +9,7 @@ have them (they hold no tensors; the encoders run in eval mode).
   checkpoint holds them; the embedding does not use them.
 - FEATHER (mahmoodlab/MIL-Lab `src/models/abmil.py` and `layers.py` at dfc3c17): ABMIL with a
   one-layer patch MLP (Linear + ReLU), gated attention, `forward_features` (no classifier).
-- TITAN: features/slide_titan.py.
+- TITAN: features/slide_titan.py; PRISM: features/slide_prism.py.
 - MADELEINE (mahmoodlab/MADELEINE `madeleine/models/Model.py`, `abmil.py` at 419287d):
   `encode_he`: a 3-layer pre-attention MLP to `n_heads` x 512, one gated attention per head,
   attention-weighted sums flattened (512, heads) and projected to 512.
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .slide_prism import Prism
 from .slide_titan import Titan
 
 
@@ -175,4 +176,4 @@ class MeanPool(nn.Module):
         return h.mean(0, keepdim=True)
 
 
-BUILDERS = {"chief": CHIEF, "abmil": FeatherABMIL, "madeleine": Madeleine, "titan": Titan}
+BUILDERS = {"chief": CHIEF, "abmil": FeatherABMIL, "madeleine": Madeleine, "titan": Titan, "prism": Prism}

@@ -1,10 +1,11 @@
 """Slide encoders behind one registry: `create_slide_encoder(name, weights, ...)`.
 
 Names are TRIDENT's (`trident/slide_encoder_models/load.py`): `chief`, `feather`,
-`feather_uni_v2`, `madeleine`, `titan` (settings in features/slide_specs.py, networks in
-features/slide_arch.py and slide_titan.py) and `mean-<patch encoder>` for every registered patch encoder (plus
-TRIDENT's spellings of the Kaiko ones). Each takes the features of one patch encoder, tiled at
-one resolution and patch size; `check_features` refuses any other.
+`feather_uni_v2`, `madeleine`, `titan`, `prism` (settings in features/slide_specs.py, networks
+in features/slide_arch.py, slide_titan.py and slide_prism.py) and `mean-<patch encoder>` for
+every registered patch encoder (plus TRIDENT's spellings of the Kaiko ones). Each takes the
+features of one patch encoder, tiled at one resolution and patch size; `check_features`
+refuses any other.
 
 Weights: `weights=PATH`, else the checkpoint from the Hugging Face hub (or its cache), loaded
 strictly (features/weights.py `load_plain_checkpoint`); `random_weights=True` for tests and the
@@ -92,8 +93,14 @@ def _hub_checkpoint(spec: SlideEncoderSpec) -> tuple[Path, str]:
         )
     try:
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
 
-        return Path(hf_hub_download(spec.hub, spec.hub_files[0])), f"hub:{spec.hub}"
+        for filename in spec.hub_files[:-1]:  # the first the repository has
+            try:
+                return Path(hf_hub_download(spec.hub, filename)), f"hub:{spec.hub}"
+            except EntryNotFoundError:
+                continue
+        return Path(hf_hub_download(spec.hub, spec.hub_files[-1])), f"hub:{spec.hub}"
     except Exception as exc:
         gate = " (gated: request access on its page, then `hf auth login`)" if spec.gated else ""
         raise WsiMilError(

@@ -19,7 +19,9 @@ class SlideEncoderSpec:
     dim: int  # slide embedding size
     mpp: float | None  # resolution its patches are read at (None: any, mean pooling)
     patch_px: int | None  # patch side at `mpp` (None: any)
-    builder: str  # "mean", "chief", "abmil", "madeleine" (features/slide_arch.py), "titan" (slide_titan.py)
+    builder: (
+        str  # "mean", "chief", "abmil", "madeleine" (slide_arch.py), "titan", "prism" (slide_titan/prism.py)
+    )
     kwargs: dict = field(default_factory=dict)  # the authors' constructor arguments
     hub: str | None = None  # Hugging Face repository of the weights (None: --weights only)
     hub_files: tuple[str, ...] = ()
@@ -76,6 +78,15 @@ SLIDE_MODELS: dict[str, SlideEncoderSpec] = {
             "(preprocess_features, VisionTransformer, AttentionalPooler), modeling_titan.py "
             f"(encode_slide_from_patch_features: no_proj=True); {_TR}L459-478; {_README} (512 px, 20x)",
         ),
+        SlideEncoderSpec(
+            "prism", "virchow", 2560, 1280, 0.5, 224, "prism", {},
+            hub="paige-ai/Prism", hub_files=("model.safetensors", "pytorch_model.bin"), gated=True,
+            unused=("text_decoder.", "text_to_latents.", "img_to_latents.", "temperature"),
+            source="paige-ai/Prism hub remote code and config.json, as copied in "
+            "DIAGNijmegen/unicorn_baseline dec3809 src/unicorn_baseline/vision_language/prism/: "
+            "perceiver.py (PerceiverResampler), config.json perceiver_config, modeling_prism.py "
+            f"(slide_representations: image_embedding); {_TR}L189-229; {_README} (224 px, 20x)",
+        ),
     ]
 }  # fmt: skip
 
@@ -90,7 +101,6 @@ TRIDENT_MEAN_ALIASES = {
 
 # TRIDENT's slide encoders not built here, and why (docs/encoders.md)
 NOT_REGISTERED = {
-    "prism": "model code only on the Hugging Face hub (Perceiver + BioGPT, trust_remote_code)",
     "gigapath": "LongNet dilated attention needs flash_attn 2.5.8 (CUDA only; TRIDENT load.py L329-334)",
     "threads": "not released (TRIDENT load.py L405: 'Coming Soon!')",
     "care": "model code only on the Hugging Face hub (Zipper-1/CARE, trust_remote_code)",

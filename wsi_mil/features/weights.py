@@ -275,6 +275,10 @@ def load_checkpoint(
 def load_plain_checkpoint(net: nn.Module, path: str | Path, name: str, unused: tuple = ()) -> str:
     """A checkpoint in `net`'s own key layout (a slide encoder's) loaded strictly: a missing,
     extra or reshaped tensor is one error (a classifier head `net` lacks and the `unused`
-    prefixes are dropped). Returns the file's sha256."""
-    _load_into(net, load_state_dict_file(path), path, name, drop_heads=True, unused=unused)
+    prefixes are dropped; `net.checkpoint_names`, if it has one, maps the authors' names of
+    shared modules onto its own). Returns the file's sha256."""
+    sd = load_state_dict_file(path)
+    if hasattr(net, "checkpoint_names"):
+        sd = net.checkpoint_names(sd)
+    _load_into(net, sd, path, name, drop_heads=True, unused=unused)
     return file_sha256(path)
