@@ -318,6 +318,49 @@ def test_hibou_family_changed_settings_are_caught(tmp_path):
         create_encoder("phikon_v2", weights=tmp_path / "ok" / "model.safetensors", depth=1)
 
 
+# -- Midnight-12k: transformers Dinov2Model, DINOv2's ViT-g/14 ----------------------------------
+
+MIDNIGHT_CONFIG = {  # facebook/dinov2-giant config.json: the dinov2_vitg14 the authors build (Midnight eval)
+    "hidden_size": 1536, "num_hidden_layers": 40, "num_attention_heads": 24, "mlp_ratio": 4,
+    "use_swiglu_ffn": True, "layerscale_value": 1.0, "layer_norm_eps": 1e-6, "patch_size": 14,
+    "image_size": 518, "qkv_bias": True,
+}  # fmt: skip
+
+
+def _midnight_reference(tmp_path, **changed):
+    ensure_torchvision_importable()
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Dinov2Config(**{**MIDNIGHT_CONFIG, "num_hidden_layers": 1, **changed})
+    torch.manual_seed(0)
+    ref = transformers.Dinov2Model(config).eval()
+    _randomise(ref)
+    ref.save_pretrained(tmp_path)
+    return ref
+
+
+@pytest.mark.parametrize("image_size", [224, 518])  # the hub's grid is not known: both load
+def test_midnight12k_equals_transformers_dinov2_giant(tmp_path, image_size):
+    ref = _midnight_reference(tmp_path, image_size=image_size)
+    enc = create_encoder("midnight12k", weights=tmp_path / "model.safetensors", depth=1)
+    assert (enc.info.dim, enc.info.mean, enc.info.std) == (3072, (0.5,) * 3, (0.5,) * 3)
+    x = _input(enc, 2)
+    with torch.no_grad():
+        tokens = ref(pixel_values=x).last_hidden_state  # Kaiko's extract_classification_embedding:
+        want = torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=-1)  # CLS ++ mean of the patches
+        torch.testing.assert_close(enc(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_midnight12k_changed_settings_are_caught(tmp_path):
+    _midnight_reference(tmp_path / "gelu", use_swiglu_ffn=False)
+    with pytest.raises(WsiMilError, match="weights do not fit encoder midnight12k|not midnight12k's"):
+        create_encoder("midnight12k", weights=tmp_path / "gelu" / "model.safetensors", depth=1)
+    ref = _midnight_reference(tmp_path / "heads", num_attention_heads=16)  # same tensors
+    enc = create_encoder("midnight12k", weights=tmp_path / "heads" / "model.safetensors", depth=1)
+    x = _input(enc)
+    with torch.no_grad():
+        assert not torch.allclose(enc(x)[:, :1536], ref(pixel_values=x).last_hidden_state[:, 0], atol=1e-3)
+
+
 # -- KEEP: the hub's KEEPModel (MAGIC-AI4Med/KEEP a346a70 quick_start/keep_inference.py) ---------
 
 

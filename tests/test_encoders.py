@@ -30,7 +30,7 @@ PUBLISHED = {
 TRIDENT_DIM = {
     "ctranspath": 768, "phikon": 768, "kaiko-vits16": 384, "kaiko-vits8": 384, "kaiko-vitb16": 768,
     "kaiko-vitb8": 768, "kaiko-vitl14": 1024, "lunit-vits8": 384, "gpfm": 1024, "openmidnight": 1536,
-    "resnet50": 1024, "hibou_l": 1024, "musk": 1024, "genbio-pathfm": 4608, "keep": 768,
+    "resnet50": 1024, "hibou_l": 1024, "musk": 1024, "genbio-pathfm": 4608, "keep": 768, "midnight12k": 3072,
 }  # fmt: skip
 
 
@@ -236,7 +236,5 @@ def test_a_trident_encoder_not_built_here_says_why():
     from wsi_mil.features.foundation_specs import NOT_REGISTERED
 
     assert not set(NOT_REGISTERED) & set(FOUNDATION_MODELS)
-    with pytest.raises(
-        WsiMilError, match=r"unknown encoder 'midnight12k' \(a transformers Dinov2Model.*config.json"
-    ):
-        create_encoder("midnight12k", random_weights=True)
+    with pytest.raises(WsiMilError, match=r"unknown encoder 'gemma4-e4b' \(the vision tower of a multimodal"):
+        create_encoder("gemma4-e4b", random_weights=True)

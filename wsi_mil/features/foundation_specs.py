@@ -151,6 +151,18 @@ FOUNDATION_MODELS: dict[str, FoundationSpec] = {
             mlp_layer="swiglu_packed",
         ),
         FoundationSpec(
+            "midnight12k", "vit_giant_patch14_dinov2", {"img_size": 224, "init_values": 1.0},
+            3072, "cls+mean", 1, "kaiko-ai/midnight", False, mean_std=KAIKO,
+            source=_SRC + "L1329-1388 (AutoModel; Resize 224 + CenterCrop 224, Kaiko mean/std; 'cls+mean', "
+            "3072-d in its README table); kaiko-ai/Midnight e48dce1 README (transformers AutoModel; 224 px, "
+            "mean/std 0.5; the classification embedding: CLS ++ mean of the patch tokens) and "
+            "eval/hest_bench_config.yaml (their checkpoints built as DINOv2's "
+            "dinov2_vitg14); facebook/dinov2-giant config.json (Dinov2Model 1536 / 40 blocks / 24 heads, "
+            "SwiGLU, eps 1e-6, patch 14, no registers)",
+            builder="dinov2_hf", hub_files=("model.safetensors",), act_layer="silu",
+            mlp_layer="swiglu_packed",
+        ),
+        FoundationSpec(
             "musk", "vit_large_patch16_384",
             {"img_size": 384, "scale_attn_norm": True, "scale_mlp_norm": True},
             1024, "cls", 1, "xiangjx/musk", True, patch_px=384, input_size=384, mean_std=INCEPTION,
@@ -230,8 +242,6 @@ FOUNDATION_MODELS: dict[str, FoundationSpec] = {
 
 # TRIDENT's patch encoders not built here, and why (docs/encoders.md)
 NOT_REGISTERED = {
-    "midnight12k": "a transformers Dinov2Model whose config.json (heads, LayerScale, SwiGLU) is only on "
-    "the hub and not readable offline (TRIDENT load.py L1358)",
     "gemma4-e4b": "the vision tower of a multimodal language model",
     "gemma4-26b": "the vision tower of a multimodal language model",
 }
