@@ -277,15 +277,22 @@ HIBOU_CONFIG = {  # histai/hibou-b config.json (Dinov2ModelWithRegisters) at ViT
 }  # fmt: skip
 
 
-def _hibou_reference(tmp_path, **changed):
+def _transformers_reference(tmp_path, model: str, config: dict, **changed):
+    """transformers' `model` (one block) with `config`, random weights saved in the hub layout
+    (attention.attention.query, mlp.weights_in ...)."""
     ensure_torchvision_importable()
     transformers = pytest.importorskip("transformers")
-    config = transformers.Dinov2WithRegistersConfig(**{**HIBOU_CONFIG, "num_hidden_layers": 1, **changed})
+    config_class = getattr(transformers, model.replace("Model", "Config"))
+    cfg = config_class(**{**config, "num_hidden_layers": 1, **changed})
     torch.manual_seed(0)
-    ref = transformers.Dinov2WithRegistersModel(config).eval()
+    ref = getattr(transformers, model)(cfg).eval()
     _randomise(ref)
-    ref.save_pretrained(tmp_path)  # the hub layout: attention.attention.query, mlp.weights_in ...
+    ref.save_pretrained(tmp_path)
     return ref
+
+
+def _hibou_reference(tmp_path, **changed):
+    return _transformers_reference(tmp_path, "Dinov2WithRegistersModel", HIBOU_CONFIG, **changed)
 
 
 @pytest.mark.parametrize("image_size", [224, 518])  # a file grid other than 16: resized on loading
@@ -328,14 +335,7 @@ MIDNIGHT_CONFIG = {  # facebook/dinov2-giant config.json: the dinov2_vitg14 the 
 
 
 def _midnight_reference(tmp_path, **changed):
-    ensure_torchvision_importable()
-    transformers = pytest.importorskip("transformers")
-    config = transformers.Dinov2Config(**{**MIDNIGHT_CONFIG, "num_hidden_layers": 1, **changed})
-    torch.manual_seed(0)
-    ref = transformers.Dinov2Model(config).eval()
-    _randomise(ref)
-    ref.save_pretrained(tmp_path)
-    return ref
+    return _transformers_reference(tmp_path, "Dinov2Model", MIDNIGHT_CONFIG, **changed)
 
 
 @pytest.mark.parametrize("image_size", [224, 518])  # the hub's grid is not known: both load
