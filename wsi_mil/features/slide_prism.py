@@ -121,11 +121,13 @@ class PerceiverResampler(nn.Module):
 class Prism(nn.Module):
     """Virchow tile embeddings [N, 2560] -> PRISM's slide embedding [1, 1280]."""
 
-    checkpoint_names = staticmethod(lambda sd: prism_shared_names(sd))
-
     def __init__(self, **perceiver):
         super().__init__()
         self.image_resampler = PerceiverResampler(**perceiver)
+
+    def checkpoint_names(self, sd: dict) -> dict:
+        """The authors' checkpoint names of shared modules mapped onto this module's."""
+        return prism_shared_names(sd)
 
     def forward(self, h: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
         x = self.image_resampler.perceiver(h.unsqueeze(0))

@@ -19,9 +19,7 @@ class SlideEncoderSpec:
     dim: int  # slide embedding size
     mpp: float | None  # resolution its patches are read at (None: any, mean pooling)
     patch_px: int | None  # patch side at `mpp` (None: any)
-    builder: (
-        str  # "mean", "chief", "abmil", "madeleine" (slide_arch.py), "titan", "prism" (slide_titan/prism.py)
-    )
+    builder: str  # "mean", "chief", "abmil", "madeleine", "titan", "prism" (slide_arch.BUILDERS)
     kwargs: dict = field(default_factory=dict)  # the authors' constructor arguments
     hub: str | None = None  # Hugging Face repository of the weights (None: --weights only)
     hub_files: tuple[str, ...] = ()
