@@ -289,6 +289,12 @@ def test_slide_embed_with_titan_reads_the_level0_patch_size(tmp_path):
     for p in files:
         with h5py.File(p, "a") as f:
             f.attrs["patch_size_level0"] = 256
+    with h5py.File(files[0], "a") as f:
+        f.attrs["overlap"] = 0.25
+    with pytest.raises(WsiMilError, match=r"patches overlap \(0.25\).*--overlap 0"):
+        embed_slides(tmp_path / "features", enc, tmp_path / "overlap")
+    with h5py.File(files[0], "a") as f:
+        f.attrs["overlap"] = 0.0
     embed_slides(tmp_path / "features", enc, tmp_path / "titan")
     bag, src = read_features(tmp_path / "titan" / files[0].name), read_features(files[0])
     assert bag.features.shape == (1, 768) and bag.attrs["patch_size_level0"] == 256

@@ -36,6 +36,7 @@ class SlideEncoderInfo:
     patch_px: int | None
     weights: str  # a path, "hub:<id>", "random" or "none" (mean pooling)
     weights_sha256: str | None = None
+    grid: bool = False  # places patches on a grid of patch-size cells (TITAN): no overlap
 
 
 class SlideEncoder(nn.Module):
@@ -116,7 +117,14 @@ def create_slide_encoder(
     constructor arguments (tests)."""
     spec = slide_spec(name)
     info = SlideEncoderInfo(
-        spec.name, spec.patch_encoder, spec.in_dim, spec.dim, spec.mpp, spec.patch_px, "none"
+        spec.name,
+        spec.patch_encoder,
+        spec.in_dim,
+        spec.dim,
+        spec.mpp,
+        spec.patch_px,
+        "none",
+        grid=spec.builder == "titan",
     )
     if spec.builder == "mean":
         return SlideEncoder(MeanPool(), info).eval()
@@ -197,4 +205,9 @@ def check_features(path, attrs: dict, dim: int, info: SlideEncoderInfo) -> None:
         raise WsiMilError(
             f"{path}: {size}-px patches, but {info.name} takes {info.patch_px}-px patches at "
             f"{info.mpp:g} um/px; extract with --patch-size {info.patch_px}"
+        )
+    if info.grid and float(attrs.get("overlap") or 0) > 0:  # overlapping patches would share cells
+        raise WsiMilError(
+            f"{path}: patches overlap ({float(attrs['overlap']):g}), but {info.name} places each patch "
+            "in its own grid cell; extract with --overlap 0"
         )
