@@ -43,7 +43,7 @@ from .checkpoint_layouts import from_authors_layout
 from .compat import import_timm, import_torchvision
 from .foundation import FOUNDATION_MODELS, FoundationSpec, build_vit, weights_module
 from .foundation_specs import NOT_REGISTERED as PATCH_NOT_REGISTERED
-from .weights import file_sha256, load_checkpoint
+from .weights import file_sha256, hub_file, load_checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -202,18 +202,9 @@ def _gated_error(spec: FoundationSpec, exc: Exception) -> WsiMilError:
 
 
 def hub_checkpoint(spec: FoundationSpec) -> Path:
-    """The model's checkpoint file from the Hugging Face hub (or its local cache): the first of
-    `spec.hub_files` the repository has. Loaded by the same strict path as --weights."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    kw = {"repo_type": spec.hub_repo_type} if spec.hub_repo_type != "model" else {}
-    for filename in spec.hub_files[:-1]:
-        try:
-            return Path(hf_hub_download(spec.hub, filename, **kw))
-        except EntryNotFoundError:  # not in this repository (or not cached, offline): the next name
-            continue
-    return Path(hf_hub_download(spec.hub, spec.hub_files[-1], **kw))
+    """The model's checkpoint file from the Hugging Face hub (or its local cache). Loaded by the
+    same strict path as --weights."""
+    return hub_file(spec.hub, spec.hub_files, spec.hub_repo_type)
 
 
 def _checkpoint(spec: FoundationSpec, weights) -> tuple[Path, str]:

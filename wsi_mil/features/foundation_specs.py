@@ -51,6 +51,10 @@ class FoundationSpec:
 
 
 _SRC = "TRIDENT load.py "
+# a transformers DINOv2 checkpoint with SwiGLU MLPs (Hibou-L, Midnight), built as timm's SwiGLU ViT
+_HF_DINOV2_SWIGLU = dict(
+    builder="dinov2_hf", hub_files=("model.safetensors",), act_layer="silu", mlp_layer="swiglu_packed"
+)
 _KAIKO_HUB = "1aurent/{}.kaiko_ai_towards_large_pathology_fms"
 
 
@@ -147,8 +151,7 @@ FOUNDATION_MODELS: dict[str, FoundationSpec] = {
             "histai/hibou-b config.json (Dinov2ModelWithRegisters: 4 registers, use_swiglu_ffn, patch "
             "14, 224 px, eps 1e-6) at ViT-L width, depth and heads (HistAI/hibou vision_transformer.py "
             "vit_large: 1024, 24, 16; build_model: swiglufused, 4 registers, patch 14)",
-            builder="dinov2_hf", hub_files=("model.safetensors",), act_layer="silu",
-            mlp_layer="swiglu_packed",
+            **_HF_DINOV2_SWIGLU,
         ),
         FoundationSpec(
             "midnight12k", "vit_giant_patch14_dinov2", {"img_size": 224, "init_values": 1.0},
@@ -159,8 +162,7 @@ FOUNDATION_MODELS: dict[str, FoundationSpec] = {
             "eval/hest_bench_config.yaml (their checkpoints built as DINOv2's "
             "dinov2_vitg14); facebook/dinov2-giant config.json (Dinov2Model 1536 / 40 blocks / 24 heads, "
             "SwiGLU, eps 1e-6, patch 14, no registers)",
-            builder="dinov2_hf", hub_files=("model.safetensors",), act_layer="silu",
-            mlp_layer="swiglu_packed",
+            **_HF_DINOV2_SWIGLU,
         ),
         FoundationSpec(
             "musk", "vit_large_patch16_384",

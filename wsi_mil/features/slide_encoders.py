@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import WsiMilError
 from .slide_arch import BUILDERS, MeanPool
 from .slide_specs import NOT_REGISTERED, SLIDE_MODELS, TRIDENT_MEAN_ALIASES, SlideEncoderSpec
-from .weights import load_plain_checkpoint
+from .weights import hub_file, load_plain_checkpoint
 
 
 @dataclass
@@ -93,15 +93,7 @@ def _hub_checkpoint(spec: SlideEncoderSpec) -> tuple[Path, str]:
             f"({spec.weights_note}); pass --weights FILE, or --random-weights for tests"
         )
     try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
-
-        for filename in spec.hub_files[:-1]:  # the first the repository has
-            try:
-                return Path(hf_hub_download(spec.hub, filename)), f"hub:{spec.hub}"
-            except EntryNotFoundError:
-                continue
-        return Path(hf_hub_download(spec.hub, spec.hub_files[-1])), f"hub:{spec.hub}"
+        return hub_file(spec.hub, spec.hub_files), f"hub:{spec.hub}"
     except Exception as exc:
         gate = " (gated: request access on its page, then `hf auth login`)" if spec.gated else ""
         raise WsiMilError(
@@ -124,7 +116,7 @@ def create_slide_encoder(
         spec.mpp,
         spec.patch_px,
         "none",
-        grid=spec.builder == "titan",
+        grid=getattr(BUILDERS.get(spec.builder), "takes_patch_size", False),
     )
     if spec.builder == "mean":
         return SlideEncoder(MeanPool(), info).eval()

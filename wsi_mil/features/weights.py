@@ -78,6 +78,21 @@ UNUSED_PREFIXES = {"resnet50_trunc": ("layer4.", "fc."), "resnet18": ("fc.",), "
 _SHA256: dict[tuple[str, int, int], str] = {}
 
 
+def hub_file(repo: str, files: tuple[str, ...], repo_type: str = "model") -> Path:
+    """The first of `files` the Hugging Face repository `repo` has (downloaded, or from the
+    local cache)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    kw = {"repo_type": repo_type} if repo_type != "model" else {}
+    for filename in files[:-1]:
+        try:
+            return Path(hf_hub_download(repo, filename, **kw))
+        except EntryNotFoundError:  # not in this repository (or not cached, offline): the next name
+            continue
+    return Path(hf_hub_download(repo, files[-1], **kw))
+
+
 def file_sha256(path: str | Path) -> str:
     """The file's sha256 (hex), streamed; computed once per process for a path, mtime and size."""
     path = Path(path).resolve()
