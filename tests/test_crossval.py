@@ -82,7 +82,10 @@ def test_vote_threshold_and_metrics_on_hand_made_predictions():
     np.testing.assert_array_equal(tie, [1, 0])  # ties go to the higher mean probability
     y = np.array([0, 0, 0, 1, 1, 1])
     p = np.array([0.1, 0.3, 0.6, 0.5, 0.8, 0.9])
-    assert youden_threshold(y, p) == pytest.approx(0.5)
+    assert youden_threshold(y, p) == pytest.approx(0.4)  # halfway between 0.5 and 0.3
+    # separable: halfway between the classes, not at the weakest positive's own score
+    assert youden_threshold(y, np.array([0.1, 0.2, 0.3, 0.8, 0.9, 0.95])) == pytest.approx(0.55)
+    assert youden_threshold(np.array([0, 1]), np.array([0.2, 0.9])) == pytest.approx(0.55)
     prob = np.stack([1 - p, p], 1)
     m = compute_metrics(y, prob, (p >= 0.5).astype(int))
     assert m["accuracy"] == pytest.approx(5 / 6) and m["auc"] == pytest.approx(8 / 9)

@@ -51,8 +51,16 @@ def test_experiment_file_builds_on_a_preset_and_refuses_typos(tmp_path):
     with pytest.raises(WsiMilError, match="trian"):
         load_experiment(f)
     f.write_text("experiment: {slides: s, labels: l.csv, out: o, model: abmil}\n")
-    with pytest.raises(WsiMilError, match="model"):
+    with pytest.raises(
+        WsiMilError, match=r"unknown key experiment\.model: did you mean experiment\.models\?"
+    ):
         load_experiment(f)
+    # a misspelt key inside a section is refused too (it was ignored: training ran 50 epochs)
+    f.write_text("preset: biopsy\ntrain: {epochz: 3}\n")
+    with pytest.raises(
+        WsiMilError, match=r"mine\.yaml: unknown key train\.epochz: did you mean train\.epochs\?"
+    ):
+        load_config(f)
 
 
 @pytest.fixture(scope="module")

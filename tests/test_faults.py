@@ -355,3 +355,36 @@ def test_heatmap_killed_mid_run_resumes_to_identical_scores(cohort, tmp_path, sy
     a, b = h5py.File(tmp_path / "ref" / "s50_scores.h5"), h5py.File(out / "s50_scores.h5")
     for name in ("coords", "attention", "inversion", "combined"):
         np.testing.assert_array_equal(a[name][:], b[name][:])
+
+
+@pytest.mark.parametrize("threshold, expected", [(0.0, 1), (1.01, 0)])
+def test_heatmap_calls_the_slide_as_predict_does(cohort, tmp_path, synthetic_slide, threshold, expected):
+    """`heatmap`'s slide call is the fold models' thresholded majority vote, as crossval's and
+    `predict`'s (not the argmax of their mean probability): with every fold's threshold set to
+    0 (1.01) both call the second (first) class, whatever the probabilities."""
+    import torch
+
+    from wsi_mil.formats.features import write_features
+    from wsi_mil.pipeline.heatmap import HeatmapRequest, heatmap_slide
+    from wsi_mil.training.predict import predict_run
+
+    run = tmp_path / "run"
+    shutil.copytree(cohort / "run", run)
+    for ckpt_path in run.glob("abmil/fold_*/model.pt"):
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        ckpt["threshold"] = threshold
+        torch.save(ckpt, ckpt_path)
+    n = 300
+    coords = np.stack([np.arange(n) % 20 * 200, np.arange(n) // 20 * 200], 1).astype(np.int64)
+    feats = tmp_path / "features" / "s50.h5"
+    feats.parent.mkdir()
+    x = np.random.default_rng(1).standard_normal((n, 32)).astype(np.float32)
+    write_features(feats, x, coords, {"patch_size_level0": 200, "encoder": "synthetic"})
+    summary = heatmap_slide(
+        synthetic_slide.path, run, tmp_path / "hm", features=feats, request=HeatmapRequest(viewer=False)
+    )
+    classes = json.loads((run / "classes.json").read_text())
+    classes = classes["classes"] if isinstance(classes, dict) else classes
+    table = predict_run(run, feats.parent)
+    assert summary["predicted"] == table.abmil_prediction[0] == classes[expected]
+    assert summary["votes"] == table.abmil_votes[0] == 3

@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from wsi_mil.formats.tissue_geojson import geojson_to_polygons, read_tissue
 from wsi_mil.synthetic import write_blank_slide
 from wsi_mil.wsi.readers import open_slide
 from wsi_mil.wsi.tiling import tile
-from wsi_mil.wsi.tissue import TissueMask, segment_tissue
+from wsi_mil.wsi.tissue import TissueMask, mask_to_polygons, segment_tissue
 
 
 def _iou(mask: TissueMask, syn) -> float:
@@ -161,3 +162,30 @@ def test_default_tiling_loses_no_tissue_edge_on_the_real_slide(real_slide):
         covered[int(y / px) : int(y / px) + k, int(x / px) : int(x / px) + k] = True
     assert (covered & otsu).sum() / otsu.sum() >= 0.9
     assert grid.tissue_fraction.min() > 0
+
+
+# a demo slide's QC mask (42 x 58 cells of 31.9 level-0 px at row 58, column 24 of its 125 x 188
+# grid): a curve one cell wide, whose contour comes out of make_valid with line parts
+SPUR_MASK = (
+    "000000000000000000000000000020000000000000080000000000000200000000000001000000000000004000000000"
+    "0000300000000000001800000000000004000000000000030000000000000180000000000000c0000000000000e00000"
+    "00000000600000000000002000000000000018000000000000180000000000000c000000000000060000000000000200"
+    "0000000000010000000000000180000000000000c0000000000000600000000000003000000000000038000000000000"
+    "18000000000000080000000000000c000000000000060000000000000300000000000003000000000000018000000000"
+    "0000c000000000000040000000000000200000000000003000000000000010000000000000180000000000001c000000"
+    "00007ff800000000000000000000000000"
+)
+
+
+def test_polygons_of_a_one_cell_wide_mask_raise_no_warning():
+    """This mask made every `extract` and `demo` print "RuntimeWarning: divide by zero
+    encountered in buffer" (GEOS's mitre joins on the line parts); its polygons are valid, cover
+    the cells, and come without a warning."""
+    cells = np.unpackbits(np.frombuffer(bytes.fromhex(SPUR_MASK), np.uint8))[: 42 * 58].reshape(42, 58)
+    mask = np.zeros((125, 188), bool)
+    mask[58:100, 24:82] = cells
+    px = 31.914893617021278
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        poly = mask_to_polygons(mask, px, min_area_px=1, min_hole_px=1, max_holes=10_000)
+    assert poly.is_valid and poly.area >= cells.sum() * px**2

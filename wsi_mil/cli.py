@@ -273,7 +273,8 @@ def demo(
     from .demo import run_demo
 
     summary = run_demo(out, slides, encoder, epochs, folds, log=lambda m: say(f"[cyan]demo[/cyan] {m}"))
-    aucs = ", ".join(f"{k} {v:.3f}" for k, v in summary["test_auc"].items())
+    acc = summary["test_accuracy"]
+    aucs = ", ".join(f"{k} {v:.3f} (accuracy {acc[k]:.3f})" for k, v in summary["test_auc"].items())
     loc = summary["localization"]
     say(
         f"test AUC: {aucs}; combined layer: per-slide patch AUC {loc['mean_slide_patch_auc']['combined']:.3f}, "

@@ -73,8 +73,8 @@ def register(app: typer.Typer) -> None:
         )  # fmt: skip
         calibrated = summary["calibrated_probabilities"]
         say(
-            f"{summary['slide']}: {summary['model']} ({summary['folds']} fold(s)) predicts "
-            f"{summary['predicted']}: {summary['probabilities']}"
+            f"{summary['slide']}: {summary['model']} predicts {summary['predicted']} "
+            f"({summary['votes']} of {summary['folds']} fold(s)): {summary['probabilities']}"
             + (f" (calibrated: {calibrated})" if calibrated else "")
         )
         say(

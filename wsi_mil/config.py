@@ -3,18 +3,25 @@ the experiment files `wsi-mil run` takes (an `experiment:` section beside the st
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from .errors import WsiMilError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-class TissueConfig(BaseModel):
+class Section(BaseModel):
+    """A config section: a misspelt key is an error (`explain` names it), never ignored."""
+
+    model_config = {"extra": "forbid"}
+
+
+class TissueConfig(Section):
     """Tissue segmentation on a low-resolution image (CLAM-style saturation thresholding)."""
 
     seg_mpp: float = Field(8.0, description="um/px of the image segmentation runs on")
@@ -27,7 +34,7 @@ class TissueConfig(BaseModel):
     preview_px: int = Field(1024, ge=64, description="long side of tissue and tiling previews, px")
 
 
-class QCConfig(BaseModel):
+class QCConfig(Section):
     """Tissue quality control between segmentation and tiling (wsi/qc_rules.py documents each
     rule and where its threshold comes from). Gray levels and saturations are 0-255."""
 
@@ -70,7 +77,7 @@ class QCConfig(BaseModel):
     )
 
 
-class TilingConfig(BaseModel):
+class TilingConfig(Section):
     """One global patch grid at a physical resolution (extraction fills unset target_mpp and
     patch_size from the encoder's training resolution; tiling alone uses 0.5 um/px, 256 px)."""
 
@@ -94,7 +101,7 @@ class TilingConfig(BaseModel):
         return filled
 
 
-class ExtractConfig(BaseModel):
+class ExtractConfig(Section):
     encoder: str = "resnet50_trunc"
     weights: str | None = None
     random_weights: bool = False
@@ -107,7 +114,7 @@ class ExtractConfig(BaseModel):
     compile: Literal["auto", "on", "off"] = "auto"
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(Section):
     """Bag-level training. Each model trains with its authors' recipe (`Recipe` on the model
     class: optimiser, lr, weight decay, schedule, clipping, init); a field set here overrides
     it for every model; `recipe="shared"` trains all with wsi-mil 0.1's one recipe."""
@@ -140,7 +147,7 @@ class TrainConfig(BaseModel):
     bootstrap: int = 1000
 
 
-class HeatmapConfig(BaseModel):
+class HeatmapConfig(Section):
     inversion_steps: int = 50
     inversion_lr: float = 0.1
     inversion_lambda: float = 1.6
@@ -151,9 +158,7 @@ class HeatmapConfig(BaseModel):
     top_k: int = 12
 
 
-class PipelineConfig(BaseModel):
-    model_config = {"extra": "forbid"}  # a misspelt section is an error, not ignored
-
+class PipelineConfig(Section):
     tissue: TissueConfig = Field(default_factory=TissueConfig)
     qc: QCConfig = Field(default_factory=QCConfig)
     tiling: TilingConfig = Field(default_factory=TilingConfig)
@@ -189,12 +194,38 @@ def _stage_sections(data: dict, source: str | Path) -> dict:
     return merged
 
 
+def _fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the section `loc` (a key path) of `model`."""
+    for key in loc:
+        field = model.model_fields.get(str(key))
+        sub = getattr(field, "annotation", None) if field is not None else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            break
+        model = sub
+    return list(model.model_fields)
+
+
+def explain(error: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    """A validation error in one line: the first problem's key path and what is wrong, with
+    the closest known key for an unknown one."""
+    errors = error.errors()
+    first, loc = errors[0], tuple(errors[0]["loc"])
+    where = prefix + ".".join(str(k) for k in loc)
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    if first["type"] == "extra_forbidden":
+        known = _fields(model, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        parent = prefix + "".join(f"{k}." for k in loc[:-1])
+        hint = f"did you mean {parent}{close[0]}?" if close else f"known keys: {', '.join(known)}"
+        return f"unknown key {where}{more}: {hint}"
+    return f"{where}: {first['msg']} (got {first.get('input')!r}){more}"
+
+
 def _validate(data: dict, source: str | Path | None) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(data)
-    except ValueError as e:
-        first = str(e).splitlines()
-        raise WsiMilError(f"{source}: {' '.join(first[:3])}") from None
+    except ValidationError as e:
+        raise WsiMilError(f"{source}: {explain(e, PipelineConfig)}") from None
 
 
 def load_config(path_or_preset: str | Path | None = None, **overrides: dict) -> PipelineConfig:
@@ -209,12 +240,10 @@ def load_config(path_or_preset: str | Path | None = None, **overrides: dict) -> 
     return _validate(data, path_or_preset)
 
 
-class ExperimentConfig(BaseModel):
+class ExperimentConfig(Section):
     """What `wsi-mil run` does end to end: extract -> crossval -> heatmaps (-> localisation).
 
     Relative paths are read from the current folder, as on the command line."""
-
-    model_config = {"extra": "forbid"}
 
     slides: list[Path] = Field(description="folders of slides or CSV slide lists (as `extract` takes)")
     labels: Path = Field(description="CSV: slide_id,label[,case_id][,split]")
@@ -242,6 +271,6 @@ def load_experiment(path: str | Path) -> tuple[ExperimentConfig, PipelineConfig]
         exp = {**exp, "models": [m.strip() for m in exp["models"].split(",") if m.strip()]}
     try:
         experiment = ExperimentConfig.model_validate(exp)
-    except ValueError as e:
-        raise WsiMilError(f"{path}: experiment: {' '.join(str(e).splitlines()[:3])}") from None
+    except ValidationError as e:
+        raise WsiMilError(f"{path}: {explain(e, ExperimentConfig, 'experiment.')}") from None
     return experiment, _validate(_stage_sections(data, path), path)

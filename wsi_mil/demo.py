@@ -184,6 +184,7 @@ def run_demo(
     slide_p = {r["slide"]: r["probabilities"] for r in summaries}
     summary = {
         "test_auc": {r["model"]: r["test"]["auc"] for r in results},
+        "test_accuracy": {r["model"]: r["test"]["accuracy"] for r in results},
         "localization": {
             k: loc[k]
             for k in ("mean_slide_patch_auc", "pooled_patch_auc", "pooled_patch_auc_shuffled", "slide_auc")

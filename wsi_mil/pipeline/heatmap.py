@@ -30,7 +30,9 @@ from ..localization.scores import (
     probability_text,
     read_calibrations,
     score_with_config,
+    slide_probability,
 )
+from ..training.crossval import ensemble
 from ..wsi.collect import SlideEntry
 from ..wsi.readers import open_slide
 from .layout import Layout
@@ -184,8 +186,13 @@ def heatmap_slide(
         "ome_tiff": out / f"{sid}_heatmap.ome.tiff",
         "html": out / f"{sid}.html",
     }
-    predicted = int(scores.prob.argmax())
+    # the slide's call as crossval and `predict` make it: each fold model's own threshold, then
+    # the folds' majority vote (ties to the higher mean probability), not the mean's argmax
+    fold_probs = [slide_probability([m], x, c)[None] for m in models]
+    _, votes, vote = ensemble(fold_probs, [ck.get("threshold") for ck in ckpts])
+    predicted = int(vote[0])
     label = classes[predicted]
+    n_votes = int((votes[:, 0] == predicted).sum())
     slide_calibration = run_folder.read_calibration(name)
     calibrated = slide_calibration.apply_all(scores.prob) if slide_calibration is not None else None
     with open_slide(entry.path, mpp) as slide:
@@ -199,7 +206,10 @@ def heatmap_slide(
         thumb_px = thumb_mpp / slide.mpp
         values = display_values(scores, req.score, req.scale)
         overlay = heatmap_overlay(thumb, thumb_px, scores.coords, values, size0, tissue, hcfg.blur)
-        title = f"{sid}: {name} predicts {label} ({probability_text(scores.prob, classes)})"
+        title = (
+            f"{sid}: {name} predicts {label} ({n_votes} of {len(models)} folds; "
+            f"{probability_text(scores.prob, classes)})"
+        )
         overlay_figure(overlay, title, paths["png"], legend(req.score, target, req.scale))
         write_ome_tiff(
             paths["ome_tiff"], scores, size0, stride0, slide.dimensions, slide.mpp, req.score, req.scale
@@ -218,6 +228,7 @@ def heatmap_slide(
         "model": name,
         "folds": len(models),
         "predicted": label,
+        "votes": n_votes,
         "probability": float(scores.prob[predicted]),
         "probabilities": probability_text(scores.prob, classes),
         "calibrated_probabilities": probability_text(calibrated, classes) if calibrated is not None else None,

@@ -58,13 +58,19 @@ def _metrics(y: np.ndarray, prob: np.ndarray, pred: np.ndarray) -> dict[str, flo
 
 
 def youden_threshold(y: np.ndarray, p_pos: np.ndarray) -> float:
-    """The probability threshold maximising sensitivity + specificity - 1 (0.5 if undefined)."""
-    y = np.asarray(y)
+    """The probability threshold maximising sensitivity + specificity - 1 (0.5 if undefined),
+    placed halfway between the lowest score it calls positive and the next lower score: the
+    same calls on `p_pos`, and a margin on both sides for unseen slides. (roc_curve's own
+    threshold is that lowest positive score itself, so on a few validation slides any unseen
+    positive a little weaker than the weakest seen one was called negative.)"""
+    y, p_pos = np.asarray(y), np.asarray(p_pos, float)
     if len(np.unique(y)) < 2:
         return 0.5
     fpr, tpr, thr = roc_curve(y, p_pos)
     best = int(np.argmax(tpr - fpr))
-    return float(min(max(thr[best], 0.0), 1.0))
+    lower = p_pos[p_pos < thr[best]]
+    t = (thr[best] + lower.max()) / 2 if len(lower) else thr[best]
+    return float(min(max(t, 0.0), 1.0))
 
 
 def decide(prob: np.ndarray, threshold: float | None) -> np.ndarray:

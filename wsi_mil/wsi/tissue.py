@@ -115,7 +115,11 @@ def mask_to_polygons(
         if not poly.is_valid:
             poly = shapely.make_valid(poly)
         # Contours run through boundary pixel centres: grow by half a pixel to the true edge.
-        poly = poly.buffer(0.5 * px_level0, join_style="mitre", mitre_limit=2.0)
+        # A contour with one-pixel spurs comes out of make_valid with line parts, whose mitre
+        # joins make GEOS divide by zero internally (a stray RuntimeWarning; the result is valid
+        # and equal to buffering the parts one by one)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            poly = poly.buffer(0.5 * px_level0, join_style="mitre", mitre_limit=2.0)
         for part in getattr(poly, "geoms", [poly]):
             if isinstance(part, Polygon) and not part.is_empty:
                 polys.append(part)
