@@ -182,6 +182,16 @@ def test_model_and_models_together_duplicate_rows_and_a_missing_slide_to_view(co
     _one_line_error(r, "nosuch.svs", "no such slide file")
 
 
+def test_missing_fold_folder_and_score_file_are_named_as_such(cohort, tmp_path, synthetic_slide):
+    slide = str(synthetic_slide.path)
+    r = runner.invoke(app, ["heatmap", slide, "--run", str(cohort / "run"), "--fold", "7"])
+    _one_line_error(r, "model 'abmil' has no fold 7; pick --fold from 0, 1, 2 or all")
+    r = runner.invoke(app, ["predict", "--run", str(cohort / "run"), "--features", str(tmp_path / "nosuch")])
+    _one_line_error(r, "nosuch: no such folder")
+    r = runner.invoke(app, ["view", slide, "--scores", str(tmp_path / "none_scores.h5")])
+    _one_line_error(r, "none_scores.h5: no such score file")
+
+
 # -- exit codes, flags, duplicates ----------------------------------------------------------
 def test_boolean_flag_given_a_value_is_one_clear_error(tmp_path, synthetic_slide):
     r = runner.invoke(app, ["tile", str(synthetic_slide.path), "--out", str(tmp_path), "--overwrite", "true"])

@@ -185,13 +185,15 @@ def load_ensemble(run: RunFolder, model: str | None = None, fold: str = "all", d
     run.require()
     trained = run.trained_models()
     name = model or (trained[0] if trained else run.read_config().get("models", ["?"])[0])
-    dirs = run.fold_dirs(name)
-    if fold != "all":
-        dirs = [d for d in dirs if d.name == f"fold_{fold}"]
+    all_dirs = run.fold_dirs(name)
+    dirs = all_dirs if fold == "all" else [d for d in all_dirs if d.name == f"fold_{fold}"]
+    if not dirs and all_dirs:
+        folds = ", ".join(d.name.removeprefix("fold_") for d in all_dirs)
+        raise WsiMilError(f"{run.root}: model {name!r} has no fold {fold}; pick --fold from {folds} or all")
     if not dirs:
         raise WsiMilError(
-            f"{run.root}: no trained fold for model {name!r} (fold {fold}; trained: "
-            f"{', '.join(trained) or 'none'}); finish 'wsi-mil crossval' or pick --model/--fold"
+            f"{run.root}: no trained fold for model {name!r} (trained: "
+            f"{', '.join(trained) or 'none'}); finish 'wsi-mil crossval' or pick --model"
         )
     loaded = [load_fold_model(d, device) for d in dirs]
     return name, [m for m, _ in loaded], [c for _, c in loaded]

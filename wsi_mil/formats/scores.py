@@ -95,6 +95,8 @@ def write_scores(path: str | Path, scores: PatchScores) -> None:
 
 def read_scores(path: str | Path) -> PatchScores:
     path = Path(path)
+    if not path.is_file():
+        raise WsiMilError(f"{path}: no such score file; 'wsi-mil heatmap' writes <slide>_scores.h5")
     try:
         with h5py.File(path, "r") as f:
             coords = f["coords"][:]

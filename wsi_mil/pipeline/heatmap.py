@@ -145,6 +145,8 @@ def heatmap_slide(
     req = request or HeatmapRequest()
     hcfg = cfg.heatmap
     run_folder, out = RunFolder(run).require(), Path(out)
+    if not Path(slide_path).is_file():
+        raise WsiMilError(f"{slide_path}: no such slide file; give the path of a slide (e.g. .svs, .tif)")
     entry = SlideEntry(Path(slide_path), mpp)
     name, models, ckpts = load_ensemble(run_folder, req.model, req.fold, req.device)
     classes = run_folder.read_classes()

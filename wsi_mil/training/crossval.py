@@ -95,9 +95,9 @@ def train_one_fold(
     on_epoch = None
     if progress:
 
-        def on_epoch(r):
+        def on_epoch(r):  # one line per epoch only with debug logging; the fold's outcome below
             step = f"C {r['C']:g}" if "C" in r else f"epoch {r['epoch']}"  # the linear probe walks C
-            progress(f"{model_name} fold {k + 1} {step} val AUC {r['val_auc']:.3f}")
+            log.debug("%s fold %d %s val AUC %.3f", model_name, k + 1, step, r["val_auc"])
 
     cls = model_class(model_name)
     slide_level = getattr(cls, "slide_level", False)  # the linear probe
@@ -126,6 +126,12 @@ def train_one_fold(
         metrics = compute_metrics(va.label.values, prob, decide(prob, res.threshold))
         metrics["selection"] = "inner"
         metrics["selected_on"] = f"inner split of {int(inner.sum())} training slides (selection-free)"
+    if progress:
+        chosen = f"C {res.model_kwargs['C']:g}" if slide_level else f"epoch {res.best_epoch}"
+        progress(
+            f"{model_name} fold {k + 1}/{n_folds}: {chosen} chosen ({metrics['selected_on']}); "
+            f"fold AUC {metrics['auc']:.3f}, accuracy {metrics['accuracy']:.3f}"
+        )
     ckpt = {
         "model": model_name,
         "kwargs": res.model_kwargs,

@@ -28,6 +28,10 @@ log = logging.getLogger("wsi_mil")
 def _checked_bags(run_folder: RunFolder, features_dir: Path, keep: bool = True) -> tuple[list[Path], dict]:
     """The folder's feature files, each read once, validated and checked against the run;
     with `keep` the bags are returned (float16, keyed by path), else only validated."""
+    if not features_dir.is_dir():
+        raise WsiMilError(
+            f"{features_dir}: no such folder; give the folder of .h5 feature files 'extract' wrote"
+        )
     files = sorted(features_dir.glob("*.h5"))
     if not files:
         raise WsiMilError(f"{features_dir}: no .h5 feature files")
