@@ -163,6 +163,8 @@ class StreamStats:
     first_batch_s: float = 0.0
 
     def __str__(self) -> str:
+        if not self.patches:
+            return f"no patches encoded in {self.seconds:.1f} s"
         rate = self.patches / self.seconds if self.seconds else 0.0
         share = self.waited_s / self.seconds if self.seconds else 0.0
         return (
