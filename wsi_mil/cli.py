@@ -217,7 +217,11 @@ def crossval(
             lambda msg: say(f"[cyan]crossval[/cyan] {msg}"), map_fn, overwrite=overwrite,
             annotations=annotations, inversion=inversion_settings(cfg.heatmap),
         )  # fmt: skip
-    stdout().print((out / "report.md").read_text(), highlight=False, markup=False)
+    report = (out / "report.md").read_text()
+    # the metrics on the terminal; recipes, calibration and QC tables stay in the file
+    head = report.split("\n## Training recipes")[0].rstrip()
+    stdout().print(head, highlight=False, markup=False)
+    say(f"full report: {out / 'report.md'} (and report.html)")
 
 
 @app.command()
