@@ -121,10 +121,10 @@ def plot_reliability(result: dict, path, title: str) -> None:
 
     from ..io import save_figure
 
-    fig, axes = plt.subplots(1, len(result), figsize=(5.2 * len(result), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(result), figsize=(5.2 * len(result), 5.4), squeeze=False)
     for ax, (name, layers) in zip(axes[0], result.items()):
         ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
-        for layer, rel in layers.items():
+        for i, (layer, rel) in enumerate(layers.items()):
             xs = [b["mean_p"] for b in rel["bins"]]
             ys = [b["positive"] for b in rel["bins"]]
             (line,) = ax.plot(
@@ -132,12 +132,16 @@ def plot_reliability(result: dict, path, title: str) -> None:
             )
             sizes = [12 + 60 * np.log10(b["n"]) for b in rel["bins"]]  # marker area: patches in the bin
             ax.scatter(xs, ys, s=sizes, color=line.get_color(), zorder=3)
-            for x, y, b in zip(xs, ys, rel["bins"]):
-                ax.annotate(str(b["n"]), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-        ax.set_xlabel(f"predicted P(patch is {name})", fontsize=10)
+            for x, y, b in zip(xs, ys, rel["bins"]):  # each layer's counts on a row of their own
+                ax.annotate(
+                    str(b["n"]), (x, y), textcoords="offset points",
+                    xytext=(5, -11 - 9 * i) if y > 0.5 else (5, 4 + 9 * i),
+                    fontsize=7, color=line.get_color(), clip_on=False,
+                )  # fmt: skip
+        ax.set_xlabel(f"predicted P(patch is {name}); numbers: patches in the bin", fontsize=10)
         ax.set_ylabel(f"share of the bin's patches that are {name}", fontsize=10)
-        ax.set(xlim=(0, 1), ylim=(0, 1))
+        ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.04))
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=9, loc="upper left")
+        ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     fig.tight_layout()
     save_figure(path, fig, dpi=110)
