@@ -249,3 +249,20 @@ def test_ink_takes_no_part_in_the_blur_windows():
     assert not blur[:, :28].any() and not blur[:, 32:].any()
     energy[10:50, 5:20] = 3  # a defocused region is still found
     assert qc.blur_from_energy(energy, tissue, 16.0, CFG, ref)[15:45, 8:17].all()
+
+
+def test_contour_preview_names_its_colours_below_the_thumbnail():
+    """The tissue preview's legend: tissue outline, hole and each QC reason found, in their
+    colours, on a band below the (unchanged-size) thumbnail."""
+    from wsi_mil.wsi.draw import HOLE_COLOUR, TISSUE_COLOUR, draw_contours
+    from wsi_mil.wsi.tissue import TissueMask
+
+    thumb = np.full((200, 300, 3), 240, np.uint8)
+    tissue = MultiPolygon([box(20, 20, 280, 180).difference(box(40, 40, 60, 60))])
+    mask = TissueMask(tissue, thumb, 1.0, 1.0, {"fold": MultiPolygon([box(100, 100, 150, 150)])})
+    out = draw_contours(mask, thumb, 1.0)
+    assert out.shape[1] == 300 and out.shape[0] > 200
+    band = out[200:].reshape(-1, 3)
+    for colour in (TISSUE_COLOUR, HOLE_COLOUR, qc.REASONS["fold"][1]):
+        assert (band == colour).all(1).any(), colour
+    assert not (band == qc.REASONS["pen_blue"][1]).all(1).any()  # only the reasons found
