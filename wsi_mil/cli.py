@@ -217,9 +217,7 @@ def crossval(
             lambda msg: say(f"[cyan]crossval[/cyan] {msg}"), map_fn, overwrite=overwrite,
             annotations=annotations, inversion=inversion_settings(cfg.heatmap),
         )  # fmt: skip
-    report = (out / "report.md").read_text()
-    # the metrics on the terminal; recipes, calibration and QC tables stay in the file
-    head = report.split("\n## Training recipes")[0].rstrip()
+    head = (out / "report.md").read_text().split("\n## Training recipes")[0].rstrip()  # the metrics
     stdout().print(head, highlight=False, markup=False)
     say(f"full report: {out / 'report.md'} (and report.html)")
 
