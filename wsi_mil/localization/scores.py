@@ -219,6 +219,7 @@ def score_bag(
         xy, attention, inversion, combined, prob, target, patch_alone=alone,
         calibrated=calibration.mode if calibration is not None else "none",
         steps_kept=[e.steps_kept for e in evidence], flat_attention=flat,
+        fold_probs=[e.prob for e in evidence],
     )  # fmt: skip
 
 

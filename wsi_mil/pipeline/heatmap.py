@@ -30,7 +30,6 @@ from ..localization.scores import (
     probability_text,
     read_calibrations,
     score_with_config,
-    slide_probability,
 )
 from ..training.crossval import ensemble
 from ..wsi.collect import SlideEntry
@@ -190,7 +189,7 @@ def heatmap_slide(
     }
     # the slide's call as crossval and `predict` make it: each fold model's own threshold, then
     # the folds' majority vote (ties to the higher mean probability), not the mean's argmax
-    fold_probs = [slide_probability([m], x, c)[None] for m in models]
+    fold_probs = [p[None] for p in scores.fold_probs]
     _, votes, vote = ensemble(fold_probs, [ck.get("threshold") for ck in ckpts])
     predicted = int(vote[0])
     label = classes[predicted]
