@@ -398,3 +398,27 @@ def test_heatmap_calls_the_slide_as_predict_does(cohort, tmp_path, synthetic_sli
     table = predict_run(run, feats.parent)
     assert summary["predicted"] == table.abmil_prediction[0] == classes[expected]
     assert summary["votes"] == table.abmil_votes[0] == 3
+
+
+def test_heatmap_of_a_new_slide_stays_out_of_the_runs_feature_folder(tmp_path):
+    """A cohort slide's features are reused from the run's work folder; a new slide's are
+    extracted under the heatmaps folder, never among the run's training features (where the
+    next `crossval` on that folder would stop on a feature file without a label)."""
+    from wsi_mil.formats.run import RunFolder
+    from wsi_mil.pipeline.heatmap import default_work_folder
+    from wsi_mil.pipeline.layout import Layout
+
+    work = tmp_path / "work"
+    features_dir = Layout(work).features_dir("resnet18")
+    features_dir.mkdir(parents=True)
+    (features_dir / "cohort_slide.h5").write_bytes(b"")
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    run.write_config({"features_dir": str(features_dir)})
+    out = tmp_path / "heatmaps"
+
+    def has(name):
+        return lambda w: Layout(w).features("resnet18", name).exists()
+
+    assert default_work_folder(run, out, has("cohort_slide")) == work.resolve()
+    assert default_work_folder(run, out, has("new_slide")) == out / "work"

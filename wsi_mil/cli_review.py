@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         work: Annotated[
             Optional[Path],
             typer.Option(
-                help="Work folder for the slide's tissue, patches and features", show_default="the run's"
+                help="Work folder for the slide's tissue, patches and features", show_default="the run's if it holds this slide, else OUT/work"
             ),
         ] = None,
         model: Annotated[

@@ -55,12 +55,17 @@ class HeatmapRequest:
     device: str = "cpu"
 
 
-def default_work_folder(run: RunFolder, out: Path) -> Path:
-    """The work folder the run's features came from, else `work/` beside the heatmaps folder."""
+def default_work_folder(run: RunFolder, out: Path, has_features) -> Path:
+    """The work folder the run's features came from when `has_features(folder)` says this
+    slide's features are already there (a cohort slide: nothing to extract), else `work/`
+    inside the heatmaps folder: a new slide never lands among the run's training features,
+    where the next `crossval` on that folder would find it without a label."""
     features_dir = run.read_config().get("features_dir")
     if features_dir and Path(features_dir).exists():
-        return Layout.of_features_dir(features_dir).out
-    return out.parent / "work"
+        shared = Layout.of_features_dir(features_dir).out
+        if has_features(shared):
+            return shared
+    return out / "work"
 
 
 def extraction_stage(
@@ -154,16 +159,22 @@ def heatmap_slide(
     if req.scale not in SCALES:
         raise WsiMilError(f"--scale {req.scale}: use one of {', '.join(SCALES)}")
     calibrations, inversion = read_calibrations(run_folder, name, cfg.heatmap)
-    work = Path(work) if work else default_work_folder(run_folder, out)
     if features is None:
-        stage = extraction_stage(run_folder, work, cfg, req.overlap, req.device)
+        if work is None:
+            grid = f"grid-overlap{req.overlap:g}" if req.overlap else ""
+            encoder = run_folder.feature_spec().get("encoder", "")
+            work = default_work_folder(
+                run_folder, out, lambda w: Layout(w / grid).features(encoder, entry.name).exists()
+            )
+        stage = extraction_stage(run_folder, Path(work), cfg, req.overlap, req.device)
         features = stage.output(entry)
         if not features.exists():
             outcome = process_slide(stage, entry, blocking=True)
             if outcome.status == "failed":
                 raise WsiMilError(outcome.error)
-    else:
-        stage = ExtractStage(Layout(work), cfg)  # for the slide's tissue mask only
+    else:  # for the slide's tissue mask only
+        work = work or default_work_folder(run_folder, out, lambda w: Layout(w).tissue(entry.name).exists())
+        stage = ExtractStage(Layout(work), cfg)
     bag = read_features(features)
     run_encoder = run_folder.feature_spec().get("encoder")
     check_compatible(
