@@ -65,6 +65,23 @@ def test_label_mismatch_is_one_clear_error(tmp_path):
     assert "ghost" not in set(c.table.slide_id)
 
 
+def test_labels_as_users_write_them(tmp_path):
+    """Capitalised headers and ids written as slide file names are read; a semicolon-separated
+    file is refused with the fix (all three gave "missing label" or "no feature file")."""
+    make_feature_cohort(tmp_path, n_bags=10)
+    df = pd.read_csv(tmp_path / "labels.csv")
+    mine = pd.DataFrame({"Slide_ID": df.slide_id + ".svs", "Label": df.label})
+    mine.to_csv(tmp_path / "mine.csv", index=False)
+    c = load_labels(tmp_path / "mine.csv", tmp_path / "features")
+    assert sorted(c.table.slide_id) == sorted(df.slide_id)
+    assert (c.table.set_index("slide_id").label_name == df.set_index("slide_id").label.astype(str)).all()
+    df.to_csv(tmp_path / "semi.csv", index=False, sep=";")
+    with pytest.raises(
+        WsiMilError, match="semi.csv: needs columns slide_id,label .*separate columns with commas"
+    ):
+        load_labels(tmp_path / "semi.csv", tmp_path / "features")
+
+
 def test_string_classes_and_multiclass_labels(tmp_path):
     make_feature_cohort(tmp_path, n_bags=12)
     df = pd.read_csv(tmp_path / "labels.csv")
@@ -216,8 +233,8 @@ def test_killed_run_resumes_to_the_same_report(cohort_dir, tmp_path):
     proc = subprocess.Popen(
         args + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    for line in proc.stdout:  # kill once fold 2 has started training (fold 1 is done)
-        if "fold 2/2" in line or "fold 2 epoch" in line:
+    for line in proc.stdout:  # kill once fold 1 has started training (fold 0 is done)
+        if "fold 1 (2 of 2)" in line:
             proc.kill()
             break
     proc.wait()
@@ -225,7 +242,7 @@ def test_killed_run_resumes_to_the_same_report(cohort_dir, tmp_path):
     assert not (out / "report.md").exists()
     r = subprocess.run(args + ["--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "abmil fold 1/2" not in r.stdout + r.stderr  # the finished fold was skipped
+    assert "abmil fold 0 (1 of 2)" not in r.stdout + r.stderr  # the finished fold was skipped
     a = json.loads((ref / "abmil" / "metrics.json").read_text())
     b = json.loads((out / "abmil" / "metrics.json").read_text())
     assert a == b

@@ -63,6 +63,28 @@ def test_experiment_file_builds_on_a_preset_and_refuses_typos(tmp_path):
         load_config(f)
 
 
+@pytest.mark.parametrize(
+    "yaml_text, overrides, message",
+    [
+        # a YAML syntax error was a traceback through the parser, exit 1, no file named
+        ("train:\n  epochs: 3\n lr: 2\n", {}, r"mine\.yaml: not valid YAML at line 3, column 2 .*indent"),
+        # out-of-range values crashed deep in training (epochs 0: a TypeError) or tiling
+        ("train: {epochs: -3}\n", {}, r"mine\.yaml: train\.epochs: .*greater than or equal to 1"),
+        ("", {"train": {"lr": -1.0}}, r"^command-line option train\.lr: .*greater than 0"),
+        ("", {"train": {"folds": 1}}, r"^command-line option train\.folds: .*greater than or equal to 2"),
+        ("", {"train": {"test_frac": 1.5}}, r"^command-line option train\.test_frac"),
+        ("", {"tiling": {"target_mpp": 0.0}}, r"^command-line option tiling\.target_mpp"),
+        ("", {"tiling": {"overlap": 0.95}}, r"^command-line option tiling\.overlap: .*0\.9"),
+    ],
+)
+def test_bad_config_values_end_in_one_line_naming_their_source(tmp_path, yaml_text, overrides, message):
+    f = tmp_path / "mine.yaml"
+    f.write_text(yaml_text or "train: {folds: 3}\n")
+    with pytest.raises(WsiMilError, match=message) as info:
+        load_config(f, **overrides)
+    assert "\n" not in str(info.value)
+
+
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
     """A 12-slide synthetic cohort of small slides and an experiment file: configs/demo.yaml

@@ -94,13 +94,13 @@ def test_rerun_with_other_settings_refuses_naming_them(cohort, tmp_path):
     _one_line_error(r, "config", "lr")
     assert (run / "config.yaml").read_text() == config
     r = _crossval(cohort, run)  # the same call resumes: nothing to train
-    assert r.exit_code == 0 and "fold 1/3" not in r.output, r.output
+    assert r.exit_code == 0 and "fold 0 (1 of 3)" not in r.output, r.output
     # a run made before a setting existed resumes while the setting is at its default
     fp = json.loads((run / "fingerprint.json").read_text())
     del fp["config"]["selection_fallback"]
     (run / "fingerprint.json").write_text(json.dumps(fp))
     r = _crossval(cohort, run)
-    assert r.exit_code == 0 and "fold 1/3" not in r.output, r.output
+    assert r.exit_code == 0 and "fold 0 (1 of 3)" not in r.output, r.output
     _one_line_error(_crossval(cohort, run, None, "--selection-fallback"), "selection_fallback")
 
 
@@ -190,6 +190,18 @@ def test_missing_fold_folder_and_score_file_are_named_as_such(cohort, tmp_path, 
     _one_line_error(r, "nosuch: no such folder")
     r = runner.invoke(app, ["view", slide, "--scores", str(tmp_path / "none_scores.h5")])
     _one_line_error(r, "none_scores.h5: no such score file")
+
+
+def test_non_positive_mpp_and_missing_annotations_folder_are_refused(tmp_path, synthetic_slide):
+    """Both were accepted: a bad --mpp was silently ignored, and a misspelt --annotations folder
+    counted every slide as tumour-free and wrote metrics."""
+    slide = str(synthetic_slide.path)
+    for mpp in ("-1", "0"):
+        r = runner.invoke(app, ["extract", slide, "--out", str(tmp_path / "w"), "--mpp", mpp])
+        _one_line_error(r, f"mpp {float(mpp)} is not a positive um/px")
+    r = runner.invoke(app, ["evaluate-localization", "--scores", str(tmp_path), "--annotations", "nosuch"])
+    _one_line_error(r, "nosuch: no such annotations folder")
+    assert not (tmp_path / "localization.json").exists()
 
 
 # -- exit codes, flags, duplicates ----------------------------------------------------------

@@ -189,3 +189,16 @@ def test_polygons_of_a_one_cell_wide_mask_raise_no_warning():
         warnings.simplefilter("error")
         poly = mask_to_polygons(mask, px, min_area_px=1, min_hole_px=1, max_holes=10_000)
     assert poly.is_valid and poly.area >= cells.sum() * px**2
+
+
+def test_tissue_touching_the_image_border_stays_on_the_slide():
+    """The half-pixel growth to the true tissue edge stopped at the border: a polygon reached
+    9 level-0 px beyond the bottom of the shared real slide."""
+    from wsi_mil.wsi.tissue import mask_to_polygons
+
+    mask = np.zeros((40, 60), bool)
+    mask[10:, :30] = True  # touches the left and bottom edges
+    polys = mask_to_polygons(mask, 16.0, 1, 1, 4)
+    minx, miny, maxx, maxy = polys.bounds
+    assert minx == 0 and maxy == 40 * 16.0
+    assert abs(polys.area - 30 * 30 * 16.0**2) < 16.0**2 * 30  # no area lost inside the image

@@ -27,7 +27,8 @@ def register(app: typer.Typer) -> None:
         work: Annotated[
             Optional[Path],
             typer.Option(
-                help="Work folder for the slide's tissue, patches and features", show_default="the run's if it holds this slide, else OUT/work"
+                help="Work folder for the slide's tissue, patches and features",
+                show_default="the run's if it holds this slide, else OUT/work",
             ),
         ] = None,
         model: Annotated[
@@ -74,8 +75,8 @@ def register(app: typer.Typer) -> None:
         calibrated = summary["calibrated_probabilities"]
         say(
             f"{summary['slide']}: {summary['model']} predicts {summary['predicted']} "
-            f"({summary['votes']} of {summary['folds']} fold(s)): {summary['probabilities']}"
-            + (f" (calibrated: {calibrated})" if calibrated else "")
+            f"({summary['votes']} of {summary['folds']} fold(s), each at its validation threshold); "
+            f"mean {summary['probabilities']}" + (f" (calibrated: {calibrated})" if calibrated else "")
         )
         say(
             f"  patch probabilities for {summary['target']}: calibration {summary['patch_calibration']}; "

@@ -83,9 +83,9 @@ class TilingConfig(Section):
 
     defaults_from: str | None = Field(None, description="set when target_mpp/patch_size were filled in")
 
-    target_mpp: float | None = Field(None, description="um/px of the patches; None: the encoder's own")
-    patch_size: int | None = Field(None, description="patch side in px at target_mpp; None: the encoder's")
-    overlap: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of patch side shared")
+    target_mpp: float | None = Field(None, gt=0, description="um/px of the patches; None: the encoder's own")
+    patch_size: int | None = Field(None, ge=8, description="patch side in px at target_mpp; None: encoder's")
+    overlap: float = Field(0.0, ge=0.0, le=0.9, description="fraction of patch side shared")
     # 1%: any patch that holds tissue is kept, so no tissue edge is lost (metastases often start
     # in the lymph node's subcapsular sinus, at the very edge); TRIDENT keeps any patch touching
     # tissue. At 0.5 the kept patches cover 70% of the shared real slide's tissue, at 0.01 91%.
@@ -108,7 +108,7 @@ class ExtractConfig(Section):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"  # int8: CPU with VNNI, CNNs
     int8_calibration: str | None = None  # int8: the calibration patches (set by the extract stage)
-    batch_size: int = 64
+    batch_size: int = Field(64, ge=1)
     workers: int | None = None  # readers; None: 1 thread on the CPU, a process per spare core on a GPU
     dtype: Literal["float32", "float16"] = "float32"
     compile: Literal["auto", "on", "off"] = "auto"
@@ -121,11 +121,11 @@ class TrainConfig(Section):
 
     model: str = "psmil"
     model_kwargs: dict = Field(default_factory=dict)
-    folds: int = 5
-    test_frac: float = 0.25
-    epochs: int = 50
-    patience: int = 10
-    min_epochs: int = 5
+    folds: int = Field(5, ge=2)
+    test_frac: float = Field(0.25, ge=0.0, lt=1.0)
+    epochs: int = Field(50, ge=1)
+    patience: int = Field(10, ge=1)
+    min_epochs: int = Field(5, ge=0)
     recipe: Literal["model", "shared"] = "model"
     # a model's small-cohort recipe for runs of fewer than 300 labelled bags (models/recipe.py)
     small_cohort: bool = True
@@ -135,16 +135,16 @@ class TrainConfig(Section):
     # "inner" with a class of fewer than 4 cases in a fold's training folds: an error, unless
     # this allows choosing on that outer fold (marked in metrics.json and report.md)
     selection_fallback: bool = False
-    lr: float | None = None
-    weight_decay: float | None = None
+    lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
     optimizer: Literal["adam", "adamw", "sgd", "radam_lookahead"] | None = None
     schedule: Literal["none", "cosine", "step", "plateau"] | None = None
-    grad_clip: float | None = None
-    max_instances: int | None = None
+    grad_clip: float | None = Field(None, gt=0)
+    max_instances: int | None = Field(None, ge=1)
     preload: bool = True
     seed: int = 0
     device: str = "auto"
-    bootstrap: int = 1000
+    bootstrap: int = Field(1000, ge=0)
 
 
 class HeatmapConfig(Section):
@@ -174,7 +174,13 @@ def _read_yaml(path_or_preset: str | Path) -> dict:
     if not p.exists():
         presets = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
         raise WsiMilError(f"{path_or_preset}: no such config file or preset (presets: {presets})")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "unreadable"
+        raise WsiMilError(f"{p}: not valid YAML{where} ({problem}): check its indents and colons") from None
     if not isinstance(data, dict):
         raise WsiMilError(f"{p}: a config is a YAML mapping of sections (tissue:, tiling:, ...)")
     return data
@@ -221,11 +227,17 @@ def explain(error: ValidationError, model: type[BaseModel], prefix: str = "") ->
     return f"{where}: {first['msg']} (got {first.get('input')!r}){more}"
 
 
-def _validate(data: dict, source: str | Path | None) -> PipelineConfig:
+def _validate(data: dict, source: str | Path | None, overrides: dict | None = None) -> PipelineConfig:
+    """`data` as a PipelineConfig; an error names the config file, or the command line when
+    the offending value came from an option."""
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:
-        raise WsiMilError(f"{source}: {explain(e, PipelineConfig)}") from None
+        loc = tuple(e.errors()[0]["loc"])
+        given = (overrides or {}).get(str(loc[0]), {}) if loc else {}
+        from_option = source is None or (len(loc) > 1 and given.get(str(loc[1])) is not None)
+        where = "command-line option " if from_option else f"{source}: "
+        raise WsiMilError(f"{where}{explain(e, PipelineConfig)}") from None
 
 
 def load_config(path_or_preset: str | Path | None = None, **overrides: dict) -> PipelineConfig:
@@ -237,7 +249,7 @@ def load_config(path_or_preset: str | Path | None = None, **overrides: dict) -> 
         data = _stage_sections(_read_yaml(path_or_preset), path_or_preset)
     for section, values in overrides.items():
         data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
-    return _validate(data, path_or_preset)
+    return _validate(data, path_or_preset, overrides)
 
 
 class ExperimentConfig(Section):

@@ -300,6 +300,8 @@ def evaluate_folder(
 ) -> dict:
     """Evaluate every `<slide>_scores.h5` against its annotation (none: tumor-free)."""
     scores_dir, annotations_dir = Path(scores_dir), Path(annotations_dir)
+    if not annotations_dir.is_dir():  # else every slide would count as tumour-free
+        raise WsiMilError(f"{annotations_dir}: no such annotations folder; give the one with <slide>.xml")
     files = sorted(scores_dir.glob("*_scores.h5"))
     if not files:
         raise WsiMilError(f"{scores_dir}: no <slide>_scores.h5 files; run 'wsi-mil heatmap' first")

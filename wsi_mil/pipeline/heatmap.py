@@ -219,7 +219,7 @@ def heatmap_slide(
         values = display_values(scores, req.score, req.scale)
         overlay = heatmap_overlay(thumb, thumb_px, scores.coords, values, size0, tissue, hcfg.blur)
         title = (
-            f"{sid}: {name} predicts {label} ({n_votes} of {len(models)} folds; "
+            f"{sid}: {name} predicts {label} ({n_votes} of {len(models)} folds at their thresholds; mean "
             f"{probability_text(scores.prob, classes)})"
         )
         overlay_figure(overlay, title, paths["png"], legend(req.score, target, req.scale))

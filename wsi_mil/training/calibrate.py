@@ -100,7 +100,7 @@ def fit_run_calibration(
                     lab = np.full(len(inputs), -1)  # t's slide without annotation: unknown patches
                 rows[t].append((inputs, np.full(len(inputs), label == t), lab, labels is not None))
         if progress:
-            progress(f"{model_name} patch calibration: fold {k + 1} scored")
+            progress(f"{model_name} patch calibration: fold {k} scored")
     annotated = annotations is not None and any(r[3] for t in targets for r in rows[t])
     maps, summary = {}, {}
     for t in targets:

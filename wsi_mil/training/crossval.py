@@ -87,7 +87,7 @@ def train_one_fold(
     train_df = splits[splits.split == "train"]
     n_folds = train_df.fold.nunique()
     if progress:
-        progress(f"{model_name} fold {k + 1}/{n_folds}")
+        progress(f"{model_name} fold {k} ({k + 1} of {n_folds})")
     tr, va = train_df[train_df.fold != k], train_df[train_df.fold == k]
     inner = inner_split(tr, cfg.selection, cfg.seed * 100 + int(k), cfg.selection_fallback, k)
     fit_df, select_df = (tr[~inner], tr[inner]) if inner is not None else (tr, va)
@@ -129,7 +129,7 @@ def train_one_fold(
     if progress:
         chosen = f"C {res.model_kwargs['C']:g}" if slide_level else f"epoch {res.best_epoch}"
         progress(
-            f"{model_name} fold {k + 1}/{n_folds}: {chosen} chosen ({metrics['selected_on']}); "
+            f"{model_name} fold {k} ({k + 1} of {n_folds}): {chosen} chosen ({metrics['selected_on']}); "
             f"fold AUC {metrics['auc']:.3f}, accuracy {metrics['accuracy']:.3f}"
         )
     ckpt = {
@@ -168,7 +168,7 @@ def inner_split(
         if fallback:
             return None
         raise WsiMilError(
-            f"fold {fold + 1}: class {cases.idxmin()} has {int(cases.min())} case(s) in the training folds, "
+            f"fold {fold}: class {cases.idxmin()} has {int(cases.min())} case(s) in the training folds, "
             f"too few for the inner selection split (needs {INNER_PARTS}); add cases, use fewer --folds, "
             "or pass --selection-fallback to choose on the outer fold there (optimistic, marked in the "
             "report)"
@@ -366,7 +366,7 @@ def _run(
             if isinstance(result, Exception):
                 raise WsiMilError(f"{m} fold {k}: failed on the cluster ({type(result).__name__}: {result})")
             if progress:
-                progress(f"{m} fold {k + 1}/{len(folds)} done on the cluster")
+                progress(f"{m} fold {k} ({k + 1} of {len(folds)}) done on the cluster")
     results = []
     for m in models:
         for k in folds:

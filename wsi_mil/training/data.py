@@ -19,7 +19,9 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from ..errors import WsiMilError
 from ..formats.features import read_features
+from ..wsi.slide import SLIDE_SUFFIXES, slide_id
 
+LABEL_COLUMNS = ("slide_id", "label", "case_id", "split")  # read whatever their case
 log = logging.getLogger("wsi_mil")
 
 
@@ -39,13 +41,29 @@ def load_labels(labels_csv: str | Path, features_dir: str | Path, allow_missing:
             f"{features_dir}: no such features folder; run 'wsi-mil extract' first "
             "and pass its features/<encoder> folder"
         )
-    df = pd.read_csv(labels_csv, dtype={"slide_id": str, "case_id": str})
+    df = pd.read_csv(labels_csv, dtype=str)
+    df.columns = [str(c).strip() for c in df.columns]
+    df = df.rename(columns={c: c.lower() for c in df.columns if c.lower() in LABEL_COLUMNS})
     missing_cols = {"slide_id", "label"} - set(df.columns)
     if missing_cols:
+        header = ",".join(map(str, df.columns))
+        hint = next(
+            (
+                f"; its header has a '{sep}': separate columns with commas"
+                for sep in (";", "\t")
+                if sep in header
+            ),
+            "",
+        )
         raise WsiMilError(
-            f"{labels_csv}: needs columns slide_id,label (missing {', '.join(sorted(missing_cols))})"
+            f"{labels_csv}: needs columns slide_id,label (missing {', '.join(sorted(missing_cols))}; "
+            f"header: {header[:80]}){hint}"
         )
     df = df.dropna(subset=["slide_id", "label"])
+    # ids written as file names (tumor_001.svs) name the slide the feature file is named after
+    df["slide_id"] = [
+        slide_id(s) if Path(s).suffix.lower() in SLIDE_SUFFIXES else s for s in df.slide_id.str.strip()
+    ]
     _refuse_duplicates(df, labels_csv)
     repeated = int(df.slide_id.duplicated().sum())
     if repeated:
@@ -146,8 +164,11 @@ def make_splits(cohort: Cohort, folds: int = 5, test_frac: float = 0.25, seed: i
             df.loc[test_fold == 0, "split"] = "test"
     train = df.split == "train"
     if train.sum() < 4:
+        given = "split" in cohort.table.columns
+        fix = "put more slides in the train split" if given else "add slides or lower --test-frac"
         raise WsiMilError(
-            f"only {int(train.sum())} training slides: too few for {folds}-fold cross-validation"
+            f"only {int(train.sum())} training slides: too few for {folds}-fold cross-validation "
+            f"(needs 4); {fix}"
         )
     df["fold"] = -1
     df.loc[train, "fold"] = stratified_group_folds(

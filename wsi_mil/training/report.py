@@ -148,22 +148,27 @@ def write_report(
                 )
             lines.append("")
     inner = all(r.get("selection") == "inner" for r in results)
+    estimate = (
+        "the held-out test set is the unbiased estimate"
+        if n_test
+        else "with no held-out test set (`--test-frac 0`) this run has no unbiased estimate"
+    )
     note = (
         "Selection-free: each fold is scored by a model whose epoch and threshold were chosen on "
         "another (inner) fold of the training data; the fold never influenced a choice."
         if inner
         else "Optimistic: each fold's metrics are taken at the epoch and threshold chosen on that "
-        "same fold (`selection: outer`); the held-out test set is the unbiased estimate."
+        f"same fold (`selection: outer`); {estimate}."
     )
     fallback = {
         r["model"]: r["selection_fallback_folds"] for r in results if r.get("selection_fallback_folds")
     }
     if fallback:
-        folds = "; ".join(f"{m}: fold(s) {', '.join(str(k + 1) for k in ks)}" for m, ks in fallback.items())
+        folds = "; ".join(f"{m}: fold(s) {', '.join(str(k) for k in ks)}" for m, ks in fallback.items())
         note = (
             "Partly optimistic: too few cases for an inner selection split in some folds, which chose "
             f"their epoch and threshold on the reported fold itself (`--selection-fallback`; {folds}); "
-            "the other folds are selection-free. The held-out test set is the unbiased estimate."
+            f"the other folds are selection-free; {estimate}."
         )
     lines += ["## Cross-validation folds: mean +/- std", "", note, "", *header]
     for r in results:

@@ -16,6 +16,10 @@ class SlideEntry:
     path: Path
     mpp: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.mpp is not None and not self.mpp > 0:  # NaN too
+            raise WsiMilError(f"{self.path}: mpp {self.mpp} is not a positive um/px; give e.g. --mpp 0.25")
+
     @property
     def name(self) -> str:
         return slide_id(self.path)

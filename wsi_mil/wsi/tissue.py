@@ -90,6 +90,7 @@ def mask_to_polygons(
     if hierarchy is None:
         return MultiPolygon()
     hierarchy = hierarchy[0]
+    extent = shapely.box(0, 0, mask.shape[1] * px_level0, mask.shape[0] * px_level0)
     polys = []
     for i, cnt in enumerate(contours):
         if hierarchy[i][3] != -1:  # a hole; handled with its parent
@@ -120,6 +121,7 @@ def mask_to_polygons(
         # and equal to buffering the parts one by one)
         with np.errstate(divide="ignore", invalid="ignore"):
             poly = poly.buffer(0.5 * px_level0, join_style="mitre", mitre_limit=2.0)
+        poly = poly.intersection(extent)  # tissue at the border: the half pixel stays on the image
         for part in getattr(poly, "geoms", [poly]):
             if isinstance(part, Polygon) and not part.is_empty:
                 polys.append(part)
