@@ -584,3 +584,19 @@ def test_dsmil_generalises_on_the_plain_key_instance_toy(seed=5):
     torch.manual_seed(seed)
     model = create_model("dsmil", D, 2)
     assert fit_toy(model, 15, bags[:40], bags[40:], shuffle_seed=seed) >= 0.9
+
+
+def test_patch_dropout_keeps_enough_of_a_small_bag():
+    """dsmil-wsi's --dropout_patch keeps a random (1 - p) of the bag, but never fewer than
+    DROP_KEEP_AT_LEAST instances (a digit bag of 10 at p 0.8 kept 2 and lost its one key in 4 of
+    5 steps); whole slides are dropped as the authors drop them; evaluation sees the whole bag."""
+    from wsi_mil.models.base import DROP_KEEP_AT_LEAST, drop_instances
+
+    assert DROP_KEEP_AT_LEAST == 8
+    # int(n * (1 - p)) as the authors' dropout_patches: 1 - 0.8 is 0.19999..., so 100 keeps 19
+    for n, kept in ((5, 5), (10, 8), (40, 8), (100, 19), (5000, 999)):
+        x = torch.arange(n, dtype=torch.float32)[:, None]
+        out = drop_instances(x, 0.8, training=True)
+        assert len(out) == kept and len(set(out[:, 0].tolist())) == kept  # distinct instances
+    x = torch.randn(10, 3)
+    assert drop_instances(x, 0.8, training=False) is x and drop_instances(x, 0.0, training=True) is x
