@@ -53,8 +53,8 @@ AUTHORS_RECIPE = Recipe(
 # with 96 bags 0.67, 192 bags 0.83 / 0.53, 384 bags 0.95. This setting (chosen on the 48-bag
 # seeds 1-3: 1.00 / 0.92 / 0.94) gave 0.90 mean on unseen seeds 4-6 and 1.00 at 96, 192 (x2)
 # and 384 bags (docs/changelog.md, 2026-12-02). On bags of 8-12 digits the dropout kept 2
-# instances and lost the key (0.72 bag AUC): it keeps at least 8 (`base.DROP_KEEP_AT_LEAST`). Those figures are the
-# one-output form's; with the two-output default the tests' cohort seed 0 reached
+# instances and lost the key (0.72 bag AUC): it keeps at least 8 (`base.DROP_KEEP_AT_LEAST`).
+# Those figures are the one-output form's; with the two-output default the tests' cohort seed 0 reached
 # 1.000 on its test split and 0.984 on 400 fresh bags (one output: 0.694 / 0.649), attention
 # key AUC 0.976 (0.746) (`bench/bench_mil_recipes.py --models dsmil --cohorts tests --seeds 0
 # --epochs 50 --train '{"patience": 10}' --fresh 400`).

@@ -159,10 +159,11 @@ def heatmap_slide(
     if req.scale not in SCALES:
         raise WsiMilError(f"--scale {req.scale}: use one of {', '.join(SCALES)}")
     calibrations, inversion = read_calibrations(run_folder, name, cfg.heatmap)
+    spec = run_folder.feature_spec()  # the run's encoder and grid (read once: old runs open a feature file)
     if features is None:
         if work is None:
             grid = f"grid-overlap{req.overlap:g}" if req.overlap else ""
-            encoder = run_folder.feature_spec().get("encoder", "")
+            encoder = spec.get("encoder", "")
             work = default_work_folder(
                 run_folder, out, lambda w: Layout(w / grid).features(encoder, entry.name).exists()
             )
@@ -176,11 +177,11 @@ def heatmap_slide(
         work = work or default_work_folder(run_folder, out, lambda w: Layout(w).tissue(entry.name).exists())
         stage = ExtractStage(Layout(work), cfg)
     bag = read_features(features)
-    run_encoder = run_folder.feature_spec().get("encoder")
+    run_encoder = spec.get("encoder")
     check_compatible(
         bag.path, bag.dim, bag.encoder, int(ckpts[0]["in_dim"]), run_encoder, f"run {run_folder.root}"
     )
-    check_grid(bag.path, bag.attrs, run_folder.feature_spec(), f"run {run_folder.root}")
+    check_grid(bag.path, bag.attrs, spec, f"run {run_folder.root}")
     x = torch.from_numpy(bag.features).float().to(req.device)
     c = torch.from_numpy(bag.coords).to(req.device)
     scores = score_with_config(models, x, c, classes, calibrations, inversion, req.target)

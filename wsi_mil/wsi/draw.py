@@ -22,7 +22,7 @@ def with_legend(img: np.ndarray, entries: list[tuple[str, tuple[int, int, int]]]
     """`img` with a white band below it naming each colour of `entries` (label, RGB)."""
     scale = max(0.4, min(1.0, img.shape[1] / 1400))
     row_h, sw = int(26 * scale) + 6, int(18 * scale) + 4
-    rows, x, y = [[]], 8, 0
+    rows, x = [[]], 8
     for label, colour in entries:  # lay the entries out in rows that fit the width
         width = sw + 8 + int(cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, 1)[0][0]) + 20
         if x + width > img.shape[1] and rows[-1]:
