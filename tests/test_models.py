@@ -393,6 +393,17 @@ def test_transmil_nystrom_attention_matches_the_package_its_authors_import():
         torch.testing.assert_close(ours(short), exact, atol=1e-5, rtol=1e-4)
         gap = (theirs(short) - exact).abs().max() / exact.abs().max()
         assert gap > 1e-3  # the package approximates even here: that is the difference kept
+        # `weigh` (TransMIL's attention rollout): row weights times the attention matrix the
+        # layer applies, the package's `return_attn` matrix on long sequences, head mean
+        for n in (33, 64 + 5):
+            x, r = torch.randn(1, n, dim), torch.rand(n)
+            attn = theirs(x, return_attn=True)[1]  # [1, heads, n + pad, n + pad]
+            pad = attn.shape[-1] - n
+            want = (torch.nn.functional.pad(r, (pad, 0)) @ attn).mean(1)[0, pad:]
+            torch.testing.assert_close(ours.weigh(x, r), want, atol=1e-5, rtol=1e-4)
+        r = torch.rand(20)
+        want = (r @ torch.softmax(q * ours.scale @ k.transpose(-1, -2), -1)).mean(1)[0]
+        torch.testing.assert_close(ours.weigh(short, r), want)
 
 
 def test_psmil_default_starts_at_the_first_bag_and_moves_only_the_label_column():

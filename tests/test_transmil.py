@@ -134,6 +134,50 @@ def test_transmil_forward_on_a_short_bag_differs_from_the_authors_only_by_exact_
             del ours.layer1.attn.forward, ours.layer2.attn.forward
 
 
+def authors_rollout(theirs: AuthorsTransMIL, x: torch.Tensor) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema, ACL 2020) of the authors' model's class token to the
+    instances: (A2 + I) / 2 (A1 + I) / 2, row 0, heads averaged. A1 is the matrix the package's
+    first layer applies (`return_attn`, its front padding cut off); A2 the second layer's exact
+    softmax attention, from its own query and key weights; padding copies credited to the
+    instance they copy, renormalised over the instances."""
+    n = len(x)
+    side = int(np.ceil(np.sqrt(n)))
+    h = theirs._fc1(x[None])
+    h = torch.cat([theirs.cls_token, h, h[:, : side * side - n]], dim=1)
+    t = h.shape[1]
+
+    def exact(layer, z):  # the layer's softmax attention [heads, t, t] and its exact output
+        q, k, v = (u.view(t, 8, -1).transpose(0, 1) for u in layer.attn.to_qkv(layer.norm(z)).chunk(3, -1))
+        a = torch.softmax(q @ k.transpose(-1, -2) * layer.attn.scale, -1)
+        out = a @ v + layer.attn.res_conv(v[None])[0]
+        return a.mean(0), z + layer.attn.to_out(out.transpose(0, 1).reshape(1, t, -1))
+
+    if t <= 256:  # ours is exact below the landmark count (the deliberate difference)
+        a1, h1 = exact(theirs.layer1, h)
+    else:
+        a1 = theirs.layer1.attn(theirs.layer1.norm(h), return_attn=True)[1].mean(1)[0, -t:, -t:]
+        h1 = theirs.layer1(h)
+    a2, _ = exact(theirs.layer2, theirs.pos_layer(h1, side, side))
+    eye = torch.eye(t)
+    row = ((a2 + eye) / 2 @ ((a1 + eye) / 2))[0]
+    scores = row[1 : n + 1].clone()
+    scores[: t - 1 - n] += row[n + 1 :]
+    return scores / scores.sum()
+
+
+@pytest.mark.parametrize("n", [1, 7, 60, 300])
+def test_transmil_attention_is_the_class_tokens_rollout(pair, n):
+    """The attention layer of a TransMIL heatmap: the rollout of the class token's attention
+    over both layers, on bags with padding copies (7: 2 copies), exact (60) and over the
+    landmarks (300: the package's Nystrom matrix)."""
+    ours, theirs = pair
+    x = torch.randn(n, 64)
+    with torch.no_grad():
+        got = ours(x).instance_scores
+        torch.testing.assert_close(got, authors_rollout(theirs, x), atol=1e-5, rtol=1e-3)
+    assert got.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
 def test_transmil_patch_dropout_trains_on_half_the_bag_and_predicts_on_all_of_it():
     """The small-cohort recipe's `dropout_patch` (runs under 300 bags): a training step sees a
     random half of the bag, inference the whole bag, deterministically."""

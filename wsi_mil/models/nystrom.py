@@ -100,6 +100,33 @@ class NystromAttention(nn.Module):
         q, k, v = self.to_qkv(x).chunk(3, dim=-1)
         return [t.view(b, n, self.heads, self.dim_head).transpose(1, 2) for t in (q, k, v)]
 
+    def _factors(self, q: torch.Tensor, k: torch.Tensor):
+        """The Nystrom factors (attn1, pinv(attn2), attn3) of unscaled [b, h, n, d] queries and
+        keys, n a multiple of the landmark count: attention ~ attn1 @ pinv(attn2) @ attn3."""
+        b, _, n, _ = q.shape
+        m, seg = self.landmarks, n // self.landmarks
+        q = q * self.scale
+        q_l = q.reshape(b, self.heads, m, seg, self.dim_head).sum(3) / seg
+        k_l = k.reshape(b, self.heads, m, seg, self.dim_head).sum(3) / seg
+        attn1 = torch.softmax(q @ k_l.transpose(-1, -2), dim=-1)
+        attn2 = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1)
+        attn3 = torch.softmax(q_l @ k.transpose(-1, -2), dim=-1)
+        return attn1, pinv_iterative(attn2, self.pinv_iters), attn3
+
+    def weigh(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """[n] r @ A for [1, n, dim] tokens and [n] row weights, A the attention matrix this
+        layer applies to them (exact softmax, or its Nystrom factors), averaged over heads: where
+        the weight of the rows r lands among the tokens (attention rollout)."""
+        n, m = x.shape[1], self.landmarks
+        if n <= m and self.exact_short:
+            q, k, _ = self._qkv(x)
+            return (r @ torch.softmax(q * self.scale @ k.transpose(-1, -2), dim=-1)).mean(1)[0]
+        pad = (m - n % m) % m
+        q, k, _ = self._qkv(F.pad(x, (0, 0, pad, 0)))
+        attn1, attn2_inv, attn3 = self._factors(q, k)
+        row = F.pad(r, (pad, 0)).view(1, 1, 1, -1)
+        return (((row @ attn1) @ attn2_inv) @ attn3).mean(1)[0, 0, pad:]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         m = self.landmarks
@@ -112,14 +139,8 @@ class NystromAttention(nn.Module):
         if pad:
             x = F.pad(x, (0, 0, pad, 0))
         q, k, v = self._qkv(x)
-        q = q * self.scale
-        seg = math.ceil((n + pad) / m)
-        q_l = q.reshape(b, self.heads, m, seg, self.dim_head).sum(3) / seg
-        k_l = k.reshape(b, self.heads, m, seg, self.dim_head).sum(3) / seg
-        attn1 = torch.softmax(q @ k_l.transpose(-1, -2), dim=-1)
-        attn2 = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1)
-        attn3 = torch.softmax(q_l @ k.transpose(-1, -2), dim=-1)
-        out = (attn1 @ pinv_iterative(attn2, self.pinv_iters)) @ (attn3 @ v)
+        attn1, attn2_inv, attn3 = self._factors(q, k)
+        out = (attn1 @ attn2_inv) @ (attn3 @ v)
         out = out + self._residual(v)
         out = out.transpose(1, 2).reshape(b, n + pad, self.heads * self.dim_head)
         return self.to_out(out)[:, -n:]

@@ -97,7 +97,7 @@ def train_one_fold(
 
         def on_epoch(r):  # one line per epoch only with debug logging; the fold's outcome below
             step = f"C {r['C']:g}" if "C" in r else f"epoch {r['epoch']}"  # the linear probe walks C
-            log.debug("%s fold %d %s val AUC %.3f", model_name, k + 1, step, r["val_auc"])
+            log.debug("%s fold %d %s val AUC %.3f", model_name, k, step, r["val_auc"])
 
     cls = model_class(model_name)
     slide_level = getattr(cls, "slide_level", False)  # the linear probe
@@ -127,7 +127,7 @@ def train_one_fold(
         metrics["selection"] = "inner"
         metrics["selected_on"] = f"inner split of {int(inner.sum())} training slides (selection-free)"
     if progress:
-        chosen = f"C {res.model_kwargs['C']:g}" if slide_level else f"epoch {res.best_epoch}"
+        chosen = f"C {res.model_kwargs['C']:g}" if slide_level else f"epoch {res.best_epoch} of {cfg.epochs}"
         progress(
             f"{model_name} fold {k} ({k + 1} of {n_folds}): {chosen} chosen ({metrics['selected_on']}); "
             f"fold AUC {metrics['auc']:.3f}, accuracy {metrics['accuracy']:.3f}"

@@ -31,7 +31,7 @@ from .optim import Schedule, apply_init, build_optimizer, resolve_recipe
 @dataclass
 class FoldResult:
     state_dict: dict
-    best_epoch: int
+    best_epoch: int  # counted from 1: the first pass over the training bags is epoch 1
     threshold: float | None
     val_metrics: dict
     history: list[dict] = field(default_factory=list)
@@ -102,7 +102,7 @@ def train_fold(
         schedule.step(val_loss)
         key_auc = val_auc if np.isfinite(val_auc) else -val_loss
         row = {
-            "epoch": epoch,
+            "epoch": epoch + 1,  # counted from 1, as the progress lines and metrics.json say it
             "train_loss": float(np.mean(losses)),
             "val_loss": val_loss,
             "val_auc": val_auc,
@@ -113,7 +113,7 @@ def train_fold(
         if on_epoch:
             on_epoch(row)
         if key_auc > best[0] or (key_auc == best[0] and val_loss < best[1]):
-            best, best_epoch, stale = (key_auc, val_loss), epoch, 0
+            best, best_epoch, stale = (key_auc, val_loss), epoch + 1, 0
             best_state, best_prob = copy.deepcopy(model.state_dict()), prob
         else:
             stale += 1
