@@ -119,8 +119,8 @@ class NystromAttention(nn.Module):
         the weight of the rows r lands among the tokens (attention rollout)."""
         n, m = x.shape[1], self.landmarks
         if n <= m and self.exact_short:
-            q, k, _ = self._qkv(x)
-            return (r @ torch.softmax(q * self.scale @ k.transpose(-1, -2), dim=-1)).mean(1)[0]
+            q, k = self.qk(x)
+            return (r @ torch.softmax(q @ k.transpose(-1, -2), dim=-1)).mean(1)[0]
         pad = (m - n % m) % m
         q, k, _ = self._qkv(F.pad(x, (0, 0, pad, 0)))
         attn1, attn2_inv, attn3 = self._factors(q, k)

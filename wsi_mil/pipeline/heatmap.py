@@ -68,11 +68,18 @@ def default_work_folder(run: RunFolder, out: Path, has_features) -> Path:
     return out / "work"
 
 
+def grid_layout(work: Path, overlap: float) -> Layout:
+    """The work folder's layout for a grid: a finer (overlapping) grid is a different set of
+    patches, kept apart from the run's in `grid-overlap<f>/`."""
+    return Layout(work / f"grid-overlap{overlap:g}" if overlap else work)
+
+
 def extraction_stage(
-    run: RunFolder, work: Path, cfg: PipelineConfig, overlap: float, device: str
+    run: RunFolder, work: Path, cfg: PipelineConfig, overlap: float, device: str, spec: dict | None = None
 ) -> ExtractStage:
-    """An extract stage with the encoder and grid the run was trained on (finer with overlap)."""
-    spec = run.feature_spec()
+    """An extract stage with the encoder and grid the run was trained on (finer with overlap);
+    `spec` is the run's feature spec when the caller has read it."""
+    spec = run.feature_spec() if spec is None else spec
     if "encoder" not in spec or "target_mpp" not in spec:
         raise WsiMilError(
             f"{run.root}: the run does not record its encoder and grid (its features are gone); "
@@ -112,9 +119,7 @@ def extraction_stage(
             )
     cfg.extract.weights = weights if local else None
     cfg.extract.random_weights, cfg.extract.device = random_weights, device
-    # a finer (overlapping) grid is a different set of patches: keep it apart from the run's
-    grid_tag = f"-overlap{overlap:g}" if overlap else ""
-    layout = Layout(work if not grid_tag else work / f"grid{grid_tag}")
+    layout = grid_layout(work, overlap)
     if refusal is not None:  # a slide whose features are already in the work folder needs no weights
         return _RefusedExtraction(layout, cfg, refusal=refusal)
     return ExtractStage(layout, cfg)
@@ -162,12 +167,11 @@ def heatmap_slide(
     spec = run_folder.feature_spec()  # the run's encoder and grid (read once: old runs open a feature file)
     if features is None:
         if work is None:
-            grid = f"grid-overlap{req.overlap:g}" if req.overlap else ""
             encoder = spec.get("encoder", "")
             work = default_work_folder(
-                run_folder, out, lambda w: Layout(w / grid).features(encoder, entry.name).exists()
+                run_folder, out, lambda w: grid_layout(w, req.overlap).features(encoder, entry.name).exists()
             )
-        stage = extraction_stage(run_folder, Path(work), cfg, req.overlap, req.device)
+        stage = extraction_stage(run_folder, Path(work), cfg, req.overlap, req.device, spec)
         features = stage.output(entry)
         if not features.exists():
             outcome = process_slide(stage, entry, blocking=True)
