@@ -378,3 +378,48 @@ def test_psmil_label_update_with_no_instance_of_the_label_moves_to_the_bag_featu
     }
     assert all(v < ATOL for v in diffs.values()), diffs
     assert (ours.pool.prototypes[:, 1] - q[:, 1]).abs().max() > 10 * ATOL
+
+
+def authors_alignment(preds: torch.Tensor, log_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """PSAMIL main.py (93b763d) L233-256: `preds` [views, t, ks], the classifier's instance
+    probabilities of each view (model/PSAMIL.py L545: softmax(features @ linear)). With
+    `log_input` the cross-entropy gets log(preds[i]) instead of preds[i] (ours; theirs feeds the
+    probabilities to CrossEntropyLoss as if they were logits)."""
+    ins_loss = torch.nn.CrossEntropyLoss()
+    log_preds = torch.log(preds + 1e-9)
+    mean_log_preds = torch.mean(log_preds, dim=0)
+    geom_mean_probs = torch.exp(mean_log_preds)
+    estimated_probs = geom_mean_probs / (torch.sum(geom_mean_probs, dim=1, keepdim=True) + 1e-9)
+    estimated_labels = torch.argmax(estimated_probs, dim=1)
+    total_loss = 0
+    for i in range(preds.shape[0]):
+        total_loss += ins_loss(torch.log(preds[i]) if log_input else preds[i], estimated_labels)
+    return total_loss / preds.shape[0], estimated_labels
+
+
+def test_alignment_loss_is_the_authors_on_the_classifiers_view_probabilities():
+    """The optional alignment term: the authors' pseudo-label and mean over views of each
+    view's cross-entropy (with the log of the probabilities, the documented difference), on
+    the classifier's probabilities of every view, weighted by the authors' ramp
+    min(0.01 epoch, 0.1) (main.py L144-147) at align_lambda 0.01, align_tau 10."""
+    from wsi_mil.models.psmil import alignment_loss
+
+    torch.manual_seed(0)
+    preds = torch.softmax(3 * torch.randn(3, 40, 2), -1)
+    theirs, labels = authors_alignment(preds, log_input=True)
+    torch.testing.assert_close(alignment_loss(list(preds)), theirs, rtol=1e-5, atol=1e-6)
+    assert torch.equal(torch.stack([torch.log(p) for p in preds]).sum(0).argmax(-1), labels)
+    raw, _ = authors_alignment(preds, log_input=False)
+    assert abs(raw.item() - theirs.item()) > 0.05  # the difference is real, and documented
+
+    model = PSMIL(16, 2, hidden=0, align_lambda=0.01, align_tau=10, view_dropout=0.0, view_noise=0.0)
+    x = torch.randn(30, 16)
+    p = torch.softmax(model.classifier(x), -1)  # hidden=0: the embedding is the input
+    for epoch in (0, 3, 10, 15):
+        model.set_epoch(epoch)
+        aux = model.train()(x).aux_loss
+        expected = min(0.01 * epoch, 0.1) * authors_alignment(torch.stack([p] * 3), log_input=True)[0]
+        if epoch == 0:
+            assert aux is None
+        else:
+            torch.testing.assert_close(aux, expected, rtol=1e-5, atol=1e-7)

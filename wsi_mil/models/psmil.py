@@ -64,10 +64,17 @@ and averages softmax(P w) with softmax(onehot(argmax P) w): `detach_probs=True`,
 AUC, small256 / harder): that form 0.581 / 0.445, the hard mix alone 0.600 / 0.473, P without
 gradient alone 0.572 / 0.494, the default 0.578 / 0.508 (docs/benchmarks.md).
 
-Optional alignment loss (`align_lambda > 0`): `n_views` augmented views of each embedding
-(feature dropout + Gaussian noise), pseudo-label = one-hot argmax of the normalised product of
-the views' class probabilities, cross-entropy of every view to it, weighted
-lambda * min(epoch, tau) (lambda 0.1, tau 10).
+Optional alignment loss (`align_lambda > 0`), PSAMIL main.py's (93b763d, L144-258): the
+classifier's instance probabilities softmax(W h_i) of `n_views` = 3 views of each instance,
+pseudo-label = argmax of their normalised geometric mean, the mean over views of each view's
+cross-entropy to it, weighted lambda * min(epoch, tau) from epoch 0; lambda 0.01, tau 10 is the
+authors' ramp to 0.1 (commented out there: the stored main.py sets lam = 0). Deliberate
+differences: the views are feature views (dropout `view_dropout` + Gaussian noise
+`view_noise` on the embedding), since wsi-mil trains on frozen features and their views are
+image augmentations through a fine-tuned backbone; the authors' WSI trainer (traincancer.py)
+uses no alignment at all, like the default here (off); and the cross-entropy takes the log
+of the probabilities (their `CrossEntropyLoss` re-softmaxes probabilities as if they were
+logits).
 """
 
 from __future__ import annotations
@@ -169,7 +176,8 @@ class ProbabilityAttention(nn.Module):
 
 
 def alignment_loss(view_probs: list[torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of every view's probabilities [N, k] to the one-hot of their product."""
+    """Mean over views of each view's cross-entropy [N, k] to the argmax of the views'
+    normalised geometric mean (the argmax of their product)."""
     log_p = torch.stack([torch.log(p.clamp_min(1e-8)) for p in view_probs])  # [V, N, k]
     target = log_p.sum(0).argmax(dim=-1)  # argmax of the normalised product
     return -log_p.gather(2, target.view(1, -1, 1).expand(len(view_probs), -1, 1)).mean()
@@ -201,7 +209,7 @@ class PSMIL(MILModel):
         align_tau: int = 10,
         hard_mix: bool = False,
         detach_probs: bool = False,
-        n_views: int = 2,
+        n_views: int = 3,
         view_dropout: float = 0.1,
         view_noise: float = 0.1,
         attention_init: str = "positive",
@@ -243,8 +251,8 @@ class PSMIL(MILModel):
         weight = self.align_lambda * min(self.epoch, self.align_tau)
         if self.training and weight > 0:
             views = [
-                self.pool.probabilities(
-                    F.dropout(h, self.view_dropout) + self.view_noise * torch.randn_like(h)
+                torch.softmax(
+                    self.classifier(F.dropout(h, self.view_dropout) + self.view_noise * torch.randn_like(h)), -1
                 )
                 for _ in range(self.n_views)
             ]
