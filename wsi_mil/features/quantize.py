@@ -4,8 +4,8 @@ Post-training static quantisation with torch.ao's FX graph mode and its "x86" ba
 per-channel int8 weights, per-tensor uint8 activations observed on real patches. Measured on
 the shared real slide (bench/bench_int8.py): resnet50_trunc features within cosine 0.9996 of
 fp32 (the issue's bar is 0.999) at 2.3x the bf16 default's patches/s on an AMD EPYC with
-AVX-512 VNNI, 1.27x on an Intel Xeon with AMX (its bf16 is fast already). Vision transformers are not supported (their graphs do not trace for static
-quantisation); they keep bf16.
+AVX-512 VNNI, 1.27x on an Intel Xeon with AMX (its bf16 is fast already). Vision transformers
+are not supported (their graphs do not trace for static quantisation); they keep bf16.
 
 The observers see the first batch a run encodes. Those patches are saved beside the features
 (`int8_calibration.npy`, created atomically; the first process to write it wins), and every

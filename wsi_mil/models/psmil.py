@@ -252,7 +252,8 @@ class PSMIL(MILModel):
         if self.training and weight > 0:
             views = [
                 torch.softmax(
-                    self.classifier(F.dropout(h, self.view_dropout) + self.view_noise * torch.randn_like(h)), -1
+                    self.classifier(F.dropout(h, self.view_dropout) + self.view_noise * torch.randn_like(h)),
+                    -1,
                 )
                 for _ in range(self.n_views)
             ]
