@@ -85,10 +85,45 @@ def test_labels_as_users_write_them(tmp_path):
 def test_string_classes_and_multiclass_labels(tmp_path):
     make_feature_cohort(tmp_path, n_bags=12)
     df = pd.read_csv(tmp_path / "labels.csv")
-    df["label"] = np.array(["LUAD", "LUSC", "normal"])[np.arange(12) % 3]
+    df["label"] = np.array(["LUAD", "LUSC", "normal "])[np.arange(12) % 3]  # a stray space is trimmed
     df.to_csv(tmp_path / "l.csv", index=False)
     c = load_labels(tmp_path / "l.csv", tmp_path / "features")
     assert c.classes == ["LUAD", "LUSC", "normal"] and set(c.table.label) == {0, 1, 2}
+    df.loc[0, "label"] = "luad"  # was a fourth class, "luad" beside "LUAD"
+    df.to_csv(tmp_path / "case.csv", index=False)
+    with pytest.raises(WsiMilError, match="case.csv: labels 'LUAD' and 'luad' differ only in case"):
+        load_labels(tmp_path / "case.csv", tmp_path / "features")
+
+
+def test_classes_too_small_to_split_are_refused(tmp_path, caplog):
+    """A class of one or two cases used to land on one side of the test split or of the folds,
+    and the other side's models trained without it; a test split that had to shrink its parts
+    said "folds" and kept quiet about the test set it made."""
+    make_feature_cohort(tmp_path, n_bags=16)
+    df = pd.read_csv(tmp_path / "labels.csv")
+    df["label"] = np.where(df.label == 1, "tumor", "normal")
+    df.loc[df.index[df.label == "normal"][:2], "label"] = "inflamed"
+    df.to_csv(tmp_path / "l.csv", index=False)
+    cohort = load_labels(tmp_path / "l.csv", tmp_path / "features")
+    with pytest.raises(
+        WsiMilError, match=r"too few cases for a test split and folds: inflamed \(2\), needs 3"
+    ):
+        make_splits(cohort, folds=3, test_frac=0.25)
+    with pytest.raises(WsiMilError, match=r"too few cases for cross-validation .*: inflamed \(1\)"):
+        make_splits(cohort.__class__(cohort.table.assign(split=["test"] + ["train"] * 15), cohort.classes), 3)
+    df.loc[df.index[df.label == "normal"][:1], "label"] = "inflamed"  # 3 inflamed cases
+    df.to_csv(tmp_path / "l3.csv", index=False)
+    with caplog.at_level("WARNING", logger="wsi_mil"):
+        s = make_splits(load_labels(tmp_path / "l3.csv", tmp_path / "features"), folds=3, test_frac=0.25)
+    assert (
+        "test split (--test-frac 0.25): only 3 case(s) in the smallest class, so 3 parts instead of 4"
+        in caplog.text
+    )
+    assert "the test split holds 1/3 of the cases" in caplog.text
+    train = s[s.split == "train"]
+    assert all(
+        set(train[train.fold != f].label) == {0, 1, 2} for f in set(train.fold)
+    )  # every fold trains on all
 
 
 def test_vote_threshold_and_metrics_on_hand_made_predictions():
@@ -276,6 +311,29 @@ def test_patient_level_averages_each_fold_models_slides_then_votes():
     assert vote.tolist() == [1, 0, 0]
     assert patient_level(["a", "b"], [1, 0], [fold1[:2]], [0.5]) is None  # one slide each
     assert patient_level(["a", "a"], [1, 0], [fold1[:2]], [0.5]) is None  # conflicting labels
+
+
+def test_report_says_why_patients_are_missing_and_how_many_folds_a_mean_has(tmp_path):
+    """Per-patient metrics were dropped without a word when a patient's test slides carry
+    different labels, and a fold mean over the folds that had an AUC looked like all folds'."""
+    from wsi_mil.training.metrics import METRICS
+    from wsi_mil.training.report import write_report
+
+    m = dict.fromkeys(METRICS, 0.5)
+    r = {
+        "model": "abmil", "test": m, "test_ci": None, "val_mean": m, "val_std": m, "folds": [m, m, m],
+        "val_folds": {**dict.fromkeys(METRICS, 3), "auc": 2}, "selection": "inner",
+        "test_patient_skipped": "2 test patient(s) have slides of different labels",
+    }  # fmt: skip
+    splits = pd.DataFrame(
+        {"slide_id": list("abcdef"), "label_name": ["t", "n"] * 3, "split": ["train"] * 4 + ["test"] * 2,
+         "fold": [0, 1, 0, 1, -1, -1]}
+    )  # fmt: skip
+    text = write_report(tmp_path, [r], splits, TrainConfig())
+    assert "No per-patient metrics: 2 test patient(s) have slides of different labels" in text
+    row = next(line for line in text.splitlines() if line.startswith("| abmil |") and "+/-" in line)
+    assert row.split("|")[METRICS.index("auc") + 2].strip() == "0.500 +/- 0.500 (2 of 3 folds)"
+    assert row.count("of 3 folds") == 1
 
 
 def test_bootstrap_intervals_only_where_every_class_has_ten_test_slides():

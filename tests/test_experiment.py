@@ -85,6 +85,28 @@ def test_bad_config_values_end_in_one_line_naming_their_source(tmp_path, yaml_te
     assert "\n" not in str(info.value)
 
 
+def test_slides_and_labels_are_matched_before_any_extraction(tmp_path, caplog):
+    """`run` extracted every slide and only then stopped on unlabelled ones, pointing to an
+    --allow-missing that `run` did not have."""
+    from types import SimpleNamespace
+
+    from wsi_mil.pipeline.experiment import labelled_entries
+
+    (tmp_path / "l.csv").write_text("slide_id,label\na,tumor\nb,normal\nc.svs,normal\ne,normal\n")
+    f = tmp_path / "exp.yaml"
+    f.write_text(f"experiment: {{slides: s, labels: {tmp_path / 'l.csv'}, out: o}}\n")
+    entries = [SimpleNamespace(name=n) for n in ("a", "b", "c", "d")]
+    with pytest.raises(
+        WsiMilError, match=r"1 slide\(s\) have no label in .*l.csv: d; 1 labelled slide\(s\) are not among "
+        r"the slides: e \(.*set experiment.allow_missing: true\)",
+    ):  # fmt: skip
+        labelled_entries(entries, load_experiment(f)[0])
+    f.write_text(f"experiment: {{slides: s, labels: {tmp_path / 'l.csv'}, out: o, allow_missing: true}}\n")
+    with caplog.at_level("WARNING", logger="wsi_mil"):
+        kept = labelled_entries(entries, load_experiment(f)[0])
+    assert [e.name for e in kept] == ["a", "b", "c"] and "(skipped)" in caplog.text
+
+
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
     """A 12-slide synthetic cohort of small slides and an experiment file: configs/demo.yaml

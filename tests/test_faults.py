@@ -130,6 +130,33 @@ def test_bad_feature_file_is_named_by_predict_and_nothing_is_written(cohort, tmp
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "extra, with_scores, needle",
+    [
+        (["--target", "Tumour"], True, "--target Tumour: not a class of this run"),
+        (["--model", "transmil"], True, "--model transmil: not a model this run trained"),
+        (["--model", "abmil"], False, "--model and --target choose what --scores maps"),
+    ],
+)
+def test_predict_refuses_bad_score_options_before_writing(cohort, tmp_path, extra, with_scores, needle):
+    """The predictions CSV used to be written before --target was checked, and a --model
+    without --scores was ignored (exit 0)."""
+    out, sc = tmp_path / "pred.csv", tmp_path / "sc"
+    args = [
+        "predict",
+        "--run",
+        str(cohort / "run"),
+        "--features",
+        str(cohort / "features"),
+        "--out",
+        str(out),
+    ]
+    _one_line_error(
+        runner.invoke(app, [*args, *extra, *(["--scores", str(sc)] if with_scores else [])]), needle
+    )
+    assert not out.exists() and not sc.exists()
+
+
 @pytest.mark.parametrize("kind", ["nan", "rows"])
 def test_bad_feature_file_stops_crossval_before_any_output(cohort, tmp_path, kind):
     feats = _copy_features(cohort / "features", tmp_path / "features", n=24)
@@ -166,7 +193,12 @@ def test_heatmap_refuses_bad_and_foreign_features(cohort, tmp_path):
     _one_line_error(runner.invoke(app, [*args, "--features", str(grid)]), "128-px", "--patch-size 256")
     r = runner.invoke(app, ["predict", "--run", str(cohort / "run"), "--features", str(tmp_path / "grid")])
     _one_line_error(r, "grid.h5", "128-px")
-    assert not list(out.glob("*_scores.*"))
+    # another slide's features: patches past this slide's 2000 x 1500 px (was a cv2 traceback
+    # after the GeoJSON, OME-TIFF and PNG had been written)
+    far = tmp_path / "far.h5"
+    write_features(far, np.ones((n, 32), np.float32), coords + [4000, 0], attrs)
+    _one_line_error(runner.invoke(app, [*args, "--features", str(far)]), "far.h5", "start outside")
+    assert not out.exists() or not list(out.iterdir())
 
 
 def test_model_and_models_together_duplicate_rows_and_a_missing_slide_to_view(cohort, tmp_path, caplog):

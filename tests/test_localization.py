@@ -7,6 +7,7 @@ import tifffile
 import torch
 from shapely.geometry import box
 
+from wsi_mil.errors import WsiMilError
 from wsi_mil.formats.scores import PatchScores
 from wsi_mil.localization.evaluate import (
     patch_auc,
@@ -234,6 +235,32 @@ def test_asap_xml_exclusion_groups_patch_auc_and_folder_evaluation(tmp_path):
     assert f["lesions"] == 2
     assert f["froc"] == pytest.approx(1.0)  # every lesion found at 0.9, no false positive above 0.05
     json.dumps(res, allow_nan=False)
+
+
+def test_folder_evaluation_names_unused_annotations_and_refuses_mixed_classes(tmp_path, caplog):
+    """An annotation named unlike its slide was silently unused (0 lesions, FROC printed as
+    0.000), and score files mapping different classes were pooled into one result."""
+    from wsi_mil.formats.scores import write_scores
+    from wsi_mil.localization.evaluate import evaluate_folder
+
+    ann, heat = tmp_path / "ann", tmp_path / "heat"
+    ann.mkdir()
+    heat.mkdir()
+    (ann / "T.xml").write_text(ASAP)  # the slide is "t"
+    grid = np.array([[x, y] for y in range(0, 2000, 200) for x in range(0, 2000, 200)], np.int64)
+    common = dict(size0=200.0, mpp=0.25, slide_size=(2000, 2000), target="tumor")
+    v = np.linspace(0, 1, len(grid))
+    write_scores(heat / "t_scores.h5", PatchScores(grid, v, v, v, np.array([0.1, 0.9]), 1, **common))
+    write_scores(heat / "n_scores.h5", PatchScores(grid, v, v, v, np.array([0.9, 0.1]), 1, **common))
+    with caplog.at_level("WARNING", logger="wsi_mil"):
+        res = evaluate_folder(heat, ann)
+    assert "1 annotation file(s) in" in caplog.text and "T.xml" in caplog.text
+    f = res["froc"]["combined"]
+    assert f["lesions"] == 0 and f["froc"] is None and set(f["sensitivity"].values()) == {None}
+    other = {**common, "target": "inflamed"}
+    write_scores(heat / "i_scores.h5", PatchScores(grid, v, v, v, np.array([0.5, 0.5]), 1, **other))
+    with pytest.raises(WsiMilError, match=r"map different classes \(inflamed: i; tumor: n, t\)"):
+        evaluate_folder(heat, ann)
 
 
 def test_rank_scores_from_old_files_are_refused_for_cross_slide_metrics(tmp_path):

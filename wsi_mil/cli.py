@@ -249,11 +249,11 @@ def predict(
     ] = None,
     config: opt.Config = None,
 ):
-    """Apply a run's fold ensemble to new slides' (or any bags') features; --scores adds the
-    key-instance scores of every bag, computed as `wsi-mil heatmap` computes them."""
+    """Apply a run's fold ensemble to new bags' features; --scores adds their patch scores as `heatmap`'s."""
     from .config import load_config
-    from .training.predict import predict_run, score_bags
+    from .training.predict import check_score_options, predict_run, score_bags
 
+    check_score_options(run, model, target, scores is not None)  # before anything is written
     out = out or run / "predictions_new.csv"
     rows = predict_run(run, features, out, device)
     say(f"{len(rows)} slide(s) predicted -> {out}")

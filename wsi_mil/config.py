@@ -266,6 +266,7 @@ class ExperimentConfig(Section):
     heatmap_model: str | None = Field(None, description="model the heatmaps map (default: the first)")
     target: str | None = Field(None, description="class the heatmaps map (default: the positive one)")
     mpp: float | None = Field(None, description="um/px for slides that record none")
+    allow_missing: bool = Field(False, description="skip slides without a label, and labels without a slide")
 
 
 def load_experiment(path: str | Path) -> tuple[ExperimentConfig, PipelineConfig]:

@@ -10,6 +10,7 @@ weights and in files of older versions), precision and provenance. Every reader 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from .hdf5 import merged_attrs, plain, set_attrs
 from .patches import coords_attrs
 
 CHUNK_ROWS = 1024
+log = logging.getLogger("wsi_mil")
 
 
 class BadFeatureFile(WsiMilError):
@@ -142,6 +144,23 @@ def check_grid(path, attrs: dict, spec: dict, source: str) -> None:
             f"{path}: {int(size)}-px patches, but {source} was trained on {int(run_size)}-px patches; "
             f"extract with --patch-size {int(run_size)}"
         )
+
+
+def check_slide(bag: FeatureBag, slide_path: str | Path, dimensions: tuple[int, int]) -> None:
+    """Refuse a feature file whose patches start outside the slide (another slide's features);
+    warn when its recorded `slide_path` names another slide."""
+    width, height = (int(v) for v in dimensions)
+    outside = (bag.coords[:, 0] >= width) | (bag.coords[:, 1] >= height) | (bag.coords < 0).any(1)
+    if outside.any():
+        far = bag.coords[outside].max(0)
+        raise WsiMilError(
+            f"{bag.path}: {int(outside.sum())} patch(es) start outside {Path(slide_path).name} ({width} x "
+            f"{height} px; up to x {int(far[0])}, y {int(far[1])}): these are another slide's features; "
+            "pass this slide's feature file, or leave --features out to extract it"
+        )
+    made_from = bag.attrs.get("slide_path")
+    if made_from and Path(str(made_from)).stem != Path(slide_path).stem:
+        log.warning("%s was made from %s, not %s", bag.path, Path(str(made_from)).name, Path(slide_path).name)
 
 
 def write_features(path: str | Path, features: np.ndarray, coords: np.ndarray, attrs: dict) -> None:

@@ -20,6 +20,7 @@ refused for FROC and pooled AUC, which compare values across slides.
 
 from __future__ import annotations
 
+import logging
 import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from . import froc as camelyon
 from .patch_calibration import reliability
 
 MASK_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
+log = logging.getLogger("wsi_mil")
 EXCLUSION_GROUPS = {"_2", "exclusion", "Exclusion"}
 
 
@@ -182,8 +184,11 @@ def froc(
             per_slide.append(camelyon.hits(dets, lesions, itc, level))
         else:
             per_slide.append(camelyon.hits(dets, None, set(), level))
+    lesions = int(sum(n for *_, n in per_slide))
+    if not lesions:  # nothing to find: the sensitivity is undefined, not 0
+        return {"sensitivity": dict.fromkeys(map(str, camelyon.FP_RATES)), "froc": None, "lesions": 0}
     avg_fp, sensitivity = camelyon.froc_curve(per_slide)
-    return {**camelyon.froc_score(avg_fp, sensitivity), "lesions": int(sum(n for *_, n in per_slide))}
+    return {**camelyon.froc_score(avg_fp, sensitivity), "lesions": lesions}
 
 
 def slide_auc(slides: list[SlideLocalization]) -> float | None:
@@ -305,10 +310,11 @@ def evaluate_folder(
     files = sorted(scores_dir.glob("*_scores.h5"))
     if not files:
         raise WsiMilError(f"{scores_dir}: no <slide>_scores.h5 files; run 'wsi-mil heatmap' first")
-    slides = []
+    slides, targets = [], {}
     for f in files:
         sid = f.name[: -len("_scores.h5")]
         ps = read_scores(f)
+        targets.setdefault(ps.target, []).append(sid)
         loc = SlideLocalization(sid, ps, MultiPolygon(), resolution=ps.mpp or camelyon.CAMELYON_MPP)
         ann = find_annotation(annotations_dir, sid)
         if ann is not None and ann.suffix.lower() in (".xml", ".geojson", ".json"):
@@ -316,4 +322,27 @@ def evaluate_folder(
         elif ann is not None:
             loc.mask = read_mask(ann, loc.grid_shape(level), level)
         slides.append(loc)
+    if len(targets) > 1:
+        mix = "; ".join(f"{t}: {', '.join(s[:3])}{', ...' if len(s) > 3 else ''}" for t, s in targets.items())
+        raise WsiMilError(
+            f"{scores_dir}: the score files map different classes ({mix}); evaluate one class at a time "
+            "(heatmap --target CLASS --out a folder of its own)"
+        )
+    names = {f.name for f in files}
+    stray = sorted(
+        a.name for a in annotations_dir.iterdir()
+        if a.is_file() and not any(f"{sid}_scores.h5" in names for sid in _annotation_slide_ids(a.name))
+    )  # fmt: skip
+    if stray:
+        log.warning(
+            "%d annotation file(s) in %s match no <slide>_scores.h5 in %s and were not used: %s (name "
+            "them <slide>.xml, .geojson or <slide>_mask.tif)",
+            len(stray), annotations_dir, scores_dir, ", ".join(stray[:5]),
+        )  # fmt: skip
     return evaluate(slides, pos_frac, level)
+
+
+def _annotation_slide_ids(name: str) -> list[str]:
+    """The slide ids an annotation file name can stand for (find_annotation's names)."""
+    ids = [name[: -len(x)] for x in (".xml", ".geojson", *MASK_SUFFIXES) if name.lower().endswith(x.lower())]
+    return ids + [i[: -len("_mask")] for i in ids if i.endswith("_mask")]

@@ -225,7 +225,8 @@ def negatives_weights(z: np.ndarray, from_class_slide: np.ndarray, instance_p: n
 
 
 def fit_soft(m: ScoreMap, inputs: np.ndarray, target_p: np.ndarray) -> ScoreMap:
-    """Platt scaling of the map's score against soft targets (cross-entropy to probabilities)."""
+    """Platt scaling of the map's score against soft targets (cross-entropy to probabilities),
+    its slope kept >= 0 (a multi-class run's background class can fit a negative one)."""
     s, t = m.score(inputs), np.clip(np.asarray(target_p, np.float64), 0.0, 1.0)
 
     def nll(ab):
@@ -238,6 +239,9 @@ def fit_soft(m: ScoreMap, inputs: np.ndarray, target_p: np.ndarray) -> ScoreMap:
 
     res = minimize(nll, np.array([1.0, 0.0]), jac=grad, method="BFGS")
     m.a, m.b = float(res.x[0]), float(res.x[1])
+    if m.a < 0:  # more evidence never lowers the probability: flat at the targets' mean instead
+        mean = float(np.clip(t.mean(), 1e-6, 1 - 1e-6))
+        m.a, m.b = 0.0, float(np.log(mean / (1 - mean)))
     return m
 
 

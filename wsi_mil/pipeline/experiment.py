@@ -9,6 +9,7 @@ resumes where it stopped; a run folder trained with other settings is refused, a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from ..wsi.collect import collect_slides
 from .layout import Layout
 from .runner import run_stage
 from .stages import ExtractStage
+
+_log = logging.getLogger("wsi_mil")
 
 
 def experiment_folders(exp: ExperimentConfig) -> dict[str, Path]:
@@ -43,6 +46,30 @@ def heatmap_slides(exp: ExperimentConfig, run_dir: Path, slide_paths: dict[str, 
     return chosen.slide_id.tolist()
 
 
+def labelled_entries(entries: list, exp: ExperimentConfig) -> list:
+    """The slides to extract: all of them once every slide has a label and every label a
+    slide; with `allow_missing`, the labelled ones (the others skipped with a warning). Checked
+    before any extraction, so a mismatch costs no encoder time."""
+    from ..training.data import read_label_table
+
+    labelled = set(read_label_table(exp.labels).slide_id)
+    names = {e.name for e in entries}
+    no_label, no_slide = sorted(names - labelled), sorted(labelled - names)
+    if not (no_label or no_slide):
+        return entries
+    parts = [f"{len(no_label)} slide(s) have no label in {exp.labels}: {', '.join(no_label[:8])}"] * bool(
+        no_label
+    )
+    parts += [
+        f"{len(no_slide)} labelled slide(s) are not among the slides: {', '.join(no_slide[:8])}"
+    ] * bool(no_slide)
+    msg = "; ".join(parts)
+    if not exp.allow_missing:
+        raise WsiMilError(f"{msg} (fix the CSV or the slides, or set experiment.allow_missing: true)")
+    _log.warning("%s (skipped)", msg)
+    return [e for e in entries if e.name in labelled]
+
+
 def run_experiment(
     exp: ExperimentConfig,
     cfg: PipelineConfig,
@@ -62,7 +89,7 @@ def run_experiment(
     for name, p in (("labels", exp.labels), ("annotations", exp.annotations)):
         if p is not None and not Path(p).exists():
             raise WsiMilError(f"experiment.{name}: {p} does not exist")
-    entries = collect_slides(exp.slides, exp.mpp)
+    entries = labelled_entries(collect_slides(exp.slides, exp.mpp), exp)
     slide_paths = {e.name: e.path for e in entries}
 
     layout = Layout(folders["work"])
@@ -79,7 +106,7 @@ def run_experiment(
 
     log(f"crossval: {', '.join(exp.models)} -> {folders['run']}")
     results = run_crossval(
-        features_dir, exp.labels, folders["run"], cfg.train, exp.models,
+        features_dir, exp.labels, folders["run"], cfg.train, exp.models, exp.allow_missing,
         progress=lambda m: log(f"crossval {m}"),
         annotations=exp.annotations, inversion=inversion_settings(cfg.heatmap),
     )  # fmt: skip

@@ -17,7 +17,7 @@ import torch
 
 from ..config import PipelineConfig, TilingConfig
 from ..errors import WsiMilError
-from ..formats.features import check_compatible, check_grid, read_features
+from ..formats.features import check_compatible, check_grid, check_slide, read_features
 from ..formats.run import RunFolder, load_ensemble
 from ..formats.scores import write_scores
 from ..localization.export import write_geojson, write_ome_tiff, write_viewer
@@ -215,6 +215,7 @@ def heatmap_slide(
     with open_slide(entry.path, mpp) as slide:
         scores.qupath_offset, scores.mpp = slide.qupath_offset, slide.mpp
         scores.slide_size = tuple(int(v) for v in slide.dimensions)
+        check_slide(bag, entry.path, slide.dimensions)  # before anything is written
         tissue = stage.tissue_for(slide, entry)
         write_scores(paths["scores"], scores)
         write_scores(paths["csv"], scores)

@@ -175,7 +175,7 @@ def inner_split(
         )
     with warnings.catch_warnings():  # fewer cases than parts: fewer parts, which is fine here
         warnings.simplefilter("ignore")
-        part = stratified_group_folds(train.label.values, train.case_id.values, INNER_PARTS, seed, warn=False)
+        part = stratified_group_folds(train.label.values, train.case_id.values, INNER_PARTS, seed)
     return part == 0
 
 
@@ -247,6 +247,7 @@ def summarise_model(
         "folds": fold_val,
         "val_mean": {m: stat(np.nanmean, m) for m in METRICS},
         "val_std": {m: stat(np.nanstd, m) for m in METRICS},
+        "val_folds": {m: sum(f[m] is not None and np.isfinite(f[m]) for f in fold_val) for m in METRICS},
     }
     y = mean_prob = None
     if test_ds is not None:
@@ -269,6 +270,8 @@ def summarise_model(
         if patients is not None:
             y_p, prob_p, vote_p = patients
             result["test_patient"] = {**compute_metrics(y_p, prob_p, vote_p), "patients": len(y_p)}
+        elif mixed := int((test_df.groupby("case_id").label.nunique() > 1).sum()):
+            result["test_patient_skipped"] = f"{mixed} test patient(s) have slides of different labels"
     calibration = PlattScaling.fit(np.concatenate(oof_probs), np.concatenate(oof_labels))
     fitted_on = {"fitted_on": "out-of-fold predictions of the fold models", "selection": result["selection"]}
     write_json(model_dir / "calibration.json", {**calibration.to_dict(), **fitted_on})

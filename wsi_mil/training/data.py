@@ -31,16 +31,12 @@ class Cohort:
     classes: list[str]
 
 
-def load_labels(labels_csv: str | Path, features_dir: str | Path, allow_missing: bool = False) -> Cohort:
-    """Match label rows to `<features_dir>/<slide_id>.h5`; one clear error for any mismatch."""
-    labels_csv, features_dir = Path(labels_csv), Path(features_dir)
+def read_label_table(labels_csv: str | Path) -> pd.DataFrame:
+    """The labels CSV as written by users: headers in any case, ids as slide file names, labels
+    trimmed, repeated rows kept once; one line naming the file for anything it cannot take."""
+    labels_csv = Path(labels_csv)
     if not labels_csv.exists():
         raise WsiMilError(f"{labels_csv}: labels file not found")
-    if not features_dir.is_dir():
-        raise WsiMilError(
-            f"{features_dir}: no such features folder; run 'wsi-mil extract' first "
-            "and pass its features/<encoder> folder"
-        )
     df = pd.read_csv(labels_csv, dtype=str)
     df.columns = [str(c).strip() for c in df.columns]
     df = df.rename(columns={c: c.lower() for c in df.columns if c.lower() in LABEL_COLUMNS})
@@ -60,6 +56,7 @@ def load_labels(labels_csv: str | Path, features_dir: str | Path, allow_missing:
             f"header: {header[:80]}){hint}"
         )
     df = df.dropna(subset=["slide_id", "label"])
+    df["label"] = df["label"].str.strip()
     # ids written as file names (tumor_001.svs) name the slide the feature file is named after
     df["slide_id"] = [
         slide_id(s) if Path(s).suffix.lower() in SLIDE_SUFFIXES else s for s in df.slide_id.str.strip()
@@ -70,7 +67,18 @@ def load_labels(labels_csv: str | Path, features_dir: str | Path, allow_missing:
         log.warning(
             "%s: %d repeated row(s) of the same slide with the same values, kept once", labels_csv, repeated
         )
-    df = df.drop_duplicates("slide_id")
+    return df.drop_duplicates("slide_id")
+
+
+def load_labels(labels_csv: str | Path, features_dir: str | Path, allow_missing: bool = False) -> Cohort:
+    """Match label rows to `<features_dir>/<slide_id>.h5`; one clear error for any mismatch."""
+    labels_csv, features_dir = Path(labels_csv), Path(features_dir)
+    if not features_dir.is_dir():
+        raise WsiMilError(
+            f"{features_dir}: no such features folder; run 'wsi-mil extract' first "
+            "and pass its features/<encoder> folder"
+        )
+    df = read_label_table(labels_csv)
     files = {p.stem: p for p in features_dir.glob("*.h5")}
     no_file = sorted(set(df.slide_id) - set(files))
     no_label = sorted(set(files) - set(df.slide_id))
@@ -99,6 +107,13 @@ def load_labels(labels_csv: str | Path, features_dir: str | Path, allow_missing:
         names = numeric.astype(int).astype(str)
     else:
         classes = sorted(names.unique())
+        spellings = pd.Series(classes).groupby(pd.Series(classes).str.lower()).agg(list)
+        clash = next((s for s in spellings if len(s) > 1), None)
+        if clash:
+            raise WsiMilError(
+                f"{labels_csv}: labels {' and '.join(map(repr, clash))} differ only in case; write one "
+                "spelling for each class"
+            )
     df = df.assign(
         label_name=names.values,
         label=names.map({c: i for i, c in enumerate(classes)}).values,
@@ -138,13 +153,14 @@ def _refuse_duplicates(df: pd.DataFrame, labels_csv: Path) -> None:
             )
 
 
-def stratified_group_folds(labels, groups, k, seed, warn: bool = True) -> np.ndarray:
-    """Fold index per row; k reduced when a class has fewer cases than k."""
-    per_class = pd.Series(groups).groupby(np.asarray(labels)).nunique().min()
-    k_eff = max(2, min(k, int(per_class)))
+def stratified_group_folds(labels, groups, k, seed, warn: str = "") -> np.ndarray:
+    """Fold index per row; k reduced when a class has fewer cases than k (said in a warning
+    about `warn`, the split's name, when given)."""
+    per_class = int(pd.Series(groups).groupby(np.asarray(labels)).nunique().min())
+    k_eff = max(2, min(k, per_class))
     if k_eff < k and warn:
         log.warning(
-            "only %d case(s) in the smallest class: using %d folds instead of %d", per_class, k_eff, k
+            "%s: only %d case(s) in the smallest class, so %d parts instead of %d", warn, per_class, k_eff, k
         )
     fold = np.full(len(labels), -1)
     cv = StratifiedGroupKFold(n_splits=k_eff, shuffle=True, random_state=seed)
@@ -159,10 +175,23 @@ def make_splits(cohort: Cohort, folds: int = 5, test_frac: float = 0.25, seed: i
     if "split" not in df.columns:
         df["split"] = "train"
         if test_frac > 0:
+            _refuse_small_classes(df, cohort.classes, 3, "a test split and folds", ", or pass --test-frac 0")
             n_parts = max(2, int(round(1 / test_frac)))
-            test_fold = stratified_group_folds(df.label.values, df.case_id.values, n_parts, seed)
+            test_fold = stratified_group_folds(
+                df.label.values,
+                df.case_id.values,
+                n_parts,
+                seed,
+                warn=f"test split (--test-frac {test_frac:g})",
+            )
             df.loc[test_fold == 0, "split"] = "test"
+            if test_fold.max() + 1 < n_parts:
+                log.warning(
+                    "the test split holds 1/%d of the cases (%d of %d slides), not %g",
+                    test_fold.max() + 1, int((df.split == "test").sum()), len(df), test_frac,
+                )  # fmt: skip
     train = df.split == "train"
+    _refuse_small_classes(df[train], cohort.classes, 2, "cross-validation (every fold must train on it)", "")
     if train.sum() < 4:
         given = "split" in cohort.table.columns
         fix = "put more slides in the train split" if given else "add slides or lower --test-frac"
@@ -172,9 +201,21 @@ def make_splits(cohort: Cohort, folds: int = 5, test_frac: float = 0.25, seed: i
         )
     df["fold"] = -1
     df.loc[train, "fold"] = stratified_group_folds(
-        df.label[train].values, df.case_id[train].values, folds, seed + 1
+        df.label[train].values, df.case_id[train].values, folds, seed + 1, warn="cross-validation folds"
     )
     return df
+
+
+def _refuse_small_classes(df: pd.DataFrame, classes: list[str], least: int, purpose: str, fix: str) -> None:
+    """One line naming every class with fewer than `least` cases in `df`: with fewer, a class
+    lands on one side only, and the other side's models never see it."""
+    cases = df.groupby("label").case_id.nunique().reindex(range(len(classes)), fill_value=0)
+    few = [f"{classes[i]} ({n})" for i, n in cases.items() if n < least]
+    if few:
+        raise WsiMilError(
+            f"too few cases for {purpose}: {', '.join(few)}, needs {least} per class; add cases, or "
+            f"merge the class into another{fix}"
+        )
 
 
 def load_bags(paths: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

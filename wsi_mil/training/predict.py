@@ -49,6 +49,28 @@ def _checked_bags(run_folder: RunFolder, features_dir: Path, keep: bool = True) 
     return files, loaded
 
 
+def check_score_options(
+    run: RunFolder | str | Path, model: str | None, target: str | None, scores: bool = True
+) -> list[str]:
+    """The run's classes, once `model` (None: the first) is one it trained and `target` (None:
+    the mapped class) one of its classes, and both only given with `scores` (`predict
+    --scores`); one line naming the choices otherwise."""
+    if not scores and (model or target):
+        raise WsiMilError(
+            "--model and --target choose what --scores maps: add --scores DIR, or leave them out"
+        )
+    run = run if isinstance(run, RunFolder) else RunFolder(run)
+    classes = run.require().read_classes()
+    if target is not None and target not in classes:
+        raise WsiMilError(f"--target {target}: not a class of this run ({', '.join(classes)})")
+    trained = run.trained_models()
+    if model is not None and model not in trained:
+        raise WsiMilError(
+            f"--model {model}: not a model this run trained ({', '.join(trained) or 'none yet'})"
+        )
+    return classes
+
+
 def score_bags(
     run: str | Path,
     features_dir: str | Path,
@@ -65,9 +87,7 @@ def score_bags(
     per bag (probabilities, mapped class, top instance, inversion steps kept per fold)."""
     run_folder = RunFolder(run).require()
     files, _ = _checked_bags(run_folder, Path(features_dir), keep=False)  # scored one by one below
-    classes = run_folder.read_classes()
-    if target is not None and target not in classes:
-        raise WsiMilError(f"--target {target}: not a class of this run ({', '.join(classes)})")
+    classes = check_score_options(run_folder, model, target)
     dev = resolve_device(device)
     name, models, _ = load_ensemble(run_folder, model, "all", dev)
     calibrations, inversion = read_calibrations(run_folder, name, cfg or HeatmapConfig())

@@ -60,6 +60,12 @@ def _fmt(v, ci=None) -> str:
     return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
 
 
+def _of_folds(result: dict, metric: str) -> str:
+    """ " (n of k folds)" where some folds had no value (a fold without every class has no AUC)."""
+    n, k = result.get("val_folds", {}).get(metric), len(result.get("folds", []))
+    return f" ({n} of {k} folds)" if n is not None and n < k else ""
+
+
 def test_heading(test: pd.DataFrame) -> tuple[str, bool]:
     """The test table's heading (with n per class) and whether it shows bootstrap intervals."""
     names = test.label_name if "label_name" in test else test.label
@@ -147,6 +153,10 @@ def write_report(
                     f"| {r['model']} | " + " | ".join(f"{r['test_patient'][m]:.3f}" for m in METRICS) + " |"
                 )
             lines.append("")
+        elif skipped := next(
+            (r["test_patient_skipped"] for r in results if "test_patient_skipped" in r), None
+        ):
+            lines += [f"No per-patient metrics: {skipped}, so a patient has no one label.", ""]
     inner = all(r.get("selection") == "inner" for r in results)
     estimate = (
         "the held-out test set is the unbiased estimate"
@@ -174,7 +184,9 @@ def write_report(
     for r in results:
         lines.append(
             f"| {r['model']} | "
-            + " | ".join(f"{r['val_mean'][m]:.3f} +/- {r['val_std'][m]:.3f}" for m in METRICS)
+            + " | ".join(
+                f"{r['val_mean'][m]:.3f} +/- {r['val_std'][m]:.3f}{_of_folds(r, m)}" for m in METRICS
+            )
             + " |"
         )
     lines += ["", "## Training recipes (config.yaml has them in full)", ""]
