@@ -270,7 +270,10 @@ def test_too_few_cases_for_the_inner_selection_stop_unless_the_fallback_is_asked
     assert r.exit_code == 0, r.output
     metrics = json.loads((tmp_path / "run" / "abmil" / "metrics.json").read_text())
     assert metrics["selection"] == "outer" and metrics["selection_fallback_folds"]
-    assert "Partly optimistic" in (tmp_path / "run" / "report.md").read_text()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert metrics["selection_fallback_folds"] == [0, 1, 2]  # every fold: it said "the other folds"
+    assert "Optimistic: too few cases for an inner selection split in every fold" in report
+    assert "selection-free" not in report.split("## Cross-validation folds")[1].split("##")[0]
 
 
 def test_two_slides_with_one_name_are_refused(tmp_path, synthetic_slide):

@@ -175,10 +175,12 @@ def write_report(
     }
     if fallback:
         folds = "; ".join(f"{m}: fold(s) {', '.join(str(k) for k in ks)}" for m, ks in fallback.items())
+        every = all(len(fallback.get(r["model"], [])) == len(r.get("folds", [])) for r in results)
         note = (
-            "Partly optimistic: too few cases for an inner selection split in some folds, which chose "
-            f"their epoch and threshold on the reported fold itself (`--selection-fallback`; {folds}); "
-            f"the other folds are selection-free; {estimate}."
+            f"{'Optimistic' if every else 'Partly optimistic'}: too few cases for an inner selection split "
+            f"in {'every fold' if every else 'some folds'}, which chose their epoch and threshold on the "
+            f"reported fold itself (`--selection-fallback`; {folds}); "
+            f"{'' if every else 'the other folds are selection-free; '}{estimate}."
         )
     lines += ["## Cross-validation folds: mean +/- std", "", note, "", *header]
     for r in results:
