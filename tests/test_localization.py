@@ -257,6 +257,17 @@ def test_folder_evaluation_names_unused_annotations_and_refuses_mixed_classes(tm
     assert "1 annotation file(s) in" in caplog.text and "T.xml" in caplog.text
     f = res["froc"]["combined"]
     assert f["lesions"] == 0 and f["froc"] is None and set(f["sensitivity"].values()) == {None}
+    (ann / "n.xml").write_text(ASAP)  # now one file is read: only the near miss is named
+    (ann / "unscored.xml").write_text(ASAP)  # a whole cohort's annotations beside a test subset
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="wsi_mil"):
+        evaluate_folder(heat, ann)
+    assert "T.xml" in caplog.text and "unscored" not in caplog.text
+    (ann / "T.xml").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="wsi_mil"):
+        evaluate_folder(heat, ann)
+    assert "annotation file(s)" not in caplog.text
     other = {**common, "target": "inflamed"}
     write_scores(heat / "i_scores.h5", PatchScores(grid, v, v, v, np.array([0.5, 0.5]), 1, **other))
     with pytest.raises(WsiMilError, match=r"map different classes \(inflamed: i; tumor: n, t\)"):

@@ -310,13 +310,14 @@ def evaluate_folder(
     files = sorted(scores_dir.glob("*_scores.h5"))
     if not files:
         raise WsiMilError(f"{scores_dir}: no <slide>_scores.h5 files; run 'wsi-mil heatmap' first")
-    slides, targets = [], {}
+    slides, targets, used = [], {}, False
     for f in files:
         sid = f.name[: -len("_scores.h5")]
         ps = read_scores(f)
         targets.setdefault(ps.target, []).append(sid)
         loc = SlideLocalization(sid, ps, MultiPolygon(), resolution=ps.mpp or camelyon.CAMELYON_MPP)
         ann = find_annotation(annotations_dir, sid)
+        used = used or ann is not None
         if ann is not None and ann.suffix.lower() in (".xml", ".geojson", ".json"):
             loc.tumor = read_annotation(ann, ps.qupath_offset)
         elif ann is not None:
@@ -328,18 +329,27 @@ def evaluate_folder(
             f"{scores_dir}: the score files map different classes ({mix}); evaluate one class at a time "
             "(heatmap --target CLASS --out a folder of its own)"
         )
-    names = {f.name for f in files}
-    stray = sorted(
-        a.name for a in annotations_dir.iterdir()
-        if a.is_file() and not any(f"{sid}_scores.h5" in names for sid in _annotation_slide_ids(a.name))
-    )  # fmt: skip
-    if stray:
-        log.warning(
-            "%d annotation file(s) in %s match no <slide>_scores.h5 in %s and were not used: %s (name "
-            "them <slide>.xml, .geojson or <slide>_mask.tif)",
-            len(stray), annotations_dir, scores_dir, ", ".join(stray[:5]),
-        )  # fmt: skip
+    _warn_misnamed_annotations(annotations_dir, [s.slide for s in slides], used)
     return evaluate(slides, pos_frac, level)
+
+
+def _warn_misnamed_annotations(annotations_dir: Path, slide_ids: list[str], any_used: bool) -> None:
+    """Name annotation files that look meant for a scored slide but were not read: all of them
+    when none was read, else those whose name differs from a slide's only in case. (A folder
+    annotating a whole cohort beside the heatmaps of its test slides is normal: no warning.)"""
+    ids = {s.lower() for s in slide_ids}
+    unused = [
+        a.name for a in sorted(annotations_dir.iterdir())
+        if a.is_file() and not set(_annotation_slide_ids(a.name)) & set(slide_ids)
+    ]  # fmt: skip
+    suspect = [a for a in unused if {i.lower() for i in _annotation_slide_ids(a)} & ids]
+    if suspect or (unused and not any_used):
+        shown = suspect or unused
+        log.warning(
+            "%d annotation file(s) in %s were not used, though they look meant for the scored slides: %s "
+            "(name them exactly <slide>.xml, .geojson or <slide>_mask.tif)",
+            len(shown), annotations_dir, ", ".join(shown[:5]),
+        )  # fmt: skip
 
 
 def _annotation_slide_ids(name: str) -> list[str]:
