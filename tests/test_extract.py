@@ -195,6 +195,9 @@ def test_missing_weights_give_clear_error(tmp_path, monkeypatch):
         create_encoder("resnet50_trunc")
     with pytest.raises(WsiMilError, match="unknown encoder"):
         create_encoder("vgg_nonsense")
+    # a mistyped timm name was a 105-line traceback (RuntimeError: Unknown model)
+    with pytest.raises(WsiMilError, match=r"timm:resnet1: timm has no model 'resnet1'; close names: .*res"):
+        create_encoder("timm:resnet1", random_weights=True)
 
 
 def test_compat_lets_timm_and_transforms_import_in_a_fresh_process():

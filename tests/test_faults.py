@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from wsi_mil.cli import app
@@ -469,3 +470,74 @@ def test_heatmap_of_a_new_slide_stays_out_of_the_runs_feature_folder(tmp_path):
 
     assert default_work_folder(run, out, has("cohort_slide")) == work.resolve()
     assert default_work_folder(run, out, has("new_slide")) == out / "work"
+
+
+def test_a_partial_begun_with_other_weights_starts_again(tmp_path, caplog):
+    """A run interrupted with random weights and resumed with a weights file kept the random
+    rows and appended the file's (one feature file, two encoders, attrs saying "random")."""
+    from wsi_mil.formats.features import FeatureWriter
+
+    coords = np.stack([np.arange(8) * 128, np.zeros(8)], 1).astype(np.int64)
+    attrs = {"encoder": "resnet18", "encoder_weights": "random", "precision": "bf16", "patch_size": 128}
+    w = FeatureWriter(tmp_path / "s.h5", coords, 4, "float32", attrs)
+    w.write(0, np.ones((5, 4), np.float32))
+    w.abort()
+    assert FeatureWriter(tmp_path / "s.h5", coords, 4, "float32", attrs).n_done == 5  # same: resumed
+    for changed in (
+        {"encoder_weights": "r18.pth", "encoder_weights_sha256": "ab" * 32},
+        {"precision": "fp32"},
+    ):
+        with caplog.at_level("WARNING", logger="wsi_mil"):
+            again = FeatureWriter(tmp_path / "s.h5", coords, 4, "float32", {**attrs, **changed})
+        assert again.n_done == 0 and "begun with other settings" in caplog.text
+        again.write(0, np.ones((5, 4), np.float32))
+        again.abort()
+        FeatureWriter(tmp_path / "s.h5", coords, 4, "float32", attrs).abort()  # back to the first
+
+
+def test_rerun_into_the_same_folder_with_other_settings_is_refused(tmp_path, four_slides):
+    """A second `extract`/`tile` into the same --out with new weights, grid or QC said
+    "already done" and kept the old files."""
+    from wsi_mil.features.compat import import_torchvision
+
+    out = tmp_path / "w"
+    base = ["extract", str(four_slides / "s0.tif"), "--out", str(out), "--encoder", "resnet18"]
+    grid = ["--target-mpp", "1.0", "--patch-size", "128"]
+    r = runner.invoke(app, [*base, *grid, "--random-weights"])
+    assert r.exit_code == 0, r.output
+    before = (out / "features" / "resnet18" / "s0.h5").read_bytes()
+    torch.save(import_torchvision().models.resnet18().state_dict(), tmp_path / "r18.pth")
+    r = runner.invoke(app, [*base, *grid, "--weights", str(tmp_path / "r18.pth")])
+    _one_line_error(r, "encoder weights random ->", "--overwrite")
+    r = runner.invoke(app, [*base, "--target-mpp", "0.5", "--patch-size", "128", "--random-weights"])
+    _one_line_error(r, "target_mpp 1 -> 0.5")
+    r = runner.invoke(app, [*base, *grid, "--random-weights", "--qc", "off"])
+    _one_line_error(r, "qc on -> off")
+    tile = [
+        "tile",
+        str(four_slides / "s0.tif"),
+        "--out",
+        str(out),
+        "--patch-size",
+        "256",
+        "--target-mpp",
+        "1.0",
+    ]
+    _one_line_error(runner.invoke(app, tile), "patch_size 128 -> 256")
+    assert (out / "features" / "resnet18" / "s0.h5").read_bytes() == before
+    r = runner.invoke(app, [*base, *grid, "--random-weights"])  # the same settings: skipped
+    assert r.exit_code == 0 and "already done" in r.output, r.output
+
+
+def test_a_bad_qc_model_is_one_line_before_any_slide(tmp_path, four_slides):
+    """A missing or foreign --qc-model was an error per slide, each marked failed (exit 1)."""
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    for model, needle in (
+        (tmp_path / "nosuch.pth", "no such file"),
+        (tmp_path / "junk.pth", "not a state dict"),
+    ):
+        r = runner.invoke(
+            app, ["segment", str(four_slides), "--out", str(tmp_path / "o"), "--qc-model", str(model)]
+        )
+        _one_line_error(r, f"--qc-model {model}", needle)
+        assert not (tmp_path / "o").exists()

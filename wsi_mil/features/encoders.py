@@ -157,6 +157,12 @@ def _timm(model_name: str, weights=None, random_weights=False) -> Encoder:
     kwargs = {"num_classes": 0}
     sha = None
     name = f"timm:{model_name}" if not model_name.startswith("hf-hub:") else model_name
+    if not model_name.startswith("hf-hub:") and not timm.is_model(model_name):
+        close = timm.list_models(f"*{model_name.split('.')[0][:6]}*")[:5]
+        hint = f"; close names: {', '.join(close)}" if close else ""
+        raise WsiMilError(
+            f"--encoder {name}: timm has no model {model_name!r}{hint} (timm.list_models() has them all)"
+        )
     if weights:
         net = timm.create_model(model_name, pretrained=False, **kwargs)
         sha = load_checkpoint(net, weights, name, drop_heads=True, shown=model_name)

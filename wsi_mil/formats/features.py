@@ -171,10 +171,14 @@ def write_features(path: str | Path, features: np.ndarray, coords: np.ndarray, a
     writer.finish()
 
 
-def _same_weights(partial_sha, attrs: dict) -> bool:
-    """A partial file's rows came from the same checkpoint (unknown on either side: assumed)."""
-    sha = attrs.get("encoder_weights_sha256")
-    return partial_sha is None or sha is None or plain(partial_sha) == sha
+def _same_weights(partial: dict, attrs: dict) -> bool:
+    """A partial file's rows came from the same weights: the same sha256 where both files
+    record one, else the same source ("random", a path or a hub id; unknown: assumed)."""
+    a, b = partial.get("encoder_weights_sha256"), attrs.get("encoder_weights_sha256")
+    if a is not None and b is not None:
+        return plain(a) == b
+    made, now = partial.get("encoder_weights"), attrs.get("encoder_weights")
+    return made is None or now is None or (a is None and b is None and plain(made) == now)
 
 
 class FeatureWriter:
@@ -198,13 +202,17 @@ class FeatureWriter:
                     self.f["features"].shape == (self.n, dim)
                     and np.array_equal(self.f["coords"][:], coords)
                     and self.f.attrs.get("encoder") == attrs.get("encoder")
-                    and _same_weights(self.f.attrs.get("encoder_weights_sha256"), attrs)
+                    and _same_weights(dict(self.f.attrs), attrs)
+                    and self.f.attrs.get("precision") in (None, attrs.get("precision"))
                     and str(self.f["features"].dtype) == dtype
                 )
                 if same:
                     self.n_done = int(self.f.attrs.get("n_done", 0))
                     return
                 self.f.close()
+                log.warning(
+                    "%s was begun with other settings (grid, encoder or weights): started again", self.tmp
+                )
             except Exception:  # a partial file killed mid-write may be unreadable: restart
                 pass
             self.tmp.unlink()

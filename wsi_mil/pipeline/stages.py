@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
+
 from ..config import PipelineConfig
 from ..errors import EmptyInputError, WsiMilError
 from ..formats.patches import read_patches, write_patches
@@ -63,14 +65,52 @@ class Stage:
     name = "stage"
 
     def __post_init__(self):  # here so the dataclass __init__ calls subclasses' overrides
-        pass
+        qc = self.cfg.qc
+        if qc.mode != "off" and qc.model is not None:  # a bad --qc-model: one line, not one per slide
+            from ..wsi.qc_model import load_grandqc_cached
+
+            load_grandqc_cached(str(qc.model))
 
     def output(self, entry: SlideEntry) -> Path:  # pragma: no cover - every stage defines it
         raise TypeError(f"{type(self).__name__} names no output")
 
     def done(self, entry: SlideEntry) -> bool:
-        """The slide needs no work: its output exists and --overwrite was not given."""
-        return not self.overwrite and self.output(entry).exists()
+        """The slide needs no work: its output exists and --overwrite was not given. An output
+        made otherwise than this run asks (settings it was given) is refused in one line."""
+        out = self.output(entry)
+        if self.overwrite or not out.exists():
+            return False
+        if changed := self.changed_settings(out):
+            raise WsiMilError(
+                f"{out} was made with other settings ({'; '.join(changed)}): pass --overwrite to redo "
+                "it, or write to another --out"
+            )
+        return True
+
+    def changed_settings(self, out: Path) -> list[str]:
+        """The settings this run was given (options or config) that `out` was made without
+        ("name file's -> run's"); settings left unset never refuse a done slide."""
+        return []
+
+    def _grid_changes(self, out: Path) -> list[str]:
+        """A patches or feature file's grid (mpp, patch size, overlap, QC on or off) against
+        the ones this run was given; a user's coords or tissue annotation is used as given."""
+        if self.patches_dir is not None:
+            return []
+        from ..formats.hdf5 import merged_attrs
+
+        with h5py.File(out, "r") as f:
+            attrs = merged_attrs(f)
+        tiling, given = self.cfg.tiling, self.cfg.tiling.model_fields_set
+        changed = []
+        for k in ("target_mpp", "patch_size", "overlap"):
+            now, made = getattr(tiling, k), attrs.get(k)
+            if k in given and now is not None and made is not None and abs(float(made) - float(now)) > 1e-6:
+                changed.append(f"{k} {float(made):g} -> {float(now):g}")
+        qc_was, qc_now = "qc_removed" in attrs, self.cfg.qc.mode != "off"
+        if "mode" in self.cfg.qc.model_fields_set and self.tissue_geojson is None and qc_was != qc_now:
+            changed.append(f"qc {'on' if qc_was else 'off'} -> {self.cfg.qc.mode}")
+        return changed
 
     def tiling(self):
         """The tiling settings for this stage (unset size and mpp: 0.5 um/px, 256 px)."""
@@ -174,6 +214,9 @@ class TileStage(Stage):
     def output(self, entry):
         return self.layout.patches(entry.name)
 
+    def changed_settings(self, out: Path) -> list[str]:
+        return self._grid_changes(out)
+
     def run(self, entry: SlideEntry, on_batch=None) -> dict:
         with open_slide(entry.path, entry.mpp) as slide:
             grid = self.grid_for(slide, entry)
@@ -185,12 +228,31 @@ class ExtractStage(Stage):
     streams = True  # in one process, the runner encodes the cohort as one stream (`plan`)
 
     def __post_init__(self):
+        super().__post_init__()
         ext = self.cfg.extract
         if ext.precision == "int8" and ext.int8_calibration is None:  # shared by every run on the folder
             ext.int8_calibration = str(self.layout.features_dir(ext.encoder) / "int8_calibration.npy")
 
     def output(self, entry):
         return self.layout.features(self.cfg.extract.encoder, entry.name)
+
+    def changed_settings(self, out: Path) -> list[str]:
+        """The grid, and the weights when given: random, or a file (the same path or sha256)."""
+        changed = self._grid_changes(out)
+        ext = self.cfg.extract
+        with h5py.File(out, "r") as f:
+            made, sha = f.attrs.get("encoder_weights"), f.attrs.get("encoder_weights_sha256")
+        if made is None or not (ext.weights or ext.random_weights):  # unset: the hub's, or as made
+            return changed
+        made, now = str(made), str(ext.weights) if ext.weights else "random"
+        same = now == made
+        if not same and now != "random":  # a file: the same path, or the same bytes
+            from ..features.weights import file_sha256
+
+            same = Path(made).resolve() == Path(now).resolve() or (
+                sha is not None and Path(now).is_file() and str(sha) == file_sha256(Path(now))
+            )
+        return changed if same else [*changed, f"encoder weights {made} -> {now}"]
 
     _tiling = None  # resolved once; pickled with the stage, so planning processes need no torch
 
