@@ -58,7 +58,8 @@ def test_empty_tissue_and_missing_mpp_and_empty_dir_errors(tmp_path):
 
     tifffile.imwrite(tmp_path / "nompp.tif", np.full((64, 64, 3), 200, np.uint8), photometric="rgb")
     r = runner.invoke(app, ["info", str(tmp_path / "nompp.tif")])
-    assert r.exit_code == 2 and "--mpp" in r.output and "nompp.tif" in r.output
+    # a slide that cannot be read is a failed slide (exit 1, as in the stages), listed by name
+    assert r.exit_code == 1 and "--mpp" in r.output and "nompp.tif" in r.output
     (tmp_path / "empty").mkdir()
     r = runner.invoke(app, ["segment", str(tmp_path / "empty"), "--out", str(out)])
     assert r.exit_code == 2 and "no slides found" in r.output

@@ -195,6 +195,8 @@ def test_missing_weights_give_clear_error(tmp_path, monkeypatch):
         create_encoder("resnet50_trunc")
     with pytest.raises(WsiMilError, match="unknown encoder"):
         create_encoder("vgg_nonsense")
+    with pytest.raises(WsiMilError, match="--weights w.pth and --random-weights both given; pass one"):
+        create_encoder("resnet18", weights="w.pth", random_weights=True)  # the file won silently
     # a mistyped timm name was a 105-line traceback (RuntimeError: Unknown model)
     with pytest.raises(WsiMilError, match=r"timm:resnet1: timm has no model 'resnet1'; close names: .*res"):
         create_encoder("timm:resnet1", random_weights=True)

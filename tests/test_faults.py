@@ -541,3 +541,34 @@ def test_a_bad_qc_model_is_one_line_before_any_slide(tmp_path, four_slides):
         )
         _one_line_error(r, f"--qc-model {model}", needle)
         assert not (tmp_path / "o").exists()
+
+
+def test_fail_fast_exits_1_as_a_failed_slide_does(tmp_path):
+    """--fail-fast stopped with exit status 2, the code for bad input; a slide that fails is 1."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "bad.svs").write_bytes(b"not a slide" * 100)
+    r = runner.invoke(app, ["extract", str(slides), "--out", str(tmp_path / "o"), "--fail-fast", *EXTRACT])
+    assert r.exit_code == 1 and "stopped at the first failure (--fail-fast)" in r.output, r.output
+    assert (
+        runner.invoke(app, ["extract", str(slides), "--out", str(tmp_path / "o2"), *EXTRACT]).exit_code == 1
+    )
+
+
+def test_info_shows_every_readable_slide_then_names_the_bad_ones(tmp_path, real_slide):
+    """`info` stopped at the first unreadable slide and showed nothing of the others."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    os.symlink(real_slide, slides / "a.svs")
+    (slides / "bad.svs").write_bytes(open(real_slide, "rb").read(100_000))
+    r = runner.invoke(app, ["info", str(slides)])
+    assert r.exit_code == 1 and "a.svs" in r.output and "2220 x 2967" in r.output, r.output
+    assert "1 slide(s) could not be read" in r.output and "bad.svs" in r.output
+
+
+def test_a_patch_larger_than_the_slide_says_so(tmp_path, real_slide):
+    """It said "no patch reaches --min-tissue 0.01; lower --min-tissue", which cannot help."""
+    r = runner.invoke(app, ["tile", str(real_slide), "--out", str(tmp_path), "--patch-size", "5000"])
+    assert r.exit_code == 1
+    row = next(csv.DictReader(open(tmp_path / "manifest_tile.csv")))
+    assert "more than the slide's 2220 x 2967: lower --patch-size or --target-mpp" in row["error"], row

@@ -202,3 +202,13 @@ def test_tissue_touching_the_image_border_stays_on_the_slide():
     minx, miny, maxx, maxy = polys.bounds
     assert minx == 0 and maxy == 40 * 16.0
     assert abs(polys.area - 30 * 30 * 16.0**2) < 16.0**2 * 30  # no area lost inside the image
+
+
+def test_tissue_stays_inside_the_slide_past_the_thumbnails_rounded_last_pixel(real_slide):
+    """The thumbnail's last row (2967 / 16 rounds up to 186 rows) reached 2976 level-0 px on a
+    slide 2967 px high: polygons are clipped at the slide's own size, not the mask's."""
+    with open_slide(real_slide) as slide:
+        w, h = slide.dimensions
+        mask = segment_tissue(slide)
+    minx, miny, maxx, maxy = mask.polygons.bounds
+    assert minx >= 0 and miny >= 0 and maxx <= w and maxy <= h, (mask.polygons.bounds, w, h)

@@ -41,13 +41,12 @@ def info(
 ):
     """Show backend, size, pyramid levels, mpp (and its source) and objective power."""
     from .wsi.collect import collect_slides
-    from .wsi.readers import open_slide
+    from .wsi.readers import slide_infos
 
-    infos = []
-    for entry in collect_slides(slides, mpp):
-        with open_slide(entry.path, entry.mpp, backend) as s:
-            infos.append(s.info())
+    infos, errors = slide_infos(collect_slides(slides, mpp), backend)
     print_slide_info(infos)
+    if errors:  # every readable slide is shown first; exit 1 as when slides fail in a stage
+        opt.fail(f"{len(errors)} slide(s) could not be read: " + " | ".join(errors), 1)
 
 
 @app.command()

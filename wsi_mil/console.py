@@ -30,10 +30,10 @@ log = logging.getLogger("wsi_mil")
 FLAG_VALUES = {"true", "false", "yes", "no", "on", "off", "1", "0", "y", "n", "t", "f"}
 
 
-def fail(message: str) -> NoReturn:
-    """One red `error:` line on stderr, exit status 2."""
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One red `error:` line on stderr, exit status `code` (2: bad input)."""
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 def flag_given_a_value(command, ctx, args: list[str]) -> tuple[str, str] | None:
@@ -247,7 +247,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except WsiMilError as exc:
-            fail(str(exc))
+            fail(str(exc), exc.exit_code)
 
     return wrapper
 

@@ -4,6 +4,14 @@
 class WsiMilError(Exception):
     """An input problem the user can fix; the CLI prints its message as one line."""
 
+    exit_code = 2  # bad input
+
+
+class StoppedAtFailure(WsiMilError):
+    """`--fail-fast`: a slide failed; exit status 1, as when slides fail without it."""
+
+    exit_code = 1
+
 
 class SlideOpenError(WsiMilError):
     """A slide file cannot be opened (unreadable, unknown format)."""

@@ -283,6 +283,8 @@ def create_encoder(
     """Build an encoder by registry name, `timm:<name>` or `hf-hub:<repo>`, in eval mode.
 
     `arch_overrides` (e.g. `depth=1`) change a foundation model's architecture: for tests."""
+    if weights and random_weights:  # the file used to win without a word
+        raise WsiMilError(f"encoder {name}: --weights {weights} and --random-weights both given; pass one")
     if name in ENCODERS:
         build = partial(ENCODERS[name], **arch_overrides) if arch_overrides else ENCODERS[name]
     elif name.startswith("timm:"):

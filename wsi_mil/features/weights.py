@@ -36,7 +36,8 @@ def load_state_dict_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise WsiMilError(
-            f"{path}: weights file not found; pass --weights with an existing .pth or .safetensors file"
+            f"{path}: weights file not found; pass --weights with an existing .pth, .pt, .bin or "
+            ".safetensors file"
         )
     try:
         if path.suffix == ".safetensors":

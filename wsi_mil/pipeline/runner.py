@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from ..errors import WsiMilError
+from ..errors import StoppedAtFailure, WsiMilError
 from ..formats.manifest import Manifest
 from ..wsi.collect import SlideEntry
 from .stages import Stage
@@ -312,7 +312,7 @@ def run_stage(
         if on_done:
             on_done(entry, outcome)
         if fail_fast and outcome.status == "failed":
-            raise WsiMilError(f"stopped at the first failure (--fail-fast): {outcome.error}")
+            raise StoppedAtFailure(f"stopped at the first failure (--fail-fast): {outcome.error}")
 
     if map_fn is None:
         if getattr(stage, "streams", False):

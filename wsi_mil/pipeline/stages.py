@@ -177,6 +177,12 @@ class Stage:
             )
         grid = tile(slide, mask, self.tiling())
         grid.attrs.update(qc_columns(mask))  # the slide's QC summary travels with its patches
+        w, h = slide.dimensions
+        if len(grid) == 0 and grid.patch_size_level0 > min(w, h):
+            raise EmptyInputError(
+                f"{entry.path}: a patch covers {int(grid.patch_size_level0)} level-0 px, more than the "
+                f"slide's {w} x {h}: lower --patch-size or --target-mpp"
+            )
         if len(grid) == 0:
             raise EmptyInputError(
                 f"{entry.path}: no patch reaches --min-tissue {self.cfg.tiling.min_tissue}; "

@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..errors import MissingMPPError, SlideOpenError, SlideReadError
+from ..errors import MissingMPPError, SlideOpenError, SlideReadError, WsiMilError
 from .slide import PLAIN_IMAGE_SUFFIXES, SLIDE_SUFFIXES, Slide, as_rgb
 from .tiff_tiles import tile_levels
 
@@ -281,3 +281,16 @@ def quiet_call(fn, *args):
         return fn(*args)
     finally:
         logger.setLevel(level)
+
+
+def slide_infos(entries, backend: str = "auto") -> tuple[list[dict], list[str]]:
+    """(`Slide.info()` of every slide that opens, one error line per slide that does not):
+    `wsi-mil info` is where a user looks for the slides that lack an mpp or are damaged."""
+    infos, errors = [], []
+    for entry in entries:
+        try:
+            with open_slide(entry.path, entry.mpp, backend) as s:
+                infos.append(s.info())
+        except WsiMilError as exc:
+            errors.append(str(exc))
+    return infos, errors

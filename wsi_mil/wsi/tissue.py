@@ -83,14 +83,22 @@ def rasterize_polygons(
 
 
 def mask_to_polygons(
-    mask: np.ndarray, px_level0: float, min_area_px: float, min_hole_px: float, max_holes: int
+    mask: np.ndarray,
+    px_level0: float,
+    min_area_px: float,
+    min_hole_px: float,
+    max_holes: int,
+    size0: tuple[int, int] | None = None,
 ) -> MultiPolygon:
-    """Contours of a binary mask (with holes) scaled to level-0 pixels and area-filtered."""
+    """Contours of a binary mask (with holes) scaled to level-0 pixels and area-filtered, kept
+    inside the level-0 `size0` (width, height; default: the mask's own extent, which a
+    thumbnail's rounded-up last pixel can carry past the slide's edge)."""
     contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
         return MultiPolygon()
     hierarchy = hierarchy[0]
-    extent = shapely.box(0, 0, mask.shape[1] * px_level0, mask.shape[0] * px_level0)
+    w, h = size0 or (mask.shape[1] * px_level0, mask.shape[0] * px_level0)
+    extent = shapely.box(0, 0, w, h)
     polys = []
     for i, cnt in enumerate(contours):
         if hierarchy[i][3] != -1:  # a hole; handled with its parent
@@ -157,5 +165,6 @@ def segment_tissue(slide: Slide, cfg: TissueConfig | None = None) -> TissueMask:
         cfg.min_tissue_area_um2 / px_area_um2,
         cfg.min_hole_area_um2 / px_area_um2,
         cfg.max_holes,
+        slide.dimensions,
     )
     return TissueMask(polys, thumb, thumb_mpp, slide.mpp)
