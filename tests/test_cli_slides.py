@@ -91,3 +91,19 @@ def test_user_geojson_replaces_segmentation(tmp_path, synthetic_slide):
 
     grid = read_patches(out / "patches" / f"{synthetic_slide.path.stem}.h5")
     assert len(grid) == 16 and grid.coords.max() < 1024
+
+
+def test_our_own_tissue_file_passed_back_is_used_as_drawn(tmp_path, synthetic_slide):
+    """A tissue GeoJSON wsi-mil wrote (with its QC record) given as --tissue-geojson copied that
+    record and wrote an empty QC layer saying "remove"; a supplied annotation gets no QC."""
+    first = tmp_path / "first"
+    assert runner.invoke(app, ["segment", str(synthetic_slide.path), "--out", str(first)]).exit_code == 0
+    ours = first / "tissue" / f"{synthetic_slide.path.stem}.geojson"
+    assert "qc" in json.dumps(json.loads(ours.read_text()))  # the segment run's QC record
+    out = tmp_path / "again"
+    r = runner.invoke(
+        app, ["tile", str(synthetic_slide.path), "--out", str(out), "--tissue-geojson", str(ours)]
+    )
+    assert r.exit_code == 0, r.output
+    assert not list((out / "tissue").glob("*_qc.geojson"))
+    assert '"qc"' not in (out / "tissue" / ours.name).read_text()

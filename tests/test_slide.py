@@ -150,6 +150,20 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
         collect_slides([empty])
 
 
+def test_slides_in_subfolders_are_pointed_out(tmp_path, caplog):
+    """Folders are read one level deep: a folder of per-case subfolders said only "no slides
+    found", and slides in subfolders beside top-level ones were left out without a word."""
+    (tmp_path / "case1").mkdir()
+    (tmp_path / "case1" / "a.svs").write_bytes(b"x")
+    with pytest.raises(Exception, match=r"no slides found .*; its subfolders hold 1: pass them"):
+        collect_slides([tmp_path])
+    (tmp_path / "b.svs").write_bytes(b"x")
+    with caplog.at_level("WARNING", logger="wsi_mil"):
+        assert [e.name for e in collect_slides([tmp_path])] == ["b"]
+    assert "1 slide(s) in its subfolders are left out" in caplog.text
+    assert [e.name for e in collect_slides([tmp_path / "case1", tmp_path])] == ["a", "b"]
+
+
 def test_collect_slides_from_csv_with_mpp(tmp_path, synthetic_slide):
     csv = tmp_path / "slides.csv"
     csv.write_text(f"path,mpp\n{synthetic_slide.path},0.3\n")
@@ -167,3 +181,13 @@ def test_dicom_slides_are_found_in_folders_and_named_by_their_series_folder(tmp_
     assert [e.name for e in entries] == ["caseA", "caseB"]
     assert [e.path.suffix for e in entries] == [".dcm", ".dcm"]
     assert [e.name for e in collect_slides([tmp_path / "cohort" / "caseA"])] == ["caseA"]
+
+
+def test_an_mpp_the_slide_overrules_is_said_once(real_slide, caplog):
+    """--mpp (or a CSV's mpp) applies only to slides that record none; one that records its own
+    dropped the given value without a word."""
+    with caplog.at_level("WARNING", logger="wsi_mil"):
+        for _ in range(2):
+            with open_slide(real_slide, 0.25) as s:
+                assert s.mpp == pytest.approx(0.499) and s.mpp_source == "properties"
+    assert caplog.text.count("the given mpp 0.25 applies only to slides that record none") == 1

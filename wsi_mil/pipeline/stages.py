@@ -144,6 +144,8 @@ class Stage:
             log.warning("%s: no tissue found; the mask is empty (try --threshold or a preset)", entry.path)
         if user is None:  # a user's annotation is taken as drawn (no QC on it)
             mask = apply_qc(slide, mask, qc)
+        else:  # nor a QC record copied from the file (one of ours, passed back)
+            mask.qc = None
         if mask.qc is not None:
             write_qc(qc_path(out), mask, slide.qupath_offset)
             if mask.qc["flagged"]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EmptyInputError, WsiMilError
 from .slide import SLIDE_SUFFIXES, slide_id
+
+log = logging.getLogger("wsi_mil")
 
 
 @dataclass(frozen=True)
@@ -65,9 +68,24 @@ def collect_slides(inputs: list[str | Path], mpp: float | None = None) -> list[S
                 entries.append(SlideEntry(sp, row_mpp))
         elif p.is_dir() and p.suffix.lower() != ".mrxs":
             found = _slides_in(p)
+            subdirs = [d for d in sorted(p.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+            nested = [q for d in subdirs for q in _slides_in(d)]
+            nested = [q for q in nested if q not in found]  # a DICOM series folder is one slide above
             if not found:
+                where = (
+                    f"; its subfolders hold {len(nested)}: pass them ({p}/*/) or a CSV slide list"
+                    if nested
+                    else ""
+                )
                 raise EmptyInputError(
-                    f"{p}: no slides found (looked for {', '.join(sorted(SLIDE_SUFFIXES))})"
+                    f"{p}: no slides found (looked for {', '.join(sorted(SLIDE_SUFFIXES))}){where}"
+                )
+            if nested:
+                log.warning(
+                    "%s: %d slide(s) in its subfolders are left out (pass %s/*/ to include them)",
+                    p,
+                    len(nested),
+                    p,
                 )
             entries.extend(SlideEntry(q, mpp) for q in found)
         elif p.exists():

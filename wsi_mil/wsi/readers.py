@@ -225,6 +225,10 @@ def auto_backends(path: Path) -> list[str]:
     return ["openslide", "tiffslide", "image"]
 
 
+log = logging.getLogger("wsi_mil")
+_TOLD: set = set()  # (path, mpp) pairs already warned about a recorded mpp that wins
+
+
 def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto") -> Slide:
     """Open a whole-slide image (svs, ndpi, mrxs, scn, DICOM, tiled/OME TIFF) or a small image.
 
@@ -257,6 +261,12 @@ def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto"
             slide_mpp, source = mpp_from_tiff_tags(path), "tiff-tags"
         if slide_mpp is None and mpp:
             slide_mpp, source = float(mpp), "override"
+        elif mpp and abs(float(mpp) - slide_mpp) > 0.01 * slide_mpp and (path, mpp) not in _TOLD:
+            _TOLD.add((path, mpp))  # once per slide, however often it is opened
+            log.warning(
+                "%s records %.4g um/px (%s); the given mpp %g applies only to slides that record none",
+                path, slide_mpp, source, float(mpp),
+            )  # fmt: skip
         if slide_mpp is None:
             if hasattr(handle, "close"):
                 handle.close()
