@@ -333,6 +333,10 @@ def test_mapped_class_reads_negative_names_and_asks_when_ambiguous():
     with pytest.raises(WsiMilError, match="not a class"):
         mapped_class(["LUAD", "LUSC"], target="tumor")
     assert mapped_class(["a", "b", "c"], np.array([0.2, 0.5, 0.3])) == 1  # several: the prediction
+    # normal beside two diseases: a slide called normal maps its likelier disease (it mapped
+    # "normal", whose negatives-mode calibration has no patches of its own: flat at 0)
+    assert mapped_class(["LUAD", "LUSC", "normal"], np.array([0.1, 0.3, 0.6])) == 1
+    assert mapped_class(["LUAD", "LUSC", "normal"], np.array([0.1, 0.3, 0.6]), target="normal") == 2
     assert calibration_targets(["normal", "tumor"]) == [1]
 
 

@@ -23,7 +23,9 @@ probability in both probability layers.
 The mapped class c (`mapped_class`): `--target` when given; for two classes, the one that is
 not named like a negative (normal, negative, benign, non-X, not X, no_X, ...); two classes
 neither or both of which are so named (LUAD vs LUSC) need `--target`; with more classes, the
-predicted one.
+predicted one, or, where some are named like a negative (normal beside LUAD and LUSC), the
+likeliest of the others: a background class every slide contains has no patches of its own to
+map (its negatives-mode calibration finds none).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 from scipy.special import expit
 from scipy.stats import rankdata
 
-from ..class_names import positive_class
+from ..class_names import is_negative_name, positive_class
 from ..config import HeatmapConfig
 from ..errors import WsiMilError
 from ..formats.scores import PatchScores
@@ -88,6 +90,9 @@ def mapped_class(classes: list[str], prob: np.ndarray | None = None, target: str
         )
     if prob is None:
         raise WsiMilError(f"classes {', '.join(classes)}: pass --target with the class to map")
+    named = [i for i, c in enumerate(classes) if not is_negative_name(c)]
+    if 0 < len(named) < len(classes):  # normal beside diseases: the likeliest disease
+        return max(named, key=lambda i: float(prob[i]))
     return int(np.argmax(prob))
 
 
