@@ -291,9 +291,12 @@ def read_mask(path: Path, grid: tuple[int, int], level: int) -> np.ndarray:
     return img > 0
 
 
+# the names a slide's annotation may have, in the order they are looked for
+ANNOTATION_ENDINGS = (".xml", ".geojson", *(f"_mask{x}" for x in MASK_SUFFIXES), *MASK_SUFFIXES)
+
+
 def find_annotation(annotations_dir: Path, sid: str) -> Path | None:
-    names = [f"{sid}.xml", f"{sid}.geojson"] + [f"{sid}_mask{x}" for x in MASK_SUFFIXES]
-    names += [f"{sid}{x}" for x in MASK_SUFFIXES]
+    names = [f"{sid}{e}" for e in ANNOTATION_ENDINGS]
     return next((annotations_dir / n for n in names if (annotations_dir / n).exists()), None)
 
 
@@ -353,6 +356,5 @@ def _warn_misnamed_annotations(annotations_dir: Path, slide_ids: list[str], any_
 
 
 def _annotation_slide_ids(name: str) -> list[str]:
-    """The slide ids an annotation file name can stand for (find_annotation's names)."""
-    ids = [name[: -len(x)] for x in (".xml", ".geojson", *MASK_SUFFIXES) if name.lower().endswith(x.lower())]
-    return ids + [i[: -len("_mask")] for i in ids if i.endswith("_mask")]
+    """The slide ids an annotation file name can stand for (`find_annotation`'s names)."""
+    return [name[: -len(e)] for e in ANNOTATION_ENDINGS if name.lower().endswith(e.lower())]

@@ -92,15 +92,19 @@ class Stage:
         ("name file's -> run's"); settings left unset never refuse a done slide."""
         return []
 
-    def _grid_changes(self, out: Path) -> list[str]:
+    @staticmethod
+    def _attrs(out: Path) -> dict:
+        """A patches or feature file's attributes (root, completed by those on `coords`)."""
+        from ..formats.hdf5 import merged_attrs
+
+        with h5py.File(out, "r") as f:
+            return merged_attrs(f)
+
+    def _grid_changes(self, attrs: dict) -> list[str]:
         """A patches or feature file's grid (mpp, patch size, overlap, QC on or off) against
         the ones this run was given; a user's coords or tissue annotation is used as given."""
         if self.patches_dir is not None:
             return []
-        from ..formats.hdf5 import merged_attrs
-
-        with h5py.File(out, "r") as f:
-            attrs = merged_attrs(f)
         tiling, given = self.cfg.tiling, self.cfg.tiling.model_fields_set
         changed = []
         for k in ("target_mpp", "patch_size", "overlap"):
@@ -223,7 +227,7 @@ class TileStage(Stage):
         return self.layout.patches(entry.name)
 
     def changed_settings(self, out: Path) -> list[str]:
-        return self._grid_changes(out)
+        return self._grid_changes(self._attrs(out))
 
     def run(self, entry: SlideEntry, on_batch=None) -> dict:
         with open_slide(entry.path, entry.mpp) as slide:
@@ -246,10 +250,10 @@ class ExtractStage(Stage):
 
     def changed_settings(self, out: Path) -> list[str]:
         """The grid, and the weights when given: random, or a file (the same path or sha256)."""
-        changed = self._grid_changes(out)
+        attrs = self._attrs(out)  # one read for the grid and the weights
+        changed = self._grid_changes(attrs)
         ext = self.cfg.extract
-        with h5py.File(out, "r") as f:
-            made, sha = f.attrs.get("encoder_weights"), f.attrs.get("encoder_weights_sha256")
+        made, sha = attrs.get("encoder_weights"), attrs.get("encoder_weights_sha256")
         if made is None or not (ext.weights or ext.random_weights):  # unset: the hub's, or as made
             return changed
         made, now = str(made), str(ext.weights) if ext.weights else "random"
