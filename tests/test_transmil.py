@@ -178,22 +178,26 @@ def test_transmil_attention_is_the_class_tokens_rollout(pair, n):
     assert got.sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
-def test_transmil_patch_dropout_trains_on_half_the_bag_and_predicts_on_all_of_it():
-    """The small-cohort recipe's `dropout_patch` (runs under 300 bags): a training step sees a
-    random half of the bag, inference the whole bag, deterministically."""
+def test_transmil_small_cohort_dropouts_train_on_part_of_the_bag_and_predict_on_all_of_it():
+    """The small-cohort recipe (runs under 300 bags): a training step sees a random 70% of the
+    bag with dropout on its projected instances; inference sees the whole bag, deterministically."""
     from wsi_mil.config import TrainConfig
     from wsi_mil.training.optim import resolve_recipe
 
-    assert resolve_recipe("transmil", TrainConfig(), n_bags=48).kwargs({}) == {"dropout_patch": 0.5}
+    small = resolve_recipe("transmil", TrainConfig(), n_bags=48).kwargs({})
+    assert small == {"dropout_patch": 0.3, "feature_dropout": 0.25}
     assert resolve_recipe("transmil", TrainConfig(), n_bags=300).kwargs({}) == {}
     torch.manual_seed(0)
-    model = create_model("transmil", 16, 2, dropout_patch=0.5)
+    model = create_model("transmil", 16, 2, **small)
     x = torch.randn(40, 16)
     model.train()
-    assert len(model(x).instance_scores) == 20
+    assert len(model(x).instance_scores) == 28
+    h, active = model.fc1(x), model.fc1[:2](x) > 0
+    assert 0.2 < (h[active] == 0).float().mean() < 0.3  # a quarter of the projected values dropped
     model.eval()
     with torch.no_grad():
         a, b = model(x), model(x)
+        torch.testing.assert_close(model.fc1(x), model.fc1[:2](x))
     assert len(a.instance_scores) == 40 and torch.equal(a.logits, b.logits)
 
 
