@@ -466,9 +466,10 @@ def test_small_cohorts_get_a_models_small_cohort_recipe_and_the_user_still_wins(
     assert small.lr == 2e-3 and small.kwargs({}) == {"dropout_patch": 0.8}
     assert (small.optimizer, small.weight_decay) == ("adamw", 0.5)  # decoupled: no query collapse
     assert small.betas == (0.5, 0.9) and small.schedule == "cosine"  # the rest stays the authors'
+    assert small.init == "default"  # measured against the authors' orthogonal (dsmil.py)
     for cfg, n in ((TrainConfig(), SMALL_COHORT_BAGS), (TrainConfig(small_cohort=False), 10)):
         authors = resolve_recipe("dsmil", cfg, n_bags=n)
-        assert authors.lr == 1e-4 and authors.kwargs({}) == {}
+        assert authors.lr == 1e-4 and authors.kwargs({}) == {} and authors.init == "orthogonal"
     user = resolve_recipe("dsmil", TrainConfig(lr=1e-3), n_bags=10)
     assert user.lr == 1e-3 and user.kwargs({"dropout_patch": 0.0}) == {"dropout_patch": 0.0}
     assert resolve_recipe("abmil", TrainConfig(), n_bags=10) == resolve_recipe("abmil", TrainConfig())

@@ -66,10 +66,18 @@ AUTHORS_RECIPE = Recipe(
 # 0.778 / 0.765 / 0.747 (coupled 1e-3: 0.719), attention key AUC 0.81 / 0.80 / 0.80 / 0.81 /
 # 0.75 / 0.76 (0.50), tests' fresh 0.952 / 0.959 / 0.969 / 0.979 / 0.988 / 0.994 (0.977): the
 # decay that keeps the digit bags' attention best and the tests' cohort above coupled L2.
+# Its initialisation is PyTorch's default, not the authors' orthogonal one (measured; why is
+# not established: on the digit bags of 40-60 both stay near train loss 0.69 for 20-30 epochs,
+# and with orthogonal weights the attention pointed away from the nines). Choice seeds 0, 3-6,
+# orthogonal -> default: digits bag AUC 0.864 -> 0.909, attention key AUC 0.905 -> 0.865;
+# digits50 bag 0.560 -> 0.649, attention 0.405 -> 0.572, combined 0.596 -> 0.875; tests' cohort
+# on 400 fresh bags 0.979 -> 0.992 (docs/changelog.md, 2026-12-03).
 SMALL_COHORT_RECIPE = replace(
     AUTHORS_RECIPE, optimizer="adamw", lr=2e-3, weight_decay=0.5, model_kwargs=(("dropout_patch", 0.8),),
+    init="default",
     source="wsi-mil small-cohort setting (fewer than 300 bags): the authors' recipe with lr 2e-3, "
-    "decoupled weight decay 0.5 (AdamW) and their --dropout_patch 0.8 (measured, docs/benchmarks.md)",
+    "decoupled weight decay 0.5 (AdamW), their --dropout_patch 0.8 and PyTorch's default "
+    "initialisation (measured, docs/benchmarks.md)",
 )  # fmt: skip
 
 
