@@ -105,6 +105,25 @@ def test_rerun_with_other_settings_refuses_naming_them(cohort, tmp_path):
     _one_line_error(_crossval(cohort, run, None, "--selection-fallback"), "selection_fallback")
 
 
+def test_resuming_folds_trained_with_an_older_recipe_is_refused(cohort, tmp_path):
+    """A wsi-mil update that changes a model's recipe (TransMIL's and DSMIL's small-cohort ones
+    did) must not resume a run whose finished folds were trained with the old one."""
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(cohort / "run", run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["recipes"]["abmil"]["lr"] = 0.5  # as an older wsi-mil would have recorded it
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    before = (run / "config.yaml").read_text()
+    _one_line_error(_crossval(cohort, run), str(run), "abmil: lr 0.5 -> 0.0005", "--overwrite")
+    assert (run / "config.yaml").read_text() == before
+    del config["recipes"]  # a run from before recipes were recorded: nothing to compare
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    r = _crossval(cohort, run)
+    assert r.exit_code == 0 and "fold 0 (1 of 3)" not in r.output, r.output
+
+
 # -- bad feature files ----------------------------------------------------------------------
 def _poison(path, kind):
     with h5py.File(path, "r+") as f:

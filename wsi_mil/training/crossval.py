@@ -50,7 +50,7 @@ from .metrics import METRICS, bootstrap_ci, compute_metrics, decide, intervals_s
 from .optim import resolve_recipe
 from .probe import fit_probe
 from .report import qc_table, save_plots, write_report
-from .run_inputs import feature_spec, prepare_run
+from .run_inputs import check_recipes, feature_spec, prepare_run
 
 log = logging.getLogger("wsi_mil")
 
@@ -341,11 +341,13 @@ def _run(
     annotations, inversion = extra
     inversion = inversion or inversion_settings(HeatmapConfig())
     splits = prepare_run(run, cohort, cfg, overwrite)
+    recipes = {m: resolve_recipe(m, cfg, n_bags=len(splits)).to_dict() for m in models}
+    check_recipes(run, recipes)
     run.write_config(
         {
             "train": cfg.model_dump(),
             "models": models,
-            "recipes": {m: resolve_recipe(m, cfg, n_bags=len(splits)).to_dict() for m in models},
+            "recipes": recipes,
             "features_dir": str(Path(features_dir).resolve()),
             "labels": str(Path(labels_csv).resolve()),
             "features": feature_spec(cohort),

@@ -99,6 +99,24 @@ def prepare_run(run: RunFolder, cohort: Cohort, cfg: TrainConfig, overwrite: boo
     return splits
 
 
+def check_recipes(run: RunFolder, recipes: dict[str, dict]) -> None:
+    """Refuse to resume a model whose finished folds were trained with another recipe than it
+    would get now (a wsi-mil update changed its recipe): its folds would mix two trainings."""
+    old = (run.read_config().get("recipes") or {}) if run.config_path.exists() else {}
+    changed = []
+    for model in run.trained_models():
+        was, now = old.get(model), recipes.get(model)
+        if was is None or now is None or was == now:  # runs before recipes were recorded: unknown
+            continue
+        fields = [f"{k} {was.get(k)!r} -> {now[k]!r}" for k in now if k != "source" and was.get(k) != now[k]]
+        changed.append(f"{model}: {', '.join(fields[:3]) or 'source'}")
+    if changed:
+        raise WsiMilError(
+            f"{run.root}: finished folds were trained with another recipe than this wsi-mil gives "
+            f"({'; '.join(changed)}); pass --overwrite to retrain from scratch, or choose a new --out"
+        )
+
+
 def feature_spec(cohort: Cohort) -> dict:
     """Encoder and grid of the run's features: what predict and heatmap check new slides against."""
     attrs, shape = read_feature_attrs(cohort.table.path.iloc[0])
