@@ -124,6 +124,19 @@ def test_resuming_folds_trained_with_an_older_recipe_is_refused(cohort, tmp_path
     assert r.exit_code == 0 and "fold 0 (1 of 3)" not in r.output, r.output
 
 
+def test_the_features_parent_folder_is_pointed_to_its_encoder_subfolder(cohort, tmp_path):
+    """`extract` writes features/<encoder>/; a user who passes features/ got "24 labelled
+    slide(s) have no feature file ... pass --allow-missing"."""
+    parent = tmp_path / "features"
+    shutil.copytree(cohort / "features", parent / "resnet18")
+    r = runner.invoke(
+        app, ["crossval", "--features", str(parent), "--labels", str(cohort / "labels.csv"),
+              "--out", str(tmp_path / "run"), *TRAIN],
+    )  # fmt: skip
+    _one_line_error(r, str(parent), f"pass --features {parent / 'resnet18'}")
+    assert not (tmp_path / "run").exists()
+
+
 # -- bad feature files ----------------------------------------------------------------------
 def _poison(path, kind):
     with h5py.File(path, "r+") as f:

@@ -80,6 +80,13 @@ def load_labels(labels_csv: str | Path, features_dir: str | Path, allow_missing:
         )
     df = read_label_table(labels_csv)
     files = {p.stem: p for p in features_dir.glob("*.h5")}
+    if not files:  # extract writes features/<encoder>/: the parent folder was passed
+        held = sorted(d.name for d in features_dir.iterdir() if d.is_dir() and any(d.glob("*.h5")))
+        if held:
+            raise WsiMilError(
+                f"{features_dir}: no feature files here, but its subfolder(s) {', '.join(held[:4])} hold "
+                f"them (one per encoder): pass --features {features_dir / held[0]}"
+            )
     no_file = sorted(set(df.slide_id) - set(files))
     no_label = sorted(set(files) - set(df.slide_id))
     if no_file or no_label:
