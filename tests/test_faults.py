@@ -125,16 +125,22 @@ def test_resuming_folds_trained_with_an_older_recipe_is_refused(cohort, tmp_path
 
 
 def test_the_features_parent_folder_is_pointed_to_its_encoder_subfolder(cohort, tmp_path):
-    """`extract` writes features/<encoder>/; a user who passes features/ got "24 labelled
-    slide(s) have no feature file ... pass --allow-missing"."""
+    """`extract` writes features/<encoder>/; a user who passed features/ to crossval got "24
+    labelled slide(s) have no feature file ... pass --allow-missing", to predict "no .h5 files"."""
     parent = tmp_path / "features"
     shutil.copytree(cohort / "features", parent / "resnet18")
     r = runner.invoke(
         app, ["crossval", "--features", str(parent), "--labels", str(cohort / "labels.csv"),
               "--out", str(tmp_path / "run"), *TRAIN],
     )  # fmt: skip
-    _one_line_error(r, str(parent), f"pass --features {parent / 'resnet18'}")
+    _one_line_error(r, str(parent), f"pass {parent / 'resnet18'}")
     assert not (tmp_path / "run").exists()
+    out = tmp_path / "p.csv"
+    r = runner.invoke(
+        app, ["predict", "--run", str(cohort / "run"), "--features", str(parent), "--out", str(out)]
+    )
+    _one_line_error(r, str(parent), f"pass {parent / 'resnet18'}")
+    assert not out.exists()
 
 
 # -- bad feature files ----------------------------------------------------------------------
@@ -252,7 +258,7 @@ def test_missing_fold_folder_and_score_file_are_named_as_such(cohort, tmp_path, 
     r = runner.invoke(app, ["heatmap", slide, "--run", str(cohort / "run"), "--fold", "7"])
     _one_line_error(r, "model 'abmil' has no fold 7; pick --fold from 0, 1, 2 or all")
     r = runner.invoke(app, ["predict", "--run", str(cohort / "run"), "--features", str(tmp_path / "nosuch")])
-    _one_line_error(r, "nosuch: no such folder")
+    _one_line_error(r, "nosuch: no such features folder")
     r = runner.invoke(app, ["view", slide, "--scores", str(tmp_path / "none_scores.h5")])
     _one_line_error(r, "none_scores.h5: no such score file")
 

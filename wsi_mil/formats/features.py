@@ -82,6 +82,29 @@ def validate_bag(bag: FeatureBag) -> FeatureBag:
     return bag
 
 
+def feature_files(folder: str | Path) -> list[Path]:
+    """The `<slide>.h5` files of a features folder (extract's `features/<encoder>/`), sorted; one
+    line naming the encoder subfolder when the user passed its parent, or the fix when none."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.h5")) if folder.is_dir() else []
+    if files:
+        return files
+    if not folder.is_dir():
+        raise WsiMilError(
+            f"{folder}: no such features folder; run 'wsi-mil extract' first and pass its "
+            "features/<encoder> folder"
+        )
+    held = sorted(d.name for d in folder.iterdir() if d.is_dir() and any(d.glob("*.h5")))
+    if held:
+        raise WsiMilError(
+            f"{folder}: no feature files here, but its subfolder(s) {', '.join(held[:4])} hold them "
+            f"(one per encoder): pass {folder / held[0]}"
+        )
+    raise WsiMilError(
+        f"{folder}: no <slide>.h5 feature files; pass the features/<encoder> folder 'wsi-mil extract' wrote"
+    )
+
+
 def read_features(path: str | Path, validate: bool = True) -> FeatureBag:
     """A feature file (wsi-mil, CLAM or TRIDENT) as a FeatureBag, validated unless told not to."""
     path = Path(path)

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import WsiMilError
 from ..features.slide_encoders import SlideEncoder, check_features, feature_grid
-from ..formats.features import read_feature_attrs, read_features, write_features
+from ..formats.features import feature_files, read_feature_attrs, read_features, write_features
 from ..formats.hdf5 import plain
 from ..io import provenance
 
@@ -45,12 +45,7 @@ def embed_slides(
 ) -> dict:
     """Write `<out_dir>/<slide>.h5` for every `<features_dir>/<slide>.h5`; returns counts."""
     features_dir, out_dir, info = Path(features_dir), Path(out_dir), encoder.info
-    files = sorted(features_dir.glob("*.h5")) if features_dir.is_dir() else []
-    if not files:
-        raise WsiMilError(
-            f"{features_dir}: no <slide>.h5 feature files; pass the features/<encoder> folder that "
-            "'wsi-mil extract' wrote"
-        )
+    files = feature_files(features_dir)
     if out_dir.resolve() == features_dir.resolve():
         raise WsiMilError(f"--out {out_dir} is the features folder; choose another folder for the embeddings")
     sources = {}

@@ -18,7 +18,7 @@ import torch
 from sklearn.model_selection import StratifiedGroupKFold
 
 from ..errors import WsiMilError
-from ..formats.features import read_features
+from ..formats.features import feature_files, read_features
 from ..wsi.slide import SLIDE_SUFFIXES, slide_id
 
 LABEL_COLUMNS = ("slide_id", "label", "case_id", "split")  # read whatever their case
@@ -73,20 +73,8 @@ def read_label_table(labels_csv: str | Path) -> pd.DataFrame:
 def load_labels(labels_csv: str | Path, features_dir: str | Path, allow_missing: bool = False) -> Cohort:
     """Match label rows to `<features_dir>/<slide_id>.h5`; one clear error for any mismatch."""
     labels_csv, features_dir = Path(labels_csv), Path(features_dir)
-    if not features_dir.is_dir():
-        raise WsiMilError(
-            f"{features_dir}: no such features folder; run 'wsi-mil extract' first "
-            "and pass its features/<encoder> folder"
-        )
+    files = {p.stem: p for p in feature_files(features_dir)}
     df = read_label_table(labels_csv)
-    files = {p.stem: p for p in features_dir.glob("*.h5")}
-    if not files:  # extract writes features/<encoder>/: the parent folder was passed
-        held = sorted(d.name for d in features_dir.iterdir() if d.is_dir() and any(d.glob("*.h5")))
-        if held:
-            raise WsiMilError(
-                f"{features_dir}: no feature files here, but its subfolder(s) {', '.join(held[:4])} hold "
-                f"them (one per encoder): pass --features {features_dir / held[0]}"
-            )
     no_file = sorted(set(df.slide_id) - set(files))
     no_label = sorted(set(files) - set(df.slide_id))
     if no_file or no_label:

@@ -13,7 +13,7 @@ import torch
 from ..config import HeatmapConfig
 from ..device import resolve_device
 from ..errors import WsiMilError
-from ..formats.features import check_compatible, check_grid, read_feature_attrs, read_features
+from ..formats.features import check_compatible, check_grid, feature_files, read_feature_attrs, read_features
 from ..formats.run import RunFolder, load_ensemble, load_fold_model
 from ..formats.scores import write_scores
 from ..io import atomic_path
@@ -28,13 +28,7 @@ log = logging.getLogger("wsi_mil")
 def _checked_bags(run_folder: RunFolder, features_dir: Path, keep: bool = True) -> tuple[list[Path], dict]:
     """The folder's feature files, each read once, validated and checked against the run;
     with `keep` the bags are returned (float16, keyed by path), else only validated."""
-    if not features_dir.is_dir():
-        raise WsiMilError(
-            f"{features_dir}: no such folder; give the folder of .h5 feature files 'extract' wrote"
-        )
-    files = sorted(features_dir.glob("*.h5"))
-    if not files:
-        raise WsiMilError(f"{features_dir}: no .h5 feature files")
+    files = feature_files(features_dir)
     paths = [str(p) for p in files]  # every file validated before anything is written
     loaded = load_bags(paths) if keep else (validate_bags(paths) or {})
     spec = run_folder.feature_spec()
