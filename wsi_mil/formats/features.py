@@ -86,14 +86,14 @@ def feature_files(folder: str | Path) -> list[Path]:
     """The `<slide>.h5` files of a features folder (extract's `features/<encoder>/`), sorted; one
     line naming the encoder subfolder when the user passed its parent, or the fix when none."""
     folder = Path(folder)
-    files = sorted(folder.glob("*.h5")) if folder.is_dir() else []
-    if files:
-        return files
     if not folder.is_dir():
         raise WsiMilError(
             f"{folder}: no such features folder; run 'wsi-mil extract' first and pass its "
             "features/<encoder> folder"
         )
+    files = sorted(folder.glob("*.h5"))
+    if files:
+        return files
     held = sorted(d.name for d in folder.iterdir() if d.is_dir() and any(d.glob("*.h5")))
     if held:
         raise WsiMilError(

@@ -104,9 +104,9 @@ def check_recipes(run: RunFolder, recipes: dict[str, dict]) -> None:
     would get now (a wsi-mil update changed its recipe): its folds would mix two trainings."""
     old = (run.read_config().get("recipes") or {}) if run.config_path.exists() else {}
     changed = []
-    for model in run.trained_models():
-        was, now = old.get(model), recipes.get(model)
-        if was is None or now is None or was == now:  # runs before recipes were recorded: unknown
+    for model, now in recipes.items():
+        was = old.get(model)
+        if was is None or was == now or not run.fold_dirs(model):  # no recipe recorded: unknown
             continue
         fields = [f"{k} {was.get(k)!r} -> {now[k]!r}" for k in now if k != "source" and was.get(k) != now[k]]
         changed.append(f"{model}: {', '.join(fields[:3]) or 'source'}")
