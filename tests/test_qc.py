@@ -80,6 +80,32 @@ def test_fold_is_relative_to_the_tissue():
     assert not qc.fold_mask(tissue_patch(PURPLE), np.ones((64, 64), bool), CFG).any()
 
 
+def test_fold_on_pale_tissue_beside_denser_tissue():
+    """A fold on pale stroma is no darker than the slide's dense tissue (the slide-wide median
+    misses it) but twice as dense as tissue of its own stain mix; the dense tissue stays."""
+    from wsi_mil.wsi.qc_rules import optical_density
+
+    img = tissue_patch(PURPLE, 96, seed=1)
+    img[:, :40] = tissue_patch(PINK, 96)[:, :40]
+    truth = np.zeros(img.shape[:2], bool)
+    truth[30:60, 8:32] = True
+    img[truth] = (255 * (img[truth] / 255) ** 2.5).astype(np.uint8)
+    img = cv2.GaussianBlur(img, (0, 0), 1)
+    od = optical_density(img)
+    assert np.median(od[truth]) < 1.4 * np.median(od)  # the case: as dark as the purple
+    found, false = agreement(qc.fold_mask(img, np.ones(truth.shape, bool), CFG), truth)
+    assert found > 0.9 and false < 0.02
+
+
+def test_a_micro_metastasis_among_stroma_is_no_fold():
+    """The most hematoxylin-rich tissue is denser than any stain-mix bin it falls in (a small
+    tumour among stroma shares a bin with stroma): it is judged by the darkness rule alone."""
+    img = tissue_patch(PINK, 96)
+    cv2.circle(img, (48, 48), 7, PURPLE, -1)
+    img = cv2.GaussianBlur(img, (0, 0), 1)
+    assert not qc.fold_mask(img, np.ones(img.shape[:2], bool), CFG).any()
+
+
 def test_robust_median_of_masked_values_is_the_subsampled_median():
     """The tissue medians the rules compare against: the median of every step-th masked value
     (the mask's cells subsampled before they are gathered), also for 2-D images."""

@@ -38,9 +38,8 @@ class QCConfig(Section):
     """Tissue quality control between segmentation and tiling (wsi/qc_rules.py documents each
     rule and where its threshold comes from). Gray levels and saturations are 0-255."""
 
-    # remove by default: on the painted slides it takes >= 93% of every artefact but the real
-    # slide's fold (88.9%: on pale dermis a double layer is as dark and saturated as the slide's
-    # own denser tissue) for <= 1.6% of clean tissue (docs/benchmarks.md); off leaves all of it
+    # remove by default: on the painted slides (docs/benchmarks.md) it takes >= 94.5% of every
+    # artefact for <= 1.88% of clean tissue; off leaves all of it
     mode: Literal["remove", "mark", "off"] = Field(
         "remove", description="remove: artefacts become holes in the tissue; mark: only written"
     )
@@ -56,17 +55,22 @@ class QCConfig(Section):
     black_chroma: int = Field(30, description="... and max-min of RGB below this (neutral)")
     pen_saturation: int = Field(80, description="blue/green ink: HSV saturation above this")
     red_saturation: int = Field(170, description="red ink: HSV saturation above this")
-    fold_od_ratio: float = Field(1.4, description="fold: optical density / tissue median above this")
-    fold_saturation_ratio: float = Field(1.5, description="fold: saturation / tissue median above this")
-    fold_dark_ratio: float = Field(2.2, description="fold: or optical density / tissue median above this")
+    fold_od_ratio: float = Field(
+        1.7, description="fold: optical density / that of tissue of its stain mix above this"
+    )
+    fold_extend_ratio: float = Field(1.45, description="fold: grown into connected cells above this ratio")
+    fold_bins: int = Field(8, description="fold: tissue compared within this many stain-mix bins")
+    fold_passes: int = Field(2, ge=1, description="fold: medians taken again without the fold found")
+    fold_mix_quantile: float = Field(0.9, description="fold: ... for stain mixes below this quantile")
+    fold_dark_ratio: float = Field(3.0, description="fold: or optical density / tissue median above this")
     bubble_gray: tuple[int, int] = Field((209, 240), description="bubble: gray range (HistoQC .82-.94)")
     bubble_std: float = Field(11.0, description="bubble: RGB std below this (HistoQC upper_variance)")
     blur_ratio: float = Field(0.5, description="blur: local Laplacian energy / tissue median below this")
     blur_bins: int = Field(4, description="blur: tissue compared within this many brightness bins")
-    blur_extend_ratio: float = Field(0.7, description="blur: grown into nearby cells below this ratio")
+    blur_extend_ratio: float = Field(0.65, description="blur: grown into nearby cells below this ratio")
     blur_window_um: float = Field(32.0, description="blur: window of the energy (a box of this std), um")
     smooth_um: float = Field(16.0, description="colour rules run on the image smoothed by this sigma")
-    grow_um: float = Field(16.0, description="each artefact grown by this (ink and fold fringes)")
+    grow_um: float = Field(16.0, description="artefacts but background and bubbles grown by this, um")
     min_area_um2: float = Field(0.02e6, description="smaller artefact regions are ignored")
     flag_fraction: float = Field(0.3, description="flag a slide losing more than this tissue fraction")
     # 0.25, not only "more artefact than tissue": on a demo cohort of another seed (3) the old rule

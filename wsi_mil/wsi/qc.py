@@ -126,7 +126,7 @@ def grid_masks(
     }
     # fold and blur are judged against the slide's own tissue: without ink and background
     ref_t = ~(light | black | pens["pen_blue"] | pens["pen_green"] | pens["pen_red"])
-    raw["fold"] = scatter(fold_mask(px, np.ones(len(px), bool), cfg, ref_t))
+    raw["fold"] = fold_mask(smoothed, tissue, cfg, scatter(ref_t))
     raw["bubble"] = _inside(scatter(bubble_mask(px, cfg)), tissue, int(np.ceil(2 * cfg.smooth_um / px_um)))
     gray = cv2.cvtColor(smoothed, cv2.COLOR_RGB2GRAY)
     # defocus spans large regions: a small low-energy spot alone (a thin tissue tip) is not blur
@@ -138,7 +138,7 @@ def grid_masks(
     for reason in REASONS:
         m = raw.get(reason, np.zeros(tissue.shape, bool))  # "pen", "dark_spot": GrandQC's only
         if m.any():
-            m = _grow(m, 0 if reason in ("background", "blur", "bubble") else grow) & tissue & ~taken
+            m = _grow(m, 0 if reason in ("background", "bubble") else grow) & tissue & ~taken
         out[reason] = m
         taken |= m
     # small regions are ignored; a region is all adjacent artefacts (ink over a fold is one)
