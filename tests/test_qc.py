@@ -186,9 +186,9 @@ def test_qc_layer_and_holes(painted_slide, tmp_path):
     inside = [
         max(p.intersection(box(x, y, x + size, y + size)).area for _, p in polys) for x, y in grid.coords
     ]
-    # no kept patch lies more than max_patch_artefact (0.25) under the removed artefacts (the
+    # no kept patch lies more than max_patch_artefact (0.125) under the removed artefacts (the
     # patch grid is rasterised at 1/SUBSAMPLE of a patch, hence the margin)
-    assert QCConfig().max_patch_artefact == 0.25 and max(inside) / size**2 <= 0.25 + 0.05
+    assert QCConfig().max_patch_artefact == 0.125 and max(inside) / size**2 <= 0.125 + 0.05
     # every patch QC took keeps its reason: mostly over an artefact of that reason, none kept
     assert grid.dropped is not None and len(grid.dropped) == len(grid.dropped_reason) > 0
     assert set(grid.dropped_reason) <= set(qc.REASONS) and "pen_blue" in set(grid.dropped_reason)
