@@ -107,3 +107,12 @@ def test_our_own_tissue_file_passed_back_is_used_as_drawn(tmp_path, synthetic_sl
     assert r.exit_code == 0, r.output
     assert not list((out / "tissue").glob("*_qc.geojson"))
     assert '"qc"' not in (out / "tissue" / ours.name).read_text()
+    assert "is not run" not in r.output  # --qc left unset: nothing to say
+    r = runner.invoke(
+        app,
+        ["tile", str(synthetic_slide.path), "--out", str(tmp_path / "third"), "--tissue-geojson", str(ours)]
+        + ["--qc", "remove"],
+    )
+    assert r.exit_code == 0 and "--qc remove is not run on the tissue --tissue-geojson gives" in r.output, (
+        r.output
+    )

@@ -550,7 +550,7 @@ def test_rerun_into_the_same_folder_with_other_settings_is_refused(tmp_path, fou
     r = runner.invoke(app, [*base, "--target-mpp", "0.5", "--patch-size", "128", "--random-weights"])
     _one_line_error(r, "target_mpp 1 -> 0.5")
     r = runner.invoke(app, [*base, *grid, "--random-weights", "--qc", "off"])
-    _one_line_error(r, "qc on -> off")
+    _one_line_error(r, "qc remove -> off")
     tile = [
         "tile",
         str(four_slides / "s0.tif"),
@@ -565,6 +565,40 @@ def test_rerun_into_the_same_folder_with_other_settings_is_refused(tmp_path, fou
     assert (out / "features" / "resnet18" / "s0.h5").read_bytes() == before
     r = runner.invoke(app, [*base, *grid, "--random-weights"])  # the same settings: skipped
     assert r.exit_code == 0 and "already done" in r.output, r.output
+
+
+def test_an_earlier_stage_made_with_another_qc_mode_is_not_reused(tmp_path, four_slides):
+    """`extract --qc off` on a folder tiled with QC reused its patches (27 of 50 on a painted
+    slide) and exited 0; a tissue file segmented without QC was tiled under `--qc remove`."""
+    slide, out = str(four_slides / "s0.tif"), tmp_path / "w"
+    grid = ["--target-mpp", "1.0", "--patch-size", "128"]
+    assert runner.invoke(app, ["tile", slide, "--out", str(out), *grid]).exit_code == 0
+    r = runner.invoke(
+        app,
+        [
+            "extract",
+            slide,
+            "--out",
+            str(out),
+            *grid,
+            "--encoder",
+            "resnet18",
+            "--random-weights",
+            "--qc",
+            "off",
+        ],
+    )
+    _one_line_error(r, "s0.h5 was made with other settings", "qc remove -> off", "--overwrite")
+    assert not (out / "features").exists() or not any((out / "features").rglob("*.h5"))
+    r = runner.invoke(app, ["tile", slide, "--out", str(out), *grid, "--qc", "mark"])
+    _one_line_error(r, "qc remove -> mark")
+    other = tmp_path / "v"
+    assert runner.invoke(app, ["segment", slide, "--out", str(other), "--qc", "off"]).exit_code == 0
+    r = runner.invoke(app, ["tile", slide, "--out", str(other), *grid, "--qc", "remove"])
+    _one_line_error(r, "s0.geojson was made with other settings", "qc off -> remove")
+    assert not (other / "patches").exists() or not any((other / "patches").glob("*.h5"))
+    r = runner.invoke(app, ["tile", slide, "--out", str(other), *grid])  # unset: reused as made
+    assert r.exit_code == 0, r.output
 
 
 def test_a_bad_qc_model_is_one_line_before_any_slide(tmp_path, four_slides):

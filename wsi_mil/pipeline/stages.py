@@ -63,9 +63,12 @@ class Stage:
     tissue_geojson: Path | None = None
     patches_dir: Path | None = None  # coords files written by CLAM or TRIDENT, used as they are
     name = "stage"
+    reuses = ()  # earlier stages' outputs it reuses: "patches", "tissue"
 
     def __post_init__(self):  # here so the dataclass __init__ calls subclasses' overrides
         qc = self.cfg.qc
+        if self.tissue_geojson is not None and qc.mode != "off" and "mode" in qc.model_fields_set:
+            log.warning("--qc %s is not run on the tissue --tissue-geojson gives (taken as drawn)", qc.mode)
         if qc.mode != "off" and qc.model is not None:  # a bad --qc-model: one line, not one per slide
             from ..wsi.qc_model import load_grandqc_cached
 
@@ -77,15 +80,30 @@ class Stage:
     def done(self, entry: SlideEntry) -> bool:
         """The slide needs no work: its output exists and --overwrite was not given. An output
         made otherwise than this run asks (settings it was given) is refused in one line."""
-        out = self.output(entry)
-        if self.overwrite or not out.exists():
+        if self.overwrite:
             return False
-        if changed := self.changed_settings(out):
-            raise WsiMilError(
-                f"{out} was made with other settings ({'; '.join(changed)}): pass --overwrite to redo "
-                "it, or write to another --out"
-            )
+        out = self.output(entry)
+        if not out.exists():  # an earlier stage's output it would reuse is checked now, not mid-run
+            _refuse_changed(*self._reused(entry))
+            return False
+        _refuse_changed(out, self.changed_settings(out))
         return True
+
+    def _reused(self, entry: SlideEntry) -> tuple[Path | None, list[str]]:
+        """The earlier stage's output this stage would reuse for `entry` (patches, else the
+        tissue file) and how it was made otherwise than this run asks."""
+        if self.patches_dir is not None:  # a user's coords, used as they are
+            return None, []
+        patches, tissue = self.layout.patches(entry.name), self.layout.tissue(entry.name)
+        if "patches" in self.reuses and patches.exists():
+            return patches, self._grid_changes(self._attrs(patches))
+        if "tissue" in self.reuses and tissue.exists():
+            return tissue, self._tissue_changes(tissue)
+        return None, []
+
+    def _tissue_changes(self, tissue: Path) -> list[str]:
+        qc = read_tissue(tissue).qc
+        return self._qc_changes(qc["mode"] if qc else "off")
 
     def changed_settings(self, out: Path) -> list[str]:
         """The settings this run was given (options or config) that `out` was made without
@@ -111,10 +129,18 @@ class Stage:
             now, made = getattr(tiling, k), attrs.get(k)
             if k in given and now is not None and made is not None and abs(float(made) - float(now)) > 1e-6:
                 changed.append(f"{k} {float(made):g} -> {float(now):g}")
-        qc_was, qc_now = "qc_removed" in attrs, self.cfg.qc.mode != "off"
-        if "mode" in self.cfg.qc.model_fields_set and self.tissue_geojson is None and qc_was != qc_now:
-            changed.append(f"qc {'on' if qc_was else 'off'} -> {self.cfg.qc.mode}")
-        return changed
+        made = attrs.get("qc_mode", "on" if "qc_removed" in attrs else "off")  # "on": before qc_mode
+        return changed + self._qc_changes(str(made))
+
+    def _qc_changes(self, made: str) -> list[str]:
+        """QC's mode an output was made with ("on": remove or mark, files older than qc_mode)
+        against the one this run was given."""
+        now = self.cfg.qc.mode
+        if "mode" not in self.cfg.qc.model_fields_set or self.tissue_geojson is not None:
+            return []
+        if made == now or (made == "on" and now != "off"):
+            return []
+        return [f"qc {made} -> {now}"]
 
     def tiling(self):
         """The tiling settings for this stage (unset size and mpp: 0.5 um/px, 256 px)."""
@@ -173,7 +199,7 @@ class Stage:
                 f"{entry.name}.h5 and {entry.name}_patches.h5, also under patches/)"
             )
         out = self.layout.patches(entry.name)
-        if self._reuse(out):
+        if self._reuse(out):  # made as this run asks: `done` refused it otherwise
             return read_patches(out)
         mask = self.tissue_for(slide, entry)
         if mask.is_empty:
@@ -200,12 +226,23 @@ class Stage:
         return grid
 
 
+def _refuse_changed(out: Path | None, changed: list[str]) -> None:
+    """One line when `out` (a done slide, or an earlier stage's output this stage would reuse)
+    was made with other settings than this run was given."""
+    if changed:
+        raise WsiMilError(
+            f"{out} was made with other settings ({'; '.join(changed)}): pass --overwrite to redo "
+            "it, or write to another --out"
+        )
+
+
 def qc_columns(mask: TissueMask) -> dict:
     """The QC summary as flat manifest-style columns: qc_<reason> fractions, total, flagged."""
     if mask.qc is None:
         return {}
-    cols = {f"qc_{r}": f for r, f in mask.qc["removed_fraction"].items()}
-    return {**cols, "qc_removed": mask.qc["removed_total"], "qc_flagged": mask.qc["flagged"]}
+    qc = mask.qc
+    cols = {f"qc_{r}": f for r, f in qc["removed_fraction"].items()}
+    return {"qc_mode": qc["mode"], **cols, "qc_removed": qc["removed_total"], "qc_flagged": qc["flagged"]}
 
 
 class SegmentStage(Stage):
@@ -213,6 +250,9 @@ class SegmentStage(Stage):
 
     def output(self, entry):
         return self.layout.tissue(entry.name)
+
+    def changed_settings(self, out: Path) -> list[str]:
+        return self._tissue_changes(out)
 
     def run(self, entry: SlideEntry, on_batch=None) -> dict:
         with open_slide(entry.path, entry.mpp) as slide:
@@ -222,6 +262,7 @@ class SegmentStage(Stage):
 
 class TileStage(Stage):
     name = "tile"
+    reuses = ("tissue",)
 
     def output(self, entry):
         return self.layout.patches(entry.name)
@@ -237,6 +278,7 @@ class TileStage(Stage):
 
 class ExtractStage(Stage):
     name = "extract"
+    reuses = ("patches", "tissue")
     streams = True  # in one process, the runner encodes the cohort as one stream (`plan`)
 
     def __post_init__(self):

@@ -96,7 +96,7 @@ def qc_lines(qc: pd.DataFrame | None, out: Path, most_rows: int = 40) -> list[st
     if qc is None:
         return []
     qc.to_csv(out / "qc.csv", index=False)
-    reasons = [c for c in qc.columns if c not in ("slide_id", "removed", "flagged") and qc[c].any()]
+    reasons = [c for c in qc.columns if c not in ("slide_id", "mode", "removed", "flagged") and qc[c].any()]
     flagged = qc.slide_id[qc.flagged.astype(bool)].tolist()
     lines = [
         "## Tissue quality control",

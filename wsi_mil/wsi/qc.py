@@ -37,8 +37,8 @@ from .slide import Slide
 from .tissue import TissueMask, mask_to_polygons
 
 __all__ = [
-    "REASONS", "apply_qc", "black_mask", "blur_from_energy", "blur_mask", "bubble_mask", "fold_mask",
-    "greyspace_mask", "optical_density", "pen_masks", "qc_masks", "smooth", "white_mask",
+    "REASONS", "RULE_REASONS", "apply_qc", "black_mask", "blur_from_energy", "blur_mask", "bubble_mask",
+    "fold_mask", "greyspace_mask", "optical_density", "pen_masks", "qc_masks", "smooth", "white_mask",
 ]  # fmt: skip
 
 # Reasons in priority order (a pixel gets the first that matches), with QuPath class names
@@ -55,6 +55,7 @@ REASONS: dict[str, tuple[str, tuple[int, int, int]]] = {
     "bubble": ("Bubble", (90, 200, 230)),
     "blur": ("Blur", (240, 160, 30)),
 }
+RULE_REASONS = tuple(r for r in REASONS if r not in ("pen", "dark_spot"))  # the rules' own
 
 
 def _touches_border(mask: np.ndarray) -> np.ndarray:
@@ -135,8 +136,8 @@ def grid_masks(
     grow = int(round(cfg.grow_um / px_um))
     taken = np.zeros(tissue.shape, bool)
     out = {}
-    for reason in REASONS:
-        m = raw.get(reason, np.zeros(tissue.shape, bool))  # "pen", "dark_spot": GrandQC's only
+    for reason in RULE_REASONS:
+        m = raw[reason]
         if m.any():
             m = _grow(m, 0 if reason in ("background", "bubble") else grow) & tissue & ~taken
         out[reason] = m
@@ -219,11 +220,12 @@ def apply_qc(slide: Slide, mask: TissueMask, cfg: QCConfig | None = None) -> Tis
     box = (slice(y0, y1), slice(x0, x1))
     masks = {}
     if cfg.model is not None:
-        from .qc_model import grandqc_masks, load_grandqc_cached
+        from .qc_model import GRANDQC_CLASSES, grandqc_masks, load_grandqc_cached
 
         found = grandqc_masks(slide, tissue, px_level0, load_grandqc_cached(str(cfg.model)), cfg.model_mpp)
         kept = _large(np.any(list(found.values()), axis=0), cfg.min_area_um2 / grid_px**2)
-        masks = {r: found[r] & kept if r in found else np.zeros((h, w), bool) for r in REASONS}
+        ours = [r for r in REASONS if r in GRANDQC_CLASSES.values()]
+        masks = {r: found[r] & kept if r in found else np.zeros((h, w), bool) for r in ours}
     else:
         for r, sub in grid_masks(img[box], tissue[box], grid_px, cfg, energy[box]).items():
             masks[r] = np.zeros((h, w), bool)
