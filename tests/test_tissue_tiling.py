@@ -212,3 +212,18 @@ def test_tissue_stays_inside_the_slide_past_the_thumbnails_rounded_last_pixel(re
         mask = segment_tissue(slide)
     minx, miny, maxx, maxy = mask.polygons.bounds
     assert minx >= 0 and miny >= 0 and maxx <= w and maxy <= h, (mask.polygons.bounds, w, h)
+
+
+def test_heavy_pen_ink_does_not_raise_the_tissue_threshold():
+    """Otsu on saturation put the threshold between pale tissue and blue ink once ink covered a
+    third of the thumbnail: the tissue was lost (the real slide with six strokes: no tissue)."""
+    from wsi_mil.wsi.tissue import saturation_mask
+
+    rng = np.random.default_rng(0)
+    img = np.full((200, 300, 3), 242, np.float32)
+    img[40:160, 20:140] = (225, 185, 205)  # pale stroma, HSV saturation ~45
+    img[20:180, 160:290] = (60, 80, 220)  # blue ink, saturation ~185, a third of the image
+    img = np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+    mask = saturation_mask(img, TissueConfig(), 8.0)
+    assert mask[50:150, 30:130].mean() > 0.99 and mask[:15].mean() == 0  # tissue kept, glass not
+    assert mask[30:170, 170:280].all()  # the ink itself is thresholded in (QC cuts it out)

@@ -38,8 +38,8 @@ class QCConfig(Section):
     """Tissue quality control between segmentation and tiling (wsi/qc_rules.py documents each
     rule and where its threshold comes from). Gray levels and saturations are 0-255."""
 
-    # remove by default: on the painted slides (docs/benchmarks.md) it takes >= 94.5% of every
-    # artefact for <= 1.88% of clean tissue; off leaves all of it
+    # remove by default: on the painted slides (docs/benchmarks.md) it takes >= 93% of every
+    # artefact for <= 1.9% of clean tissue; off leaves all of it
     mode: Literal["remove", "mark", "off"] = Field(
         "remove", description="remove: artefacts become holes in the tissue; mark: only written"
     )

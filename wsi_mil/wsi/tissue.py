@@ -138,14 +138,20 @@ def mask_to_polygons(
 
 def saturation_mask(rgb: np.ndarray, cfg: TissueConfig, px_um: float) -> np.ndarray:
     """Thresholded, closed saturation mask of an RGB image whose pixels are `px_um` microns."""
-    sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
     k = max(3, int(round(cfg.blur_um / px_um)) | 1)
-    sat = cv2.medianBlur(sat, min(k, 255))
+    sat = cv2.medianBlur(np.ascontiguousarray(hsv[..., 1]), min(k, 255))
     if cfg.threshold == "otsu":
-        # Otsu on a slide that is all glass splits noise; a floor keeps glass out.
-        t, mask = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-        if t < 15:
-            _, mask = cv2.threshold(sat, 15, 255, cv2.THRESH_BINARY)
+        # Otsu's threshold from the pixels that are not blue or green ink (`qc_rules.pen_masks`'
+        # hues, saturation > 80): ink is more saturated than any stain and pulled the threshold
+        # up (on the real slide 45 -> 54 with 5% of its thumbnail inked, 108 with 38%: no tissue
+        # left); ink itself is still thresholded, and QC cuts it out. A floor keeps glass out
+        # (Otsu on a slide that is all glass splits noise).
+        h = hsv[..., 0]
+        ink = (h >= 35) & (h < 130) & (hsv[..., 1] > 80)
+        values = sat[~ink] if (~ink).sum() > 0.05 * ink.size else sat.ravel()
+        t, _ = cv2.threshold(values.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        _, mask = cv2.threshold(sat, max(t, 15), 255, cv2.THRESH_BINARY)
     else:
         _, mask = cv2.threshold(sat, int(cfg.threshold), 255, cv2.THRESH_BINARY)
     c = max(1, int(round(cfg.close_um / px_um)))
