@@ -221,6 +221,13 @@ def test_heatmap_refuses_bad_and_foreign_features(cohort, tmp_path):
     out = tmp_path / "heat"
     args = ["heatmap", str(slide.path), "--run", str(cohort / "run"), "--out", str(out), "--no-viewer"]
     _one_line_error(runner.invoke(app, [*args, "--features", str(foreign)]), "16-d", "32-d", "synthetic")
+    good = tmp_path / "good.h5"
+    write_features(good, np.ones((n, 32), np.float32), coords, attrs)
+    (tmp_path / "a_file").write_text("")
+    r = runner.invoke(app, [*args[:4], "--out", str(tmp_path / "a_file" / "heat"), "--features", str(good)])
+    _one_line_error(r, "a_file", "check the path and its permissions")  # was a 106-line traceback
+    r = runner.invoke(app, [*args, "--features", str(tmp_path / "missing.h5")])  # said: re-run extract
+    _one_line_error(r, "missing.h5: no such file; check the path, or leave --features out")
     bad = tmp_path / "bad.h5"
     write_features(bad, np.ones((n, 32), np.float32), coords, attrs)
     _poison(bad, "rows")
@@ -237,6 +244,12 @@ def test_heatmap_refuses_bad_and_foreign_features(cohort, tmp_path):
     far = tmp_path / "far.h5"
     write_features(far, np.ones((n, 32), np.float32), coords + [4000, 0], attrs)
     _one_line_error(runner.invoke(app, [*args, "--features", str(far)]), "far.h5", "start outside")
+    # another slide of the same size: its recorded slide names another one (was a warning, exit
+    # 0, and a map titled with this slide showing the other's lesion)
+    other = tmp_path / "other.h5"
+    write_features(other, np.ones((n, 32), np.float32), coords, {**attrs, "slide_path": "/x/tumor_004.tif"})
+    r = runner.invoke(app, [*args, "--features", str(other)])
+    _one_line_error(r, "other.h5: made from tumor_004.tif, not", "leave --features out")
     assert not out.exists() or not list(out.iterdir())
 
 

@@ -131,6 +131,12 @@ def test_patch_scores_on_graded_key_instances(tmp_path):
     p = np.concatenate([v for v, _ in key_p])
     truth = np.concatenate([k for _, k in key_p])
     assert p[truth].mean() > 5 * p[~truth].mean() and (np.concatenate(neg_p) > 0.5).mean() < 0.02
+    # --target the class not calibrated (the negative of two): P = 1 - P(the calibrated one); it
+    # was the uncalibrated instance probability under a legend that said "calibrated"
+    other = score_with_config(models, x, c, ["0", "1"], calibrations, inversion, "0")
+    s = score_with_config(models, x, c, ["0", "1"], calibrations, inversion, "1")
+    assert np.allclose(other.combined + s.combined, 1) and np.allclose(other.patch_alone + s.patch_alone, 1)
+    assert other.calibrated == "negatives (1 - p(1))" and other.predicted == 0
 
 
 def test_score_raster_averages_overlaps():
@@ -252,11 +258,12 @@ def test_folder_evaluation_names_unused_annotations_and_refuses_mixed_classes(tm
     v = np.linspace(0, 1, len(grid))
     write_scores(heat / "t_scores.h5", PatchScores(grid, v, v, v, np.array([0.1, 0.9]), 1, **common))
     write_scores(heat / "n_scores.h5", PatchScores(grid, v, v, v, np.array([0.9, 0.1]), 1, **common))
-    with caplog.at_level("WARNING", logger="wsi_mil"):
-        res = evaluate_folder(heat, ann)
+    with (
+        caplog.at_level("WARNING", logger="wsi_mil"),
+        pytest.raises(WsiMilError, match="no annotation for any"),
+    ):
+        evaluate_folder(heat, ann)  # was 0 lesions and every figure undefined, exit 0
     assert "1 annotation file(s) in" in caplog.text and "T.xml" in caplog.text
-    f = res["froc"]["combined"]
-    assert f["lesions"] == 0 and f["froc"] is None and set(f["sensitivity"].values()) == {None}
     (ann / "n.xml").write_text(ASAP)  # now one file is read: only the near miss is named
     (ann / "unscored.xml").write_text(ASAP)  # a whole cohort's annotations beside a test subset
     caplog.clear()
@@ -272,6 +279,26 @@ def test_folder_evaluation_names_unused_annotations_and_refuses_mixed_classes(tm
     write_scores(heat / "i_scores.h5", PatchScores(grid, v, v, v, np.array([0.5, 0.5]), 1, **other))
     with pytest.raises(WsiMilError, match=r"map different classes \(inflamed: i; tumor: n, t\)"):
         evaluate_folder(heat, ann)
+
+
+def test_a_slide_in_the_annotations_folder_is_not_read_as_its_mask(tmp_path):
+    """`--annotations` given the slides folder read tumor_004.tif itself as the tumour mask: every
+    patch tumour, ECE 0.806, exit 0."""
+    import tifffile
+
+    from wsi_mil.localization.evaluate import read_mask
+
+    rng = np.random.default_rng(0)
+    slide = np.clip(rng.normal((220, 160, 200), 20, (64, 64, 3)), 0, 255).astype(np.uint8)
+    tifffile.imwrite(
+        tmp_path / "s.tif", slide, photometric="rgb", resolution=(40000, 40000), resolutionunit="CENTIMETER"
+    )
+    with pytest.raises(WsiMilError, match="a colour image, not a tumor mask"):
+        read_mask(tmp_path / "s.tif", (64, 64), 0)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:30, 10:30] = 255
+    np.save(tmp_path / "m.npy", np.repeat(mask[..., None], 3, -1))  # a gray mask with 3 channels
+    assert read_mask(tmp_path / "m.npy", (64, 64), 0).sum() == 400
 
 
 def test_rank_scores_from_old_files_are_refused_for_cross_slide_metrics(tmp_path):
@@ -404,3 +431,14 @@ def test_report_markdown_inlines_its_images(tmp_path):
     out = markdown_html("text\n\n![psmil: reliability](r.png)\n", tmp_path)
     assert '<img alt="psmil: reliability" src="data:image/png;base64,' in out
     assert "![" in markdown_html("![x](missing.png)\n", tmp_path)  # a missing file stays text
+
+
+def test_legends_say_when_probabilities_are_not_calibrated():
+    """Runs without a patch calibration for the class score uncalibrated instance
+    probabilities; the legend said "calibrated" all the same."""
+    from wsi_mil.localization.scores import legend
+
+    assert legend("combined", "tumor").endswith("inversion, calibrated)")
+    text = legend("patch_alone", "tumor", calibrated=False)
+    assert "probability that this patch is tumor" in text and text.endswith(", not calibrated)")
+    assert legend("attention", "tumor", calibrated=False) == legend("attention", "tumor")

@@ -105,8 +105,7 @@ DEVICE_HELP = "auto, cpu, cuda or cuda:N"
 
 
 def config_option(section: str, name: str, help: str, flag: str | None = None, unset: object = None):
-    """An option --config may set: help shows 'from --config, else <config.py's default>'
-    (`unset` describes a default of None)."""
+    """An option --config may set: help says 'from --config, else <default>' (`unset`: None)."""
     value = getattr(getattr(PipelineConfig(), section), name)
     if isinstance(value, bool):
         value = ("--" if value else "--no-") + name.replace("_", "-")
@@ -239,7 +238,7 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def user_errors(fn):
-    """Run a command: WsiMilError becomes one red line and exit status 2 (no traceback)."""
+    """Run a command: WsiMilError or an OS error naming a file is one red line, exit 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -248,6 +247,10 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except WsiMilError as exc:
             fail(str(exc), exc.exit_code)
+        except OSError as exc:  # a folder that cannot be made or written (--out under a file, /proc)
+            if exc.filename is None or not exc.strerror:
+                raise
+            fail(f"{exc.filename}: {exc.strerror}; check the path and its permissions", 2)
 
     return wrapper
 

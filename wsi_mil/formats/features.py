@@ -170,8 +170,8 @@ def check_grid(path, attrs: dict, spec: dict, source: str) -> None:
 
 
 def check_slide(bag: FeatureBag, slide_path: str | Path, dimensions: tuple[int, int]) -> None:
-    """Refuse a feature file whose patches start outside the slide (another slide's features);
-    warn when its recorded `slide_path` names another slide."""
+    """Refuse another slide's feature file: patches that start outside the slide, or a recorded
+    `slide_path` naming another slide (a heatmap painted another slide's lesion onto this one)."""
     width, height = (int(v) for v in dimensions)
     outside = (bag.coords[:, 0] >= width) | (bag.coords[:, 1] >= height) | (bag.coords < 0).any(1)
     if outside.any():
@@ -183,7 +183,10 @@ def check_slide(bag: FeatureBag, slide_path: str | Path, dimensions: tuple[int, 
         )
     made_from = bag.attrs.get("slide_path")
     if made_from and Path(str(made_from)).stem != Path(slide_path).stem:
-        log.warning("%s was made from %s, not %s", bag.path, Path(str(made_from)).name, Path(slide_path).name)
+        raise WsiMilError(
+            f"{bag.path}: made from {Path(str(made_from)).name}, not {Path(slide_path).name}: pass this "
+            "slide's feature file, or leave --features out to extract it (also for a renamed slide)"
+        )
 
 
 def write_features(path: str | Path, features: np.ndarray, coords: np.ndarray, attrs: dict) -> None:

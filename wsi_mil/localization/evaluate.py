@@ -285,6 +285,12 @@ def read_mask(path: Path, grid: tuple[int, int], level: int) -> np.ndarray:
         ) from exc
     img = np.asarray(img)
     if img.ndim == 3:
+        rgb = img[..., :3].astype(np.int16)
+        if img.shape[-1] >= 3 and np.abs(rgb - rgb[..., :1]).mean() > 2:  # masks are gray
+            raise WsiMilError(
+                f"{path}: a colour image, not a tumor mask (nonzero = tumor); is --annotations the "
+                "slides folder? give the folder of <slide>.xml, .geojson or <slide>_mask.tif"
+            )
         img = img[..., 0]
     if img.shape != grid:
         img = cv2.resize(img.astype(np.uint8), (grid[1], grid[0]), interpolation=cv2.INTER_NEAREST)
@@ -333,6 +339,11 @@ def evaluate_folder(
             "(heatmap --target CLASS --out a folder of its own)"
         )
     _warn_misnamed_annotations(annotations_dir, [s.slide for s in slides], used)
+    if not used:  # every slide tumour-free: nothing to localise, every figure undefined
+        raise WsiMilError(
+            f"{annotations_dir}: no annotation for any of the {len(slides)} scored slide(s) (looked for "
+            "<slide>.xml, .geojson, <slide>_mask.tif); give the folder that holds them"
+        )
     return evaluate(slides, pos_frac, level)
 
 

@@ -31,7 +31,7 @@ map (its negatives-mode calibration finds none).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -113,11 +113,13 @@ def display_values(scores: PatchScores, name: str, scale: str = "absolute") -> n
     return rank_normalise(values) if scale == "rank" else values
 
 
-def legend(name: str, target: str, scale: str = "absolute") -> str:
-    """The colour bar's label of a layer, saying what its values mean."""
+def legend(name: str, target: str, scale: str = "absolute", calibrated: bool = True) -> str:
+    """The colour bar's label of a layer, saying what its values mean (a run without a patch
+    calibration for the class: "not calibrated")."""
     if scale == "rank":
         return RANK_LEGEND.format(name=name)
-    return f"{name}: " + LAYER_LEGEND[name].format(target=target)
+    text = LAYER_LEGEND[name].format(target=target)
+    return f"{name}: " + (text if calibrated else text.replace(", calibrated)", ", not calibrated)"))
 
 
 def probability_text(prob: np.ndarray, classes: list[str] | None = None) -> str:
@@ -279,4 +281,14 @@ def score_with_config(
     """`score_bag` as `wsi-mil heatmap` and `wsi-mil predict --scores` both compute it: the
     mapped class, its patch calibration and the inversion settings it was fitted with."""
     t = mapped_class(classes, slide_probability(models, features, coords), target)
-    return score_bag(models, features, coords, t, classes, calibrations.get(classes[t]), **inversion)
+    if classes[t] in calibrations or len(classes) != 2 or classes[1 - t] not in calibrations:
+        return score_bag(models, features, coords, t, classes, calibrations.get(classes[t]), **inversion)
+    # two classes, calibrated for the other one only (the class not named like a negative): a
+    # patch is this class when it is not the other, P = 1 - P(other); attention and inversion
+    # are this class's own
+    other = score_bag(models, features, coords, 1 - t, classes, calibrations[classes[1 - t]], **inversion)
+    mine = score_bag(models, features, coords, t, classes, None, **inversion)
+    return replace(
+        mine, combined=1 - other.combined, patch_alone=1 - other.patch_alone,
+        calibrated=f"{other.calibrated} (1 - p({classes[1 - t]}))",
+    )  # fmt: skip

@@ -178,6 +178,8 @@ def heatmap_slide(
             if outcome.status == "failed":
                 raise WsiMilError(outcome.error)
     else:  # for the slide's tissue mask only
+        if not Path(features).is_file():
+            raise WsiMilError(f"--features {features}: no such file; check the path, or leave --features out")
         work = work or default_work_folder(run_folder, out, lambda w: Layout(w).tissue(entry.name).exists())
         stage = ExtractStage(Layout(work), cfg)
     bag = read_features(features)
@@ -228,7 +230,9 @@ def heatmap_slide(
             f"{sid}: {name} predicts {label} ({n_votes} of {len(models)} folds at their thresholds; mean "
             f"{probability_text(scores.prob, classes)})"
         )
-        overlay_figure(overlay, title, paths["png"], legend(req.score, target, req.scale))
+        overlay_figure(
+            overlay, title, paths["png"], legend(req.score, target, req.scale, scores.calibrated != "none")
+        )
         write_ome_tiff(
             paths["ome_tiff"], scores, size0, stride0, slide.dimensions, slide.mpp, req.score, req.scale
         )
