@@ -299,6 +299,10 @@ def test_a_slide_in_the_annotations_folder_is_not_read_as_its_mask(tmp_path):
     mask[10:30, 10:30] = 255
     np.save(tmp_path / "m.npy", np.repeat(mask[..., None], 3, -1))  # a gray mask with 3 channels
     assert read_mask(tmp_path / "m.npy", (64, 64), 0).sum() == 400
+    red = np.zeros((64, 64, 3), np.uint8)
+    red[10:30, 10:30, 0] = 255  # a colour-coded mask: tumour in red on black
+    np.save(tmp_path / "red.npy", red)
+    assert read_mask(tmp_path / "red.npy", (64, 64), 0).sum() == 400
 
 
 def test_rank_scores_from_old_files_are_refused_for_cross_slide_metrics(tmp_path):

@@ -286,7 +286,8 @@ def read_mask(path: Path, grid: tuple[int, int], level: int) -> np.ndarray:
     img = np.asarray(img)
     if img.ndim == 3:
         rgb = img[..., :3].astype(np.int16)
-        if img.shape[-1] >= 3 and np.abs(rgb - rgb[..., :1]).mean() > 2:  # masks are gray
+        coloured = img.shape[-1] >= 3 and np.abs(rgb - rgb[..., :1]).mean() > 2
+        if coloured and (rgb[..., 0] > 0).mean() > 0.95:  # a slide (no mask is tumour almost everywhere)
             raise WsiMilError(
                 f"{path}: a colour image, not a tumor mask (nonzero = tumor); is --annotations the "
                 "slides folder? give the folder of <slide>.xml, .geojson or <slide>_mask.tif"
