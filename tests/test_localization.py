@@ -417,6 +417,20 @@ def test_static_viewer_urls_are_percent_encoded(tmp_path):
     assert 'src="a%231%2050%25%3F_viewer/openseadragon.min.js"' in text
     assert "a%231%2050%25%3F_viewer/slide_files/" in text
     assert "probability that this patch is tumor" in text and "rank within this slide" in text
+    # the calibrated slide probability beside the raw one (it was printed in the terminal only)
+    html = write_viewer(
+        tmp_path / "b.html",
+        slide,
+        2.0,
+        scores,
+        200.0,
+        None,
+        "b",
+        "tumor",
+        2,
+        calibrated=np.array([0.05, 0.95]),
+    )
+    assert "p(1) = 0.90; calibrated p(0) = 0.05, p(1) = 0.95" in html.read_text()
 
 
 def test_report_markdown_renders_as_html_tables():

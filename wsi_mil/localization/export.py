@@ -245,6 +245,7 @@ def write_viewer(
     k: int = 12,
     scale: str = "absolute",
     classes: list[str] | None = None,
+    calibrated: np.ndarray | None = None,
 ) -> Path:
     """The HTML viewer plus its tile folder `<name>_viewer/` next to it (URLs percent-encoded,
     so slide names with `#`, `%` or `?` work)."""
@@ -301,7 +302,10 @@ def write_viewer(
         colour_bar=OPACITY_AND_COLOUR_BAR,
         title=esc(title),
         prediction=esc(prediction),
-        probabilities=esc(probability_text(scores.prob, classes)),
+        probabilities=esc(
+            probability_text(scores.prob, classes)
+            + (f"; calibrated {probability_text(calibrated, classes)}" if calibrated is not None else "")
+        ),
         options=options,
         k=k,
         folder=esc(url),

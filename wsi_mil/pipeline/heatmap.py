@@ -228,7 +228,8 @@ def heatmap_slide(
         overlay = heatmap_overlay(thumb, thumb_px, scores.coords, values, size0, tissue, hcfg.blur)
         title = (
             f"{sid}: {name} predicts {label} ({n_votes} of {len(models)} folds at their thresholds; mean "
-            f"{probability_text(scores.prob, classes)})"
+            f"{probability_text(scores.prob, classes)}"
+            + (f"; calibrated {probability_text(calibrated, classes)})" if calibrated is not None else ")")
         )
         overlay_figure(
             overlay, title, paths["png"], legend(req.score, target, req.scale, scores.calibrated != "none")
@@ -241,8 +242,9 @@ def heatmap_slide(
             view_px = view_mpp / slide.mpp
             tmask = tissue.rasterize_clean(view.shape[1], view.shape[0], view_px).astype(bool)
             write_viewer(
-                paths["html"], view, view_px, scores, size0, tmask, sid, label, hcfg.top_k, req.scale, classes
-            )
+                paths["html"], view, view_px, scores, size0, tmask, sid, label, hcfg.top_k, req.scale,
+                classes, calibrated,
+            )  # fmt: skip
         else:
             paths.pop("html")
     return {
