@@ -60,6 +60,11 @@ class PatchScores:
             if not np.isfinite(values).all():
                 raise ValueError(f"{name} holds non-finite values; scores must be numbers in every export")
 
+    @property
+    def is_calibrated(self) -> bool:
+        """The probability layers carry a patch calibration (legends say "not calibrated" else)."""
+        return self.calibrated != "none"
+
     def get(self, name: str) -> np.ndarray:
         if name not in SCORE_NAMES:
             raise KeyError(f"unknown score {name!r}; one of {', '.join(SCORE_NAMES)}")

@@ -116,11 +116,16 @@ def read_tissue(path: str | Path, offset: tuple[float, float] = (0, 0)) -> Tissu
     """Tissue from QuPath GeoJSON (ours or a user's export), back in our level-0 frame."""
     polys = shift(read_geojson_polygons(path), offset, +1)
     mask = TissueMask(polys if isinstance(polys, MultiPolygon) else MultiPolygon([polys]))
-    try:
-        mask.qc = (json.loads(Path(path).read_text()).get("properties") or {}).get("qc")
-    except AttributeError:  # a bare Feature list
-        pass
+    mask.qc = read_qc_record(path)
     return mask
+
+
+def read_qc_record(path: str | Path) -> dict | None:
+    """The QC summary a tissue GeoJSON of ours holds (`properties.qc`), None without one."""
+    try:
+        return (json.loads(Path(path).read_text()).get("properties") or {}).get("qc")
+    except AttributeError:  # a bare Feature list
+        return None
 
 
 def qc_path(tissue_path: str | Path) -> Path:

@@ -85,7 +85,7 @@ def write_ome_tiff(
                 cols = np.clip(((np.arange(tx, tx + tile) + 0.5) * ds / cell).astype(int), 0, shape[1] - 1)
                 yield rgba_cells[np.ix_(rows, cols)]
 
-    label = legend(name, scores.target or "the mapped class", scale, scores.calibrated != "none")
+    label = legend(name, scores.target or "the mapped class", scale, scores.is_calibrated)
     meta = {
         "axes": "YXS",
         "Channel": {"Name": ["red", "green", "blue", "alpha"]},
@@ -291,7 +291,7 @@ def write_viewer(
     for src in [slide_src, *overlays.values()]:  # URLs relative to the HTML file
         src["Image"]["Url"] = f"{url}/{quote(src['Image']['Url'])}"
     target = scores.target or "the mapped class"
-    legends = {n: legend(n, target, scale, scores.calibrated != "none") for n in SCORE_NAMES}
+    legends = {n: legend(n, target, scale, scores.is_calibrated) for n in SCORE_NAMES}
     data = {"slide": slide_src, "overlays": overlays, "top": top, "legends": legends}
     options = "".join(
         f'<option value="{n}"{" selected" if n == "combined" else ""}>{n}</option>' for n in SCORE_NAMES

@@ -118,10 +118,8 @@ class Review:
             "prob": [float(p) for p in self.scores.prob],
             "target": target,
             "scale": self.scale,
-            "legend": legend("combined", target, self.scale, self.scores.calibrated != "none"),
-            "legends": {
-                n: legend(n, target, self.scale, self.scores.calibrated != "none") for n in SCORE_NAMES
-            },
+            "legend": legend("combined", target, self.scale, self.scores.is_calibrated),
+            "legends": {n: legend(n, target, self.scale, self.scores.is_calibrated) for n in SCORE_NAMES},
             "scores": list(SCORE_NAMES),
             "top": {n: self.top(n) for n in SCORE_NAMES},
         }

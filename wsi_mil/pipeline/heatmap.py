@@ -232,7 +232,7 @@ def heatmap_slide(
             + (f"; calibrated {probability_text(calibrated, classes)})" if calibrated is not None else ")")
         )
         overlay_figure(
-            overlay, title, paths["png"], legend(req.score, target, req.scale, scores.calibrated != "none")
+            overlay, title, paths["png"], legend(req.score, target, req.scale, scores.is_calibrated)
         )
         write_ome_tiff(
             paths["ome_tiff"], scores, size0, stride0, slide.dimensions, slide.mpp, req.score, req.scale

@@ -17,7 +17,7 @@ import h5py
 from ..config import PipelineConfig
 from ..errors import EmptyInputError, WsiMilError
 from ..formats.patches import read_patches, write_patches
-from ..formats.tissue_geojson import qc_path, read_qc, read_tissue, write_qc, write_tissue
+from ..formats.tissue_geojson import qc_path, read_qc, read_qc_record, read_tissue, write_qc, write_tissue
 from ..io import save_png
 from ..wsi.collect import SlideEntry
 from ..wsi.draw import draw_contours, draw_patches
@@ -102,7 +102,7 @@ class Stage:
         return None, []
 
     def _tissue_changes(self, tissue: Path) -> list[str]:
-        qc = read_tissue(tissue).qc
+        qc = read_qc_record(tissue)
         return self._qc_changes(qc["mode"] if qc else "off")
 
     def changed_settings(self, out: Path) -> list[str]:

@@ -15,7 +15,8 @@ import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon
 
-from ..config import TissueConfig
+from ..config import QCConfig, TissueConfig
+from .qc_rules import pen_masks
 from .slide import Slide
 
 
@@ -138,17 +139,17 @@ def mask_to_polygons(
 
 def saturation_mask(rgb: np.ndarray, cfg: TissueConfig, px_um: float) -> np.ndarray:
     """Thresholded, closed saturation mask of an RGB image whose pixels are `px_um` microns."""
-    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
     k = max(3, int(round(cfg.blur_um / px_um)) | 1)
-    sat = cv2.medianBlur(np.ascontiguousarray(hsv[..., 1]), min(k, 255))
+    sat = cv2.medianBlur(sat, min(k, 255))
     if cfg.threshold == "otsu":
-        # Otsu's threshold from the pixels that are not blue or green ink (`qc_rules.pen_masks`'
-        # hues, saturation > 80): ink is more saturated than any stain and pulled the threshold
-        # up (on the real slide 45 -> 54 with 5% of its thumbnail inked, 108 with 38%: no tissue
-        # left); ink itself is still thresholded, and QC cuts it out. A floor keeps glass out
-        # (Otsu on a slide that is all glass splits noise).
-        h = hsv[..., 0]
-        ink = (h >= 35) & (h < 130) & (hsv[..., 1] > 80)
+        # Otsu's threshold from the pixels that are not blue or green ink (QC's pen rule): ink
+        # is more saturated than any stain and pulled the threshold up (on the real slide 45 ->
+        # 54 with 5% of its thumbnail inked, 108 with 38%: no tissue left); ink itself is still
+        # thresholded, and QC cuts it out. A floor keeps glass out (Otsu on a slide that is all
+        # glass splits noise).
+        pens = pen_masks(rgb, QCConfig())
+        ink = pens["pen_blue"] | pens["pen_green"]
         values = sat[~ink] if (~ink).sum() > 0.05 * ink.size else sat.ravel()
         t, _ = cv2.threshold(values.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
         _, mask = cv2.threshold(sat, max(t, 15), 255, cv2.THRESH_BINARY)
