@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import browser
 import numpy as np
@@ -165,9 +166,13 @@ def test_geojson_is_valid_qupath_tiles():
         assert f["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) == 5
         assert f["properties"]["objectType"] == "tile" and f["properties"]["isLocked"] is True
         m = f["properties"]["measurements"]
-        assert set(m) == {"attention", "inversion", "combined", "patch_alone"}
+        assert set(m) == {"attention", "inversion", "combined", "patch_alone"}  # no class named: bare names
         assert all(np.isfinite(v) for v in m.values())
     json.dumps(data, allow_nan=False)
+    named = qupath_geojson(replace(_scores(), target="tumor"), 256)["features"][0]["properties"]
+    ranks = {f"{n} rank (tumor)" for n in ("attention", "inversion")}
+    expected = {"combined P(tumor)", "patch_alone P(tumor)", *ranks}
+    assert set(named["measurements"]) == expected
 
 
 def test_ome_tiff_is_a_transparent_rgba_overlay_with_slide_size_and_mpp(tmp_path):
@@ -405,6 +410,20 @@ def test_a_collapsed_attention_is_reported_not_shown_as_a_silent_blank_layer():
     assert "2 of 2 models" in flat_attention_warning(s.flat_attention, 2, "slide.svs")
     one = score_bag([MeanLinear()], x[:1], coords[:1], classes=["normal", "tumor"], steps=3)
     assert one.flat_attention == 0 and flat_attention_warning(0, 1, "x") is None  # one patch: no claim
+
+
+def test_an_inversion_that_removed_nearly_every_patch_is_reported_as_a_flat_layer():
+    from wsi_mil.localization.scores import flat_inversion_warning, is_mostly_tied, score_bag
+
+    assert not is_mostly_tied(np.r_[np.zeros(9), 1.0]) and is_mostly_tied(np.r_[np.zeros(10), 1.0])
+    assert not is_mostly_tied(np.zeros(1))  # one patch: no claim
+    coords = torch.zeros(4, 2, dtype=torch.long)
+    x = torch.tensor([[3.0, 1.0], [0.0, 1.0], [0.5, 1.0], [0.2, 1.0]])
+    s = score_bag([MeanLinear(), MeanLinear()], x, coords, classes=["normal", "tumor"], steps=3)
+    assert s.flat_inversion == 2  # uniform attention on the inverted bag: every patch tied
+    warning = flat_inversion_warning(s.flat_inversion, 2, "slide.svs", "tumor")
+    assert "slide.svs" in warning and "towards tumor of 2 of 2 models" in warning
+    assert flat_inversion_warning(0, 2, "slide.svs", "tumor") is None
 
 
 def test_static_viewer_urls_are_percent_encoded(tmp_path):

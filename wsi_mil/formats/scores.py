@@ -47,6 +47,7 @@ class PatchScores:
     calibrated: str = "none"  # the patch calibration's mode (patch_calibration.MODES) or "none"
     steps_kept: list[int] = field(default_factory=list)  # inversion steps kept, per fold model
     flat_attention: int = 0  # models whose attention was the same on every patch (not stored)
+    flat_inversion: int = 0  # models whose inversion left most patches tied (not stored)
     fold_probs: list[np.ndarray] = field(default_factory=list)  # [C] per fold model (not stored)
 
     def __post_init__(self) -> None:

@@ -1,7 +1,8 @@
 """Exports for pathologist review, all in level-0 pixel coordinates.
 
-- QuPath GeoJSON: one `tile` object per patch (locked), measurements attention / inversion /
-  combined, which QuPath imports and colours by measurement.
+- QuPath GeoJSON: one `tile` object per patch (locked), one measurement per layer named for the
+  scored class (`combined P(tumor)`, `attention rank (tumor)`), which QuPath imports and
+  colours by measurement.
 - Pyramidal OME-TIFF of the coloured heatmap, RGBA (transparent wherever no patch was scored,
   so laid over the slide in QuPath it hides nothing else), with the slide's size and physical
   pixel size (tifffile, SubIFDs).
@@ -20,7 +21,7 @@ from urllib.parse import quote
 import cv2
 import numpy as np
 
-from ..formats.scores import SCORE_NAMES, PatchScores
+from ..formats.scores import PROBABILITY_LAYERS, SCORE_NAMES, PatchScores
 from ..formats.tissue_geojson import qupath_feature, square
 from ..io import atomic_path
 from .render import colourise, score_raster
@@ -29,15 +30,23 @@ from .scores import display_values, legend, probability_text
 STATIC = Path(__file__).parent / "static"
 
 
+def measurement_name(name: str, target: str) -> str:
+    """A layer's QuPath measurement name, naming the class it scores: `combined P(tumor)`,
+    `attention rank (tumor)`; the bare layer name when the class is unknown."""
+    if not target:
+        return name
+    return f"{name} P({target})" if name in PROBABILITY_LAYERS else f"{name} rank ({target})"
+
+
 def qupath_geojson(scores: PatchScores, size0: float, offset: tuple[int, int] = (0, 0)) -> dict:
-    """FeatureCollection of locked square patch tiles with numeric measurements, in QuPath's
-    frame (our level-0 minus `offset`, `Slide.qupath_offset`)."""
-    values = {n: scores.get(n).astype(float).tolist() for n in SCORE_NAMES}
+    """FeatureCollection of locked square patch tiles with numeric measurements named for the
+    scored class, in QuPath's frame (our level-0 minus `offset`, `Slide.qupath_offset`)."""
+    values = {measurement_name(n, scores.target): scores.get(n).astype(float).tolist() for n in SCORE_NAMES}
     feats = [
         qupath_feature(
             square(x - offset[0], y - offset[1], size0),
             "tile",
-            measurements={n: values[n][i] for n in SCORE_NAMES},
+            measurements={n: v[i] for n, v in values.items()},
             locked=True,
         )
         for i, (x, y) in enumerate(scores.coords.tolist())

@@ -71,7 +71,8 @@ def heatmap_overlay(
     cmap: str = "jet",
 ) -> np.ndarray:
     """The thumbnail with the heatmap blended in, coloured only over scored tissue (never over
-    an artefact quality control found)."""
+    an artefact quality control found). Unscored areas are shown in grey, so no colour of the
+    slide itself (red ink, say) can be read as a score."""
     h, w = thumb.shape[:2]
     blur_px = 0.5 * size0 / thumb_px_level0 if blur else 0.0
     mean, covered = score_raster(coords, values, size0, (h, w), thumb_px_level0, blur_px)
@@ -80,7 +81,10 @@ def heatmap_overlay(
         show &= tissue.rasterize_clean(w, h, thumb_px_level0).astype(bool)
     rgba = colourise(mean, show, cmap)
     a = (rgba[..., 3:4].astype(np.float32) / 255) * alpha
-    return (thumb.astype(np.float32) * (1 - a) + rgba[..., :3].astype(np.float32) * a).astype(np.uint8)
+    base = thumb[..., :3].astype(np.float32)
+    grey = base @ np.float32([0.299, 0.587, 0.114])  # ITU-R BT.601 luma
+    base = np.where(show[..., None], base, grey[..., None])
+    return (base * (1 - a) + rgba[..., :3].astype(np.float32) * a).astype(np.uint8)
 
 
 def overlay_figure(overlay: np.ndarray, title: str, out_png, legend: str = "score") -> None:

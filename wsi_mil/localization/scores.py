@@ -56,6 +56,7 @@ LAYER_LEGEND = {
 }
 RANK_LEGEND = "{name}: rank within this slide (0-1), not comparable across slides"
 LOGODDS_CLIP = 30.0  # |log-odds| beyond this carry no more information in float32
+FLAT_SHARE = 0.9  # a layer with more of its patches tied at one value is flat
 LOG_ATTENTION_FLOOR = 1e-4  # N a_i floor: log(N a) >= -9.2 (softmax can underflow to 0)
 
 
@@ -221,13 +222,36 @@ def score_bag(
     attention = np.mean([rank_normalise(e.attention) for e in evidence], 0)
     inversion = np.mean([rank_normalise(e.inversion) for e in evidence], 0)
     flat = sum(len(e.attention) > 1 and np.ptp(e.attention) == 0 for e in evidence)
+    flat_inversion = sum(is_mostly_tied(e.inversion) for e in evidence)
     xy = coords.cpu().numpy().astype(np.int64)
     return PatchScores(
         xy, attention, inversion, combined, prob, target, patch_alone=alone,
         calibrated=calibration.mode if calibration is not None else "none",
-        steps_kept=[e.steps_kept for e in evidence], flat_attention=flat,
+        steps_kept=[e.steps_kept for e in evidence], flat_attention=flat, flat_inversion=flat_inversion,
         fold_probs=[e.prob for e in evidence],
     )  # fmt: skip
+
+
+def is_mostly_tied(x: np.ndarray, share: float = FLAT_SHARE) -> bool:
+    """More than `share` of a bag's (two or more) readings are one value: no order to show."""
+    if len(x) < 2:
+        return False
+    return int(np.unique(x, return_counts=True)[1].max()) > share * len(x)
+
+
+def flat_inversion_warning(flat: int, n_models: int, where: str, target: str) -> str | None:
+    """The warning when the inversion of `flat` of the ensemble's models left most patches tied.
+
+    Towards a class the slide is not called (a normal slide's tumour heatmap) the inversion may
+    remove nearly the whole bag, since an emptier bag looks less like the other class: its
+    layer then ranks a few survivors and ties the rest, which the PNG shows as one colour."""
+    if not flat:
+        return None
+    return (
+        f"{where}: the inversion towards {target} of {flat} of {n_models} models removed nearly "
+        f"every patch (over {FLAT_SHARE:.0%} tied), so the inversion layer is flat: no patch here "
+        "carries evidence the inversion could keep; read the combined or patch_alone layer"
+    )
 
 
 def flat_attention_warning(flat: int, n_models: int, where: str) -> str | None:

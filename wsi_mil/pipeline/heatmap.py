@@ -26,6 +26,7 @@ from ..localization.scores import (
     SCALES,
     display_values,
     flat_attention_warning,
+    flat_inversion_warning,
     legend,
     probability_text,
     read_calibrations,
@@ -191,10 +192,16 @@ def heatmap_slide(
     x = torch.from_numpy(bag.features).float().to(req.device)
     c = torch.from_numpy(bag.coords).to(req.device)
     scores = score_with_config(models, x, c, classes, calibrations, inversion, req.target)
-    if warning := flat_attention_warning(scores.flat_attention, len(models), f"{entry.path} ({name})"):
-        log.warning(warning)
+    where = f"{entry.path} ({name})"
+    target = classes[scores.predicted]
+    for warning in (
+        flat_attention_warning(scores.flat_attention, len(models), where),
+        flat_inversion_warning(scores.flat_inversion, len(models), where, target),
+    ):
+        if warning:
+            log.warning(warning)
     scores.size0 = size0 = float(bag.attrs.get("patch_size_level0", 256))
-    scores.target = target = classes[scores.predicted]
+    scores.target = target
     stride0 = size0 * (1 - float(bag.attrs.get("overlap", 0.0)))
     sid = entry.name
     paths = {

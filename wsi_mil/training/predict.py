@@ -107,6 +107,7 @@ def score_bags(
                 "top_combined": float(scores.combined[top]),
                 "inversion_steps_kept": ",".join(str(v) for v in scores.steps_kept),
                 "flat_attention_models": scores.flat_attention,
+                "flat_inversion_models": scores.flat_inversion,
             }
         )
     table = pd.DataFrame(rows)
