@@ -190,6 +190,8 @@ def test_abmil_and_psmil_reach_high_test_auc_and_predict_works(cohort_dir, tmp_p
     bags = pd.read_csv(scores_dir / "bags.csv")
     assert len(bags) == 48 and set(bags.model) == {"psmil"}
     assert (bags.flat_attention_models == 0).all()  # PSMIL's attention never collapsed here
+    called = bags.p_1 > 0.5  # the inversion towards class 1 keeps a positive call: never flat there
+    assert (bags.flat_inversion_models[called] == 0).all() and bags.flat_inversion_models.between(0, 3).all()
     assert bags.inversion_steps_kept.astype(str).str.count(",").eq(2).all()  # one count per fold model
     aucs, key_p, negative_p = [], [], []
     for bag, key in keys.items():
