@@ -89,6 +89,18 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     loc = json.loads((hm / "localization.json").read_text())
     assert loc["pooled_patch_auc"]["combined"] >= 0.9
 
+    # a normal slide's tumour heatmap: the inversion towards tumour empties its bag, which the
+    # summary says (a flat inversion layer), without a warning: it is what a normal slide does
+    normal = sorted((out / "cohort" / "slides").glob("normal_*.tif"))[0]
+    r = CliRunner().invoke(
+        app, ["heatmap", str(normal), "--run", str(out / "run"), "--out", str(hm), "--no-viewer"]
+    )
+    assert r.exit_code == 0, r.output
+    text = "".join(r.output.split())  # the console wraps lines, even inside words
+    assert "predictsnormal" in text and "inversionlayerflatfor3fold(s)" in text
+    assert "randomencoderweights" in text  # warnings reach this output
+    assert "removednearlyeverypatch(over90%tied)" not in text  # warned on slides called tumour
+
 
 def test_camelyon16_labels_from_fake_tree(tmp_path):
     root = tmp_path / "CAMELYON16"

@@ -78,9 +78,11 @@ def register(app: typer.Typer) -> None:
             f"({summary['votes']} of {summary['folds']} fold(s), each at its validation threshold); "
             f"mean {summary['probabilities']}" + (f" (calibrated: {calibrated})" if calibrated else "")
         )
+        flat = summary["flat_inversion_models"]
         say(
             f"  patch probabilities for {summary['target']}: calibration {summary['patch_calibration']}; "
             f"inversion steps kept per fold {summary['inversion_steps_kept']}"
+            + (f"; inversion layer flat for {flat} fold(s): nearly every patch removed" if flat else "")
         )
         for key in ("png", "geojson", "ome_tiff", "html", "scores"):
             if key in summary:

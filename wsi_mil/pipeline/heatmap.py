@@ -193,15 +193,10 @@ def heatmap_slide(
     c = torch.from_numpy(bag.coords).to(req.device)
     scores = score_with_config(models, x, c, classes, calibrations, inversion, req.target)
     where = f"{entry.path} ({name})"
-    target = classes[scores.predicted]
-    for warning in (
-        flat_attention_warning(scores.flat_attention, len(models), where),
-        flat_inversion_warning(scores.flat_inversion, len(models), where, target),
-    ):
-        if warning:
-            log.warning(warning)
+    if warning := flat_attention_warning(scores.flat_attention, len(models), where):
+        log.warning(warning)
+    scores.target = target = classes[scores.predicted]
     scores.size0 = size0 = float(bag.attrs.get("patch_size_level0", 256))
-    scores.target = target
     stride0 = size0 * (1 - float(bag.attrs.get("overlap", 0.0)))
     sid = entry.name
     paths = {
@@ -219,6 +214,11 @@ def heatmap_slide(
     predicted = int(vote[0])
     label = classes[predicted]
     n_votes = int((votes[:, 0] == predicted).sum())
+    # a flat inversion layer is expected on a slide not called the mapped class (the summary says
+    # so); on a slide called it, it is a surprise worth a warning
+    flat_inversion = flat_inversion_warning(scores.flat_inversion, len(models), where, target)
+    if flat_inversion and label == target:
+        log.warning(flat_inversion)
     slide_calibration = run_folder.read_calibration(name)
     calibrated = slide_calibration.apply_all(scores.prob) if slide_calibration is not None else None
     with open_slide(entry.path, mpp) as slide:
@@ -265,6 +265,7 @@ def heatmap_slide(
         "calibrated_probabilities": probability_text(calibrated, classes) if calibrated is not None else None,
         "patch_calibration": scores.calibrated,
         "inversion_steps_kept": scores.steps_kept,
+        "flat_inversion_models": scores.flat_inversion,
         "target": target,
         "scale": req.scale,
         **{k: str(v) for k, v in paths.items()},
