@@ -243,6 +243,18 @@ def test_random_labels_stay_near_chance(tmp_path):
     assert abs(r["test"]["auc"] - 0.5) < 0.2, r["test"]
 
 
+def test_config_records_the_folds_trained_when_a_small_class_cuts_them(tmp_path):
+    """--folds 20 on 6 cases a class trained 6 folds while config.yaml said 20."""
+    import yaml
+
+    make_feature_cohort(tmp_path, n_bags=12, seed=3)
+    cfg = TrainConfig(folds=20, test_frac=0.0, **FAST)
+    run_crossval(tmp_path / "features", tmp_path / "labels.csv", tmp_path / "run", cfg, ["abmil"])
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    trained = len(list((tmp_path / "run" / "abmil").glob("fold_*/model.pt")))
+    assert config["train"]["folds"] == 20 and config["folds_used"] == trained < 20
+
+
 def test_killed_run_resumes_to_the_same_report(cohort_dir, tmp_path):
     args = [
         sys.executable,
@@ -328,10 +340,14 @@ def test_report_says_why_patients_are_missing_and_how_many_folds_a_mean_has(tmp_
         "test_patient_skipped": "2 test patient(s) have slides of different labels",
     }  # fmt: skip
     splits = pd.DataFrame(
-        {"slide_id": list("abcdef"), "label_name": ["t", "n"] * 3, "split": ["train"] * 4 + ["test"] * 2,
-         "fold": [0, 1, 0, 1, -1, -1]}
+        {"slide_id": list("abcdef"), "case_id": list("abcdef"), "label_name": ["t", "n"] * 3,
+         "split": ["train"] * 4 + ["test"] * 2, "fold": [0, 1, 0, 1, -1, -1]}
     )  # fmt: skip
     text = write_report(tmp_path, [r], splits, TrainConfig())
+    # no case_id column (each slide its own case): not "grouped by case", and the risk said
+    assert "grouped by case" not in text and "one patient's slides may sit on both sides" in text
+    grouped = write_report(tmp_path, [r], splits.assign(case_id=list("aabbcc")), TrainConfig())
+    assert "folds (grouped by case)" in grouped
     assert "No per-patient metrics: 2 test patient(s) have slides of different labels" in text
     row = next(line for line in text.splitlines() if line.startswith("| abmil |") and "+/-" in line)
     assert row.split("|")[METRICS.index("auc") + 2].strip() == "0.500 +/- 0.500 (2 of 3 folds)"

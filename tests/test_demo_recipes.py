@@ -97,7 +97,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     )
     assert r.exit_code == 0, r.output
     text = "".join(r.output.split())  # the console wraps lines, even inside words
-    assert "predictsnormal" in text and "inversionlayerflatfor3fold(s)" in text
+    assert "predictsnormal" in text and "inversionlayerflat:3of3foldmodel(s)" in text
     assert "randomencoderweights" in text  # warnings reach this output
     assert "removednearlyeverypatch(over90%tied)" not in text  # warned on slides called tumour
 

@@ -196,6 +196,26 @@ def test_predict_refuses_bad_score_options_before_writing(cohort, tmp_path, extr
     assert not out.exists() and not sc.exists()
 
 
+def test_an_interrupted_run_and_an_ambiguous_target_are_refused_before_predict_writes(cohort, tmp_path):
+    """An interrupted crossval (folds trained, no metrics.json) was used as a smaller ensemble
+    without a word (and heatmap called it a run from before 0.3); a two-class run whose classes
+    neither read as the negative wrote its predictions, then asked for --target (exit 2)."""
+    from wsi_mil.errors import WsiMilError
+    from wsi_mil.formats.run import RunFolder, load_ensemble
+
+    run, out, sc = tmp_path / "run", tmp_path / "pred.csv", tmp_path / "sc"
+    shutil.copytree(cohort / "run", run)
+    (run / "abmil" / "metrics.json").unlink()
+    args = ["predict", "--run", str(run), "--features", str(cohort / "features"), "--out", str(out)]
+    _one_line_error(runner.invoke(app, args), "the crossval of 'abmil' did not finish", "re-run")
+    with pytest.raises(WsiMilError, match="did not finish"):  # the heatmap's loader too
+        load_ensemble(RunFolder(run), "abmil")
+    shutil.copy(cohort / "run" / "abmil" / "metrics.json", run / "abmil" / "metrics.json")
+    (run / "classes.json").write_text(json.dumps(["LUAD", "LUSC"]))
+    _one_line_error(runner.invoke(app, [*args, "--scores", str(sc)]), "pass --target LUAD or --target LUSC")
+    assert not out.exists() and not sc.exists()
+
+
 @pytest.mark.parametrize("kind", ["nan", "rows"])
 def test_bad_feature_file_stops_crossval_before_any_output(cohort, tmp_path, kind):
     feats = _copy_features(cohort / "features", tmp_path / "features", n=24)

@@ -82,7 +82,11 @@ def register(app: typer.Typer) -> None:
         say(
             f"  patch probabilities for {summary['target']}: calibration {summary['patch_calibration']}; "
             f"inversion steps kept per fold {summary['inversion_steps_kept']}"
-            + (f"; inversion layer flat for {flat} fold(s): nearly every patch removed" if flat else "")
+            + (
+                f"; inversion layer flat: {flat} of {summary['folds']} fold model(s) removed nearly every patch"
+                if summary["inversion_layer_flat"]
+                else ""
+            )
         )
         for key in ("png", "geojson", "ome_tiff", "html", "scores"):
             if key in summary:

@@ -94,6 +94,16 @@ class RunFolder:
         found = sorted(d.name for d in self.root.iterdir() if d.is_dir() and list(d.glob("fold_*/model.pt")))
         return [m for m in listed if m in found] + [m for m in found if m not in listed]
 
+    def require_finished(self, model: str) -> None:
+        """Refuse a model whose crossval was interrupted: metrics.json is written last, after
+        every fold and the calibrations, so without it the ensemble lacks folds or calibration."""
+        if not (self.model_dir(model) / "metrics.json").exists():
+            raise WsiMilError(
+                f"{self.root}: the crossval of {model!r} did not finish ({len(self.fold_dirs(model))} "
+                f"fold(s) trained, no metrics.json); re-run the same 'wsi-mil crossval' with --out "
+                f"{self.root} to finish it"
+            )
+
     def fold_dirs(self, model: str) -> list[Path]:
         dirs = [d for d in self.model_dir(model).glob("fold_*") if (d / "model.pt").exists()]
         return sorted(dirs, key=lambda d: int(d.name.split("_")[1]))
@@ -195,5 +205,6 @@ def load_ensemble(run: RunFolder, model: str | None = None, fold: str = "all", d
             f"{run.root}: no trained fold for model {name!r} (trained: "
             f"{', '.join(trained) or 'none'}); finish 'wsi-mil crossval' or pick --model"
         )
+    run.require_finished(name)
     loaded = [load_fold_model(d, device) for d in dirs]
     return name, [m for m, _ in loaded], [c for _, c in loaded]

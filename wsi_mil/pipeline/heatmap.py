@@ -27,6 +27,7 @@ from ..localization.scores import (
     display_values,
     flat_attention_warning,
     flat_inversion_warning,
+    is_mostly_tied,
     legend,
     probability_text,
     read_calibrations,
@@ -214,10 +215,11 @@ def heatmap_slide(
     predicted = int(vote[0])
     label = classes[predicted]
     n_votes = int((votes[:, 0] == predicted).sum())
-    # a flat inversion layer is expected on a slide not called the mapped class (the summary says
-    # so); on a slide called it, it is a surprise worth a warning
+    # a flat inversion layer (the folds' mean, as drawn) is expected on a slide not called the
+    # mapped class (the summary says so); on a slide called it, it is a surprise worth a warning
+    inversion_flat = is_mostly_tied(scores.inversion)
     flat_inversion = flat_inversion_warning(scores.flat_inversion, len(models), where, target)
-    if flat_inversion and label == target:
+    if inversion_flat and flat_inversion and label == target:
         log.warning(flat_inversion)
     slide_calibration = run_folder.read_calibration(name)
     calibrated = slide_calibration.apply_all(scores.prob) if slide_calibration is not None else None
@@ -265,6 +267,7 @@ def heatmap_slide(
         "calibrated_probabilities": probability_text(calibrated, classes) if calibrated is not None else None,
         "patch_calibration": scores.calibrated,
         "inversion_steps_kept": scores.steps_kept,
+        "inversion_layer_flat": inversion_flat,
         "flat_inversion_models": scores.flat_inversion,
         "target": target,
         "scale": req.scale,

@@ -343,9 +343,11 @@ def _run(
     splits = prepare_run(run, cohort, cfg, overwrite)
     recipes = {m: resolve_recipe(m, cfg, n_bags=len(splits)).to_dict() for m in models}
     check_recipes(run, recipes)
+    folds = sorted(int(k) for k in splits[splits.split == "train"].fold.unique())
     run.write_config(
         {
             "train": cfg.model_dump(),
+            "folds_used": len(folds),  # fewer than train.folds where a class has fewer cases
             "models": models,
             "recipes": recipes,
             "features_dir": str(Path(features_dir).resolve()),
@@ -357,7 +359,6 @@ def _run(
     )
     run.write_classes(cohort.classes)
     device = resolve_device(cfg.device)
-    folds = sorted(int(k) for k in splits[splits.split == "train"].fold.unique())
     if map_fn is not None:
         todo = [(m, k) for m in models for k in folds if not run.fold_done(m, k)]
         task = functools.partial(

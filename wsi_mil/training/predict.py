@@ -17,7 +17,7 @@ from ..formats.features import check_compatible, check_grid, feature_files, read
 from ..formats.run import RunFolder, load_ensemble, load_fold_model
 from ..formats.scores import write_scores
 from ..io import atomic_path
-from ..localization.scores import flat_attention_warning, read_calibrations, score_with_config
+from ..localization.scores import flat_attention_warning, mapped_class, read_calibrations, score_with_config
 from .crossval import ensemble
 from .data import BagDataset, load_bags, validate_bags
 from .fit import predict_probs
@@ -57,6 +57,8 @@ def check_score_options(
     classes = run.require().read_classes()
     if target is not None and target not in classes:
         raise WsiMilError(f"--target {target}: not a class of this run ({', '.join(classes)})")
+    if scores and target is None and len(classes) == 2:
+        mapped_class(classes)  # two classes neither of which reads as the negative: ask for --target now
     trained = run.trained_models()
     if model is not None and model not in trained:
         raise WsiMilError(
@@ -130,6 +132,8 @@ def predict_run(
     bad file stops the command before anything is written."""
     run_folder = RunFolder(run).require()
     classes = run_folder.read_classes()
+    for model_name in run_folder.trained_models():
+        run_folder.require_finished(model_name)
     files, loaded = _checked_bags(run_folder, Path(features_dir))
     paths = [str(p) for p in files]
     dev = resolve_device(device)

@@ -122,11 +122,16 @@ def write_report(
 ) -> str:
     n_test = int((splits.split == "test").sum())
     n_train = int((splits.split == "train").sum())
+    grouped = (
+        "grouped by case"
+        if (splits.case_id.astype(str) != splits.slide_id.astype(str)).any()
+        else "each slide its own case: no case_id given, so one patient's slides may sit on both sides"
+    )
     lines = [
         "# wsi-mil cross-validation report",
         "",
         f"{n_train} training slides in {splits[splits.split == 'train'].fold.nunique()} "
-        f"folds (grouped by case), {n_test} held-out test slides; seed {cfg.seed}.",
+        f"folds ({grouped}), {n_test} held-out test slides; seed {cfg.seed}.",
         "",
     ]
     header = ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
