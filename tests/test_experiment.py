@@ -70,11 +70,13 @@ def test_experiment_file_builds_on_a_preset_and_refuses_typos(tmp_path):
         ("train:\n  epochs: 3\n lr: 2\n", {}, r"mine\.yaml: not valid YAML at line 3, column 2 .*indent"),
         # out-of-range values crashed deep in training (epochs 0: a TypeError) or tiling
         ("train: {epochs: -3}\n", {}, r"mine\.yaml: train\.epochs: .*greater than or equal to 1"),
-        ("", {"train": {"lr": -1.0}}, r"^command-line option train\.lr: .*greater than 0"),
-        ("", {"train": {"folds": 1}}, r"^command-line option train\.folds: .*greater than or equal to 2"),
-        ("", {"train": {"test_frac": 1.5}}, r"^command-line option train\.test_frac"),
-        ("", {"tiling": {"target_mpp": 0.0}}, r"^command-line option tiling\.target_mpp"),
-        ("", {"tiling": {"overlap": 0.95}}, r"^command-line option tiling\.overlap: .*0\.9"),
+        ("", {"train": {"lr": -1.0}}, r"^command-line option --lr: .*greater than 0"),
+        ("", {"train": {"folds": 1}}, r"^command-line option --folds: .*greater than or equal to 2"),
+        ("", {"train": {"test_frac": 1.5}}, r"^command-line option --test-frac"),
+        ("", {"tiling": {"target_mpp": 0.0}}, r"^command-line option --target-mpp"),
+        ("", {"tiling": {"overlap": 0.95}}, r"^command-line option --overlap: .*0\.9"),
+        # was named by its field (qc.mode), not by the option a user typed
+        ("", {"qc": {"mode": "foo"}}, r"^command-line option --qc: .*'mark' or 'off' \(got 'foo'\)"),
     ],
 )
 def test_bad_config_values_end_in_one_line_naming_their_source(tmp_path, yaml_text, overrides, message):

@@ -305,7 +305,10 @@ def test_non_positive_mpp_and_missing_annotations_folder_are_refused(tmp_path, s
         _one_line_error(r, f"mpp {float(mpp)} is not a positive um/px")
     r = runner.invoke(app, ["evaluate-localization", "--scores", str(tmp_path), "--annotations", "nosuch"])
     _one_line_error(r, "nosuch: no such annotations folder")
-    assert not (tmp_path / "localization.json").exists()
+    args = ["evaluate-localization", "--scores", str(tmp_path), "--annotations", str(tmp_path)]
+    r = runner.invoke(app, [*args, "--pos-frac", "2"])
+    _one_line_error(r, "--pos-frac 2.0: the share of a patch's area in tumour")
+    assert not (tmp_path / "localization.json").exists()  # --pos-frac 2 gave every AUC n/a, exit 0
 
 
 # -- exit codes, flags, duplicates ----------------------------------------------------------

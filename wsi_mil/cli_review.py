@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
                 else ""
             )
         )
-        for key in ("png", "geojson", "ome_tiff", "html", "scores"):
+        for key in ("png", "geojson", "ome_tiff", "html", "scores", "csv"):
             if key in summary:
                 say(f"  {key:8s} {summary[key]}")
 
@@ -99,7 +99,8 @@ def register(app: typer.Typer) -> None:
         annotations: Annotated[
             Path,
             typer.Option(
-                help="Folder of <slide>.xml (ASAP), <slide>.geojson or <slide>_mask.tif tumor annotations"
+                help="Folder of <slide>.xml (ASAP), <slide>.geojson or a mask <slide>_mask.tif / .png / "
+                ".npy of the tumor"
             ),
         ],
         out: Annotated[
@@ -114,6 +115,8 @@ def register(app: typer.Typer) -> None:
         from .io import write_json
         from .localization.evaluate import evaluate_folder
 
+        if not 0 < pos_frac <= 1:
+            raise WsiMilError(f"--pos-frac {pos_frac}: the share of a patch's area in tumour, in (0, 1]")
         result = evaluate_folder(scores, annotations, pos_frac)
         print_localization(result)
         out = out or scores / "localization.json"

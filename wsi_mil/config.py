@@ -233,6 +233,9 @@ def explain(error: ValidationError, model: type[BaseModel], prefix: str = "") ->
     return f"{where}: {first['msg']} (got {first.get('input')!r}){more}"
 
 
+OPTION_FLAGS = {"qc.mode": "--qc"}  # config fields whose command-line option is not --<field>
+
+
 def _validate(data: dict, source: str | Path | None, overrides: dict | None = None) -> PipelineConfig:
     """`data` as a PipelineConfig; an error names the config file, or the command line when
     the offending value came from an option."""
@@ -243,7 +246,12 @@ def _validate(data: dict, source: str | Path | None, overrides: dict | None = No
         given = (overrides or {}).get(str(loc[0]), {}) if loc else {}
         from_option = source is None or (len(loc) > 1 and given.get(str(loc[1])) is not None)
         where = "command-line option " if from_option else f"{source}: "
-        raise WsiMilError(f"{where}{explain(e, PipelineConfig)}") from None
+        message = explain(e, PipelineConfig)
+        if from_option and len(loc) > 1:  # name the option as typed: qc.mode -> --qc, train.lr -> --lr
+            key = f"{loc[0]}.{loc[1]}"
+            flag = OPTION_FLAGS.get(key, "--" + str(loc[1]).replace("_", "-"))
+            message = flag + message.removeprefix(key) if message.startswith(key) else message
+        raise WsiMilError(f"{where}{message}") from None
 
 
 def load_config(path_or_preset: str | Path | None = None, **overrides: dict) -> PipelineConfig:

@@ -36,7 +36,7 @@ def read_label_table(labels_csv: str | Path) -> pd.DataFrame:
     trimmed, repeated rows kept once; one line naming the file for anything it cannot take."""
     labels_csv = Path(labels_csv)
     if not labels_csv.exists():
-        raise WsiMilError(f"{labels_csv}: labels file not found")
+        raise WsiMilError(f"{labels_csv}: labels file not found; check the path given to --labels")
     df = pd.read_csv(labels_csv, dtype=str)
     df.columns = [str(c).strip() for c in df.columns]
     df = df.rename(columns={c: c.lower() for c in df.columns if c.lower() in LABEL_COLUMNS})
