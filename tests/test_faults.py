@@ -211,6 +211,11 @@ def test_an_interrupted_run_and_an_ambiguous_target_are_refused_before_predict_w
     with pytest.raises(WsiMilError, match="did not finish"):  # the heatmap's loader too
         load_ensemble(RunFolder(run), "abmil")
     shutil.copy(cohort / "run" / "abmil" / "metrics.json", run / "abmil" / "metrics.json")
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("models:\n- abmil\n", "models:\n- abmil\n- dsmil\n"))
+    # a listed model with no fold yet was left out of the predictions without a word
+    _one_line_error(runner.invoke(app, args), "the crossval of 'dsmil' did not finish (0 fold(s)")
+    (run / "config.yaml").write_text(config)
     (run / "classes.json").write_text(json.dumps(["LUAD", "LUSC"]))
     _one_line_error(runner.invoke(app, [*args, "--scores", str(sc)]), "pass --target LUAD or --target LUSC")
     assert not out.exists() and not sc.exists()

@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
             f"inversion steps kept per fold {summary['inversion_steps_kept']}"
             + (
                 f"; inversion layer flat: {flat} of {summary['folds']} fold model(s) removed nearly every patch"
-                if summary["inversion_layer_flat"]
+                if summary["inversion_layer_flat"] and flat
                 else ""
             )
         )

@@ -132,8 +132,8 @@ def predict_run(
     bad file stops the command before anything is written."""
     run_folder = RunFolder(run).require()
     classes = run_folder.read_classes()
-    for model_name in run_folder.trained_models():
-        run_folder.require_finished(model_name)
+    for model_name in run_folder.read_config().get("models", []) or run_folder.trained_models():
+        run_folder.require_finished(model_name)  # every model the run was asked to train
     files, loaded = _checked_bags(run_folder, Path(features_dir))
     paths = [str(p) for p in files]
     dev = resolve_device(device)

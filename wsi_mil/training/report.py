@@ -124,7 +124,7 @@ def write_report(
     n_train = int((splits.split == "train").sum())
     grouped = (
         "grouped by case"
-        if (splits.case_id.astype(str) != splits.slide_id.astype(str)).any()
+        if "case_id" not in splits or (splits.case_id.astype(str) != splits.slide_id.astype(str)).any()
         else "each slide its own case: no case_id given, so one patient's slides may sit on both sides"
     )
     lines = [
