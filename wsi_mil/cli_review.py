@@ -78,13 +78,13 @@ def register(app: typer.Typer) -> None:
             f"({summary['votes']} of {summary['folds']} fold(s), each at its validation threshold); "
             f"mean {summary['probabilities']}" + (f" (calibrated: {calibrated})" if calibrated else "")
         )
-        flat = summary["flat_inversion_models"]
         say(
             f"  patch probabilities for {summary['target']}: calibration {summary['patch_calibration']}; "
             f"inversion steps kept per fold {summary['inversion_steps_kept']}"
             + (
-                f"; inversion layer flat: {flat} of {summary['folds']} fold model(s) removed nearly every patch"
-                if summary["inversion_layer_flat"] and flat
+                f"; inversion layer flat: {summary['flat_inversion_models']} of {summary['folds']} fold "
+                "model(s) removed nearly every patch"
+                if summary["inversion_layer_flat"]
                 else ""
             )
         )

@@ -217,10 +217,9 @@ def heatmap_slide(
     n_votes = int((votes[:, 0] == predicted).sum())
     # a flat inversion layer (the folds' mean, as drawn) is expected on a slide not called the
     # mapped class (the summary says so); on a slide called it, it is a surprise worth a warning
-    inversion_flat = is_mostly_tied(scores.inversion)
-    flat_inversion = flat_inversion_warning(scores.flat_inversion, len(models), where, target)
-    if inversion_flat and flat_inversion and label == target:
-        log.warning(flat_inversion)
+    inversion_flat = bool(scores.flat_inversion) and is_mostly_tied(scores.inversion)
+    if inversion_flat and label == target:
+        log.warning(flat_inversion_warning(scores.flat_inversion, len(models), where, target))
     slide_calibration = run_folder.read_calibration(name)
     calibrated = slide_calibration.apply_all(scores.prob) if slide_calibration is not None else None
     with open_slide(entry.path, mpp) as slide:
